@@ -1,0 +1,203 @@
+"""AttnMaskSpec: a mask as a list of typed rectangles (the seed's dataclass, extended)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Sequence
+
+import numpy as np
+
+from .geometry import SliceTable, find_overlap, row_key_counts, slice_areas
+from .types import AttnMaskType
+
+Range = tuple[int, int]
+
+
+def _as_ranges(name: str, ranges: Any) -> tuple[Range, ...]:
+    if hasattr(ranges, "tolist"):  # torch tensors and numpy arrays
+        ranges = ranges.tolist()
+    out = []
+    for n, r in enumerate(ranges):
+        try:
+            start, end = r
+            out.append((int(start), int(end)))
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}[{n}] = {r!r} is not a (start, end) pair of ints") from None
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class AttnMaskSpec:
+    """Backend-agnostic description of an attention mask as AttnSlice rectangles.
+
+    Slice ``n`` lets query rows ``q_ranges[n] = [start, end)`` attend keys
+    ``k_ranges[n]`` under ``mask_types[n]`` (see :class:`AttnMaskType`). A row's keys
+    are the union over its slices; no cell may be covered twice; rows without slices
+    attend to nothing. ``total_seqlen_k`` defaults to ``total_seqlen`` (self-attention).
+    Ranges are stored as tuples and types as :class:`AttnMaskType` (which compare
+    equal to the seed's strings); structural errors raise at construction, the full
+    check (bounds, overlaps) in :meth:`validate`.
+    """
+
+    q_ranges: Sequence[Range]
+    k_ranges: Sequence[Range]
+    mask_types: Sequence[AttnMaskType]
+    total_seqlen: int
+    total_seqlen_k: int | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        q = _as_ranges("q_ranges", self.q_ranges)
+        k = _as_ranges("k_ranges", self.k_ranges)
+        types = tuple(AttnMaskType.parse(t) for t in self.mask_types)
+        if not (len(q) == len(k) == len(types)):
+            raise ValueError(
+                f"q_ranges, k_ranges and mask_types must have one entry per slice; "
+                f"got {len(q)}, {len(k)} and {len(types)}"
+            )
+        total = int(self.total_seqlen)
+        total_k = total if self.total_seqlen_k is None else int(self.total_seqlen_k)
+        if total < 0 or total_k < 0:
+            raise ValueError(f"total_seqlen={total} and total_seqlen_k={total_k} must be >= 0")
+        object.__setattr__(self, "q_ranges", q)
+        object.__setattr__(self, "k_ranges", k)
+        object.__setattr__(self, "mask_types", types)
+        object.__setattr__(self, "total_seqlen", total)
+        object.__setattr__(self, "total_seqlen_k", total_k)
+
+    # ----------------------------------------------------------------- views
+    @cached_property
+    def table(self) -> SliceTable:
+        """The slices as numpy arrays (what kernels, dispatch and planning consume)."""
+        return SliceTable.from_arrays(
+            np.asarray(self.q_ranges, dtype=np.int64).reshape(-1, 2),
+            np.asarray(self.k_ranges, dtype=np.int64).reshape(-1, 2),
+            [t.code for t in self.mask_types],
+        )
+
+    def __len__(self) -> int:
+        return len(self.q_ranges)
+
+    def fingerprint(self) -> tuple:
+        """Hashable identity used to cache the built key across layers (equal specs, equal prints)."""
+        return self._fingerprint
+
+    @cached_property
+    def _fingerprint(self) -> tuple:
+        t = self.table
+        digest = hashlib.blake2b(digest_size=16)
+        for arr in (t.qs, t.qe, t.ks, t.ke, t.types):
+            digest.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
+        return ("flexcp.mask/1", self.total_seqlen, self.total_seqlen_k, len(self), digest.hexdigest())
+
+    def area(self) -> int:
+        """Exact number of unmasked (q, k) cells."""
+        return int(slice_areas(self.table).sum())
+
+    def row_key_counts(self) -> np.ndarray:
+        """Number of keys each of the ``total_seqlen`` rows attends to."""
+        return row_key_counts(self.table, self.total_seqlen)
+
+    def to_dense(self, device: Any = None):
+        """Boolean ``[total_seqlen, total_seqlen_k]`` mask. O(S^2): tests and debugging only."""
+        import torch
+
+        mask = torch.zeros(self.total_seqlen, self.total_seqlen_k, dtype=torch.bool, device=device)
+        t = self.table
+        lo, hi = t.lo, t.hi
+        for n in range(len(t)):
+            qs, qe, ks, ke = int(t.qs[n]), int(t.qe[n]), int(t.ks[n]), int(t.ke[n])
+            i = torch.arange(qs, qe, device=device)[:, None]
+            j = torch.arange(ks, ke, device=device)[None, :]
+            d = j - i
+            mask[qs:qe, ks:ke] |= (d >= int(max(lo[n], -(2**62)))) & (d <= int(min(hi[n], 2**62)))
+        return mask
+
+    # ------------------------------------------------------------ validation
+    def validate(self) -> "AttnMaskSpec":
+        """Check bounds and that no cell is covered twice; returns ``self`` for chaining.
+
+        Raises ``ValueError`` naming the offending slice and how to fix it.
+        """
+        if self.__dict__.get("_validated"):
+            return self
+        t = self.table
+        for name, start, end, total in (
+            ("q_ranges", t.qs, t.qe, self.total_seqlen),
+            ("k_ranges", t.ks, t.ke, self.total_seqlen_k),
+        ):
+            bad = np.nonzero((start < 0) | (end < start) | (end > total))[0]
+            if len(bad):
+                n = int(bad[0])
+                raise ValueError(
+                    f"{name}[{n}] = ({int(start[n])}, {int(end[n])}) is invalid: ranges are [start, end) "
+                    f"with 0 <= start <= end <= {total} (total_seqlen{'_k' if name == 'k_ranges' else ''})"
+                )
+        pair = find_overlap(t)
+        if pair is not None:
+            a, b = pair
+            raise ValueError(
+                f"slices {a} and {b} cover the same (q, k) cells: slice {a} = q{self.q_ranges[a]} x "
+                f"k{self.k_ranges[a]} {self.mask_types[a].value}, slice {b} = q{self.q_ranges[b]} x "
+                f"k{self.k_ranges[b]} {self.mask_types[b].value}; split them so each cell is covered once"
+            )
+        object.__setattr__(self, "_validated", True)
+        return self
+
+    # ---------------------------------------------------------- constructors
+    @classmethod
+    def from_table(cls, table: SliceTable, total_seqlen: int, total_seqlen_k: int | None = None) -> "AttnMaskSpec":
+        """Build a spec from slice arrays (as produced by the geometry helpers)."""
+        q = np.stack([table.qs, table.qe], axis=1).tolist()
+        k = np.stack([table.ks, table.ke], axis=1).tolist()
+        return cls(q, k, [int(x) for x in table.types], total_seqlen, total_seqlen_k)
+
+    @classmethod
+    def causal(cls, seqlen: int) -> "AttnMaskSpec":
+        """A single full causal sequence."""
+        from .constructors import causal
+
+        return causal(seqlen)
+
+    @classmethod
+    def varlen(cls, seqlens: Sequence[int], causal: bool = True) -> "AttnMaskSpec":
+        """Block-diagonal mask for packed sequences (one block per document)."""
+        from .constructors import varlen
+
+        return varlen(seqlens, causal)
+
+    @classmethod
+    def prefix_tree(cls, node_lengths: Sequence[int], sample_paths: Sequence[Sequence[int]]):
+        """Prefix-tree mask over a flat deduplicated token layout; returns ``(spec, sample_token_ranges)``."""
+        from .constructors import prefix_tree
+
+        return prefix_tree(node_lengths, sample_paths)
+
+    @classmethod
+    def sliding_window(cls, seqlens: Sequence[int], window: int, causal: bool = True) -> "AttnMaskSpec":
+        """Per-document sliding window of ``window`` keys (self included), as slices."""
+        from .constructors import sliding_window
+
+        return sliding_window(seqlens, window, causal)
+
+    @classmethod
+    def block_causal(cls, block_sizes: Sequence[int]) -> "AttnMaskSpec":
+        """Each block attends fully to itself and to every earlier block."""
+        from .constructors import block_causal
+
+        return block_causal(block_sizes)
+
+    @classmethod
+    def from_cu_seqlens(cls, cu_seqlens: Any, cu_seqlens_padded: Any = None) -> "AttnMaskSpec":
+        """Causal packed documents from cumulative lengths (padded layout optional)."""
+        from .constructors import from_cu_seqlens
+
+        return from_cu_seqlens(cu_seqlens, cu_seqlens_padded)
+
+    @classmethod
+    def from_position_ids(cls, position_ids: Any) -> "AttnMaskSpec":
+        """Causal packed documents; a document starts where the position resets to 0."""
+        from .constructors import from_position_ids
+
+        return from_position_ids(position_ids)
