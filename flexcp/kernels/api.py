@@ -1,0 +1,127 @@
+"""``flexcp.attention``: single-device attention over a slice mask, with autograd.
+
+All shape/dtype/device checks happen here, at the boundary, with messages that name
+the argument; backends receive clean THD tensors and a validated slice table.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any
+
+import torch
+
+from ..mask.spec import AttnMaskSpec
+from .backend import AttnBackend, get_backend
+
+_PREP_CACHE: "OrderedDict[tuple, Any]" = OrderedDict()
+_PREP_CACHE_SIZE = 32
+
+
+def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Validate THD layout, GQA head counts, dtypes and devices; raise ValueError naming the fix."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{name} must be a 3-D THD tensor [tokens, heads, head_dim]; got {shape}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape; got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q and k must have the same head_dim; got {q.shape[2]} and {k.shape[2]}")
+    hq, hkv = q.shape[1], k.shape[1]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(
+            f"number of q heads ({hq}) must be a multiple of the number of k/v heads ({hkv}) (GQA); "
+            f"fix the head counts or repeat k/v heads"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}: cast them first")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    if not q.dtype.is_floating_point:
+        raise ValueError(f"q, k, v must be floating point; got {q.dtype}")
+
+
+def select_backend(name: str, q: torch.Tensor, k: torch.Tensor, softcap: float) -> AttnBackend:
+    """Resolve ``backend=`` ('auto' picks triton on CUDA when it can run, else the reference)."""
+    if name != "auto":
+        backend = get_backend(name)
+        reason = backend.unsupported(q, k, softcap)
+        if reason:
+            raise ValueError(f"backend={name!r} cannot run these inputs: {reason}")
+        return backend
+    if q.is_cuda:
+        for candidate in AUTO_CUDA_ORDER:
+            try:
+                backend = get_backend(candidate)
+            except ValueError:
+                continue
+            if backend.unsupported(q, k, softcap) is None:
+                return backend
+    return get_backend("reference")
+
+
+AUTO_CUDA_ORDER: list[str] = ["triton"]
+"""Backends 'auto' tries on CUDA, in order, before falling back to the reference."""
+
+
+def prepared(backend: AttnBackend, spec: AttnMaskSpec, device: torch.device) -> Any:
+    """The backend's schedule for ``spec`` on ``device``, cached by mask fingerprint."""
+    key = (backend.name, spec.fingerprint(), str(device))
+    if key in _PREP_CACHE:
+        _PREP_CACHE.move_to_end(key)
+        return _PREP_CACHE[key]
+    prep = backend.prepare(spec.table, spec.total_seqlen, spec.total_seqlen_k, device)
+    _PREP_CACHE[key] = prep
+    if len(_PREP_CACHE) > _PREP_CACHE_SIZE:
+        _PREP_CACHE.popitem(last=False)
+    return prep
+
+
+class _FlexAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, backend: AttnBackend, prep: Any, scale: float, softcap: float):
+        out, lse = backend.forward(q, k, v, prep, scale, softcap)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.backend, ctx.prep, ctx.scale, ctx.softcap = backend, prep, scale, softcap
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.backend.backward(dout.contiguous(), q, k, v, out, lse, ctx.prep, ctx.scale, ctx.softcap)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    spec: AttnMaskSpec,
+    *,
+    softmax_scale: float | None = None,
+    softcap: float = 0.0,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of THD ``q [tq, hq, d]``, ``k, v [tk, hkv, d]`` under ``spec``; returns ``(out, lse)``.
+
+    ``out`` has q's dtype; ``lse`` is float32 ``[tq, hq]`` (not differentiable). Rows with
+    no keys give out 0, lse -inf and zero gradients. ``softmax_scale`` defaults to
+    ``d ** -0.5``; ``softcap > 0`` applies ``cap * tanh(s / cap)`` to the scaled scores.
+    """
+    if not isinstance(spec, AttnMaskSpec):
+        raise ValueError(f"spec must be an AttnMaskSpec; got {type(spec).__name__}")
+    check_qkv(q, k, v)
+    if q.shape[0] != spec.total_seqlen or k.shape[0] != spec.total_seqlen_k:
+        raise ValueError(
+            f"q has {q.shape[0]} tokens and k {k.shape[0]}, but the spec covers total_seqlen={spec.total_seqlen} "
+            f"and total_seqlen_k={spec.total_seqlen_k}; build the spec for these lengths"
+        )
+    if softcap < 0:
+        raise ValueError(f"softcap must be >= 0 (0 disables it); got {softcap}")
+    spec.validate()
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    impl = select_backend(backend, q, k, softcap)
+    prep = prepared(impl, spec, q.device)
+    return _FlexAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), impl, prep, scale, float(softcap))

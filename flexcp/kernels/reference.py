@@ -1,0 +1,131 @@
+"""Pure-PyTorch attention over slice masks, tile by tile (CPU and CUDA; the correctness oracle).
+
+Forward keeps a running max / sum / accumulator per q tile (online log-sum-exp), so
+memory grows with the tile, not with S^2. Backward recomputes each tile's
+probabilities from the final lse (FlashAttention-style), which is also what lets the
+distributed layer run it per stage with merged statistics.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..mask.geometry import SliceTable
+from .backend import AttnBackend
+from .tiles import TilePair, TileSchedule, build_tile_schedule
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _tile_mask(pair: TilePair, device: torch.device) -> torch.Tensor | None:
+    """Boolean ``[rows, cols]`` mask of a tile: the union of its slices' bands."""
+    if pair.bands is None:
+        return None
+    b = torch.as_tensor(pair.bands, device=device)[:, :, None, None]
+    i = torch.arange(pair.r0, pair.r1, device=device)[:, None]
+    j = torch.arange(pair.c0, pair.c1, device=device)[None, :]
+    d = j - i
+    inside = (i >= b[:, 0]) & (i < b[:, 1]) & (j >= b[:, 2]) & (j < b[:, 3]) & (d >= b[:, 4]) & (d <= b[:, 5])
+    return inside.any(dim=0)
+
+
+class ReferenceBackend(AttnBackend):
+    """Tiled attention in plain torch ops; exact semantics, modest speed."""
+
+    name = "reference"
+
+    def __init__(self, block_q: int = 512, block_k: int = 512) -> None:
+        self.block_q = block_q
+        self.block_k = block_k
+
+    def prepare(self, table: SliceTable, tq: int, tk: int, device: torch.device) -> TileSchedule:
+        return build_tile_schedule(table, tq, tk, self.block_q, self.block_k)
+
+    # ------------------------------------------------------------- helpers
+    @staticmethod
+    def _scores(qt: torch.Tensor, kt: torch.Tensor, scale: float, softcap: float):
+        """Scores ``[hkv, g, rows, cols]`` and, with softcap, the tanh for the backward."""
+        raw = torch.einsum("qhgd,khd->hgqk", qt, kt) * scale
+        if softcap > 0:
+            t = torch.tanh(raw / softcap)
+            return t * softcap, t
+        return raw, None
+
+    @staticmethod
+    def _grouped(x: torch.Tensor, hkv: int, dtype: torch.dtype) -> torch.Tensor:
+        """``[t, hq, d] -> [t, hkv, g, d]`` in the compute dtype (GQA groups adjacent q heads)."""
+        t, hq, d = x.shape
+        return x.to(dtype).reshape(t, hkv, hq // hkv, d)
+
+    # ------------------------------------------------------------- forward
+    def forward(self, q, k, v, prep: TileSchedule, softmax_scale, softcap, out_dtype=None):
+        tq, hq, d = q.shape
+        hkv = k.shape[1]
+        cdt = _compute_dtype(q)
+        qg = self._grouped(q, hkv, cdt)
+        kc, vc = k.to(cdt), v.to(cdt)
+        out = torch.zeros(tq, hq, v.shape[2], dtype=out_dtype or q.dtype, device=q.device)
+        lse = torch.full((tq, hq), float("-inf"), dtype=torch.float32, device=q.device)
+        for row in prep.rows:
+            r0, r1 = row[0].r0, row[0].r1
+            m = torch.full((hkv, hq // hkv, r1 - r0, 1), float("-inf"), dtype=cdt, device=q.device)
+            den = torch.zeros_like(m)
+            acc = torch.zeros(hkv, hq // hkv, r1 - r0, v.shape[2], dtype=cdt, device=q.device)
+            for pair in row:
+                mask = _tile_mask(pair, q.device)
+                s, _ = self._scores(qg[r0:r1], kc[pair.c0 : pair.c1], softmax_scale, softcap)
+                if mask is not None:
+                    s = s.masked_fill(~mask, float("-inf"))
+                m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+                m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+                p = torch.exp(s - m_safe)
+                alpha = torch.exp(m - m_safe)
+                den = den * alpha + p.sum(dim=-1, keepdim=True)
+                acc = acc * alpha + torch.einsum("hgqk,khd->hgqd", p, vc[pair.c0 : pair.c1])
+                m = m_new
+            empty = den == 0
+            o = torch.where(empty, torch.zeros_like(acc), acc / torch.where(empty, torch.ones_like(den), den))
+            l = torch.where(empty, torch.full_like(den, float("-inf")), m + torch.log(den))
+            out[r0:r1] = o.permute(2, 0, 1, 3).reshape(r1 - r0, hq, -1).to(out.dtype)
+            lse[r0:r1] = l.squeeze(-1).permute(2, 0, 1).reshape(r1 - r0, hq).float()
+        return out, lse
+
+    # ------------------------------------------------------------ backward
+    def backward(self, do, q, k, v, out, lse, prep: TileSchedule, softmax_scale, softcap):
+        tq, hq, d = q.shape
+        hkv = k.shape[1]
+        g = hq // hkv
+        cdt = _compute_dtype(q)
+        qg = self._grouped(q, hkv, cdt)
+        dog = self._grouped(do, hkv, cdt)
+        kc, vc = k.to(cdt), v.to(cdt)
+        delta = (do.to(cdt) * out.to(cdt)).sum(-1)  # [tq, hq]
+        lse_c = lse.to(cdt)
+        dq = torch.zeros(tq, hkv, g, d, dtype=cdt, device=q.device)
+        dk = torch.zeros(k.shape, dtype=cdt, device=q.device)
+        dv = torch.zeros(v.shape, dtype=cdt, device=q.device)
+        for row in prep.rows:
+            r0, r1 = row[0].r0, row[0].r1
+            l = lse_c[r0:r1].reshape(r1 - r0, hkv, g).permute(1, 2, 0)[..., None]
+            l = torch.where(torch.isinf(l), torch.zeros_like(l), l)
+            dl = delta[r0:r1].reshape(r1 - r0, hkv, g).permute(1, 2, 0)[..., None]
+            for pair in row:
+                c0, c1 = pair.c0, pair.c1
+                mask = _tile_mask(pair, q.device)
+                s, t = self._scores(qg[r0:r1], kc[c0:c1], softmax_scale, softcap)
+                p = torch.exp(s - l)
+                if mask is not None:
+                    p = p.masked_fill(~mask, 0.0)
+                dv[c0:c1] += torch.einsum("hgqk,qhgd->khd", p, dog[r0:r1])
+                dp = torch.einsum("qhgd,khd->hgqk", dog[r0:r1], vc[c0:c1])
+                ds = p * (dp - dl)
+                if t is not None:
+                    ds = ds * (1 - t * t)
+                ds = ds * softmax_scale
+                dq[r0:r1] += torch.einsum("hgqk,khd->qhgd", ds, kc[c0:c1])
+                dk[c0:c1] += torch.einsum("hgqk,qhgd->khd", ds, qg[r0:r1])
+        f32 = torch.float64 if cdt == torch.float64 else torch.float32
+        return dq.reshape(tq, hq, d).to(f32), dk.to(f32), dv.to(f32)
+
