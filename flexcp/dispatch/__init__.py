@@ -1,0 +1,11 @@
+"""Dispatch: shard one sequence over a CP group by the mask's real work (DESIGN.md sections 2-4).
+
+``build_plan`` chunks and balances; ``dispatch`` / ``undispatch`` move tensors between the
+global and the sharded layout; ``position_ids`` gives the global index of local tokens.
+"""
+
+from .ops import dispatch, position_ids, undispatch
+from .plan import DEFAULT_CHUNK_SIZE, DispatchPlan, build_plan
+from .solver import SOLVERS
+
+__all__ = ["DEFAULT_CHUNK_SIZE", "DispatchPlan", "SOLVERS", "build_plan", "dispatch", "position_ids", "undispatch"]
