@@ -1,0 +1,50 @@
+"""The ``flexcp`` command: one entry point, subcommands imported lazily."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module with main(argv) -> int, help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "example": ("flexcp.example", "build a prefix-tree mask and run attention on it (CPU-friendly)"),
+}
+BENCHES: dict[str, tuple[str, str]] = {
+    "kernel": ("flexcp.bench.kernel_bench", "single-device kernels vs cuDNN SDPA / FlexAttention (GPU)"),
+    "reference": ("flexcp.bench.reference_bench", "pure-PyTorch reference: tokens/s and memory (CPU)"),
+    "solver": ("flexcp.bench.solver_report", "dispatch solvers: imbalance and planning time"),
+}
+
+
+def _run(module: str, argv: list[str]) -> int:
+    return int(importlib.import_module(module).main(argv) or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(
+        prog="flexcp",
+        description="Context-parallel flexible attention for long-context fine-tuning.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_text) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, add_help=False)
+    bench = sub.add_parser("bench", help="benchmarks (see `flexcp bench --help`)")
+    bench_sub = bench.add_subparsers(dest="bench", metavar="BENCH")
+    for name, (_, help_text) in BENCHES.items():
+        bench_sub.add_parser(name, help=help_text, add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if args.command == "bench":
+        if args.bench is None:
+            bench.print_help()
+            return 0
+        return _run(BENCHES[args.bench][0], rest)
+    return _run(COMMANDS[args.command][0], rest)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

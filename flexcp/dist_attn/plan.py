@@ -1,0 +1,204 @@
+"""Per-rank attention plan: which remote keys a rank needs and its slices in buffer coordinates.
+
+Computed on every rank from the mask and the dispatch plan alone (deterministic, no
+collectives). A rank's rows are its dispatched chunks; the keys they need are the
+union of the key extents of the mask restricted to those rows. Keys it owns form the
+host stage; the rest are fetched from their owners, exactly once each (zero
+redundancy), in ``num_stages`` remote stages grouped by ring distance so that stage
+``s`` on every rank receives from ranks ``rank - d`` and sends to ``rank + d`` for the
+same distances ``d`` -- which is what makes every stage one consistent all-to-all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..dispatch.plan import DispatchPlan
+from ..mask.geometry import SliceTable, clip_band
+
+
+def _ramp(counts: np.ndarray) -> np.ndarray:
+    return np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+
+
+@dataclass(frozen=True)
+class Runs:
+    """Disjoint key runs ``[start, end)`` in global rows, each placed at ``offset`` in some buffer."""
+
+    start: np.ndarray
+    end: np.ndarray
+    offset: np.ndarray
+    owner: np.ndarray
+
+    def take(self, idx: np.ndarray) -> "Runs":
+        return Runs(self.start[idx], self.end[idx], self.offset[idx], self.owner[idx])
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """One remote stage of a rank: whom it receives from and its slices over the receive buffer."""
+
+    distances: tuple[int, ...]
+    recv_counts: tuple[int, ...]  # rows received from each source rank (buffer order: by source rank)
+    send_rows: tuple[np.ndarray, ...]  # local rows this rank sends to each destination rank, in order
+    table: SliceTable  # q: local shard rows, k: receive-buffer rows
+    recv_len: int
+
+
+@dataclass(frozen=True)
+class RankAttnPlan:
+    """Everything one rank needs to run distributed attention for one key."""
+
+    rank: int
+    cp_size: int
+    local_len: int
+    host_table: SliceTable  # q and k both in local shard rows
+    stages: tuple[StagePlan, ...]
+
+    @property
+    def remote_rows(self) -> int:
+        """Remote key rows received in the forward (and dK/dV rows sent back in the backward)."""
+        return sum(s.recv_len for s in self.stages)
+
+    @property
+    def sent_rows(self) -> int:
+        return sum(int(sum(len(r) for r in s.send_rows)) for s in self.stages)
+
+
+def _local_pieces(table: SliceTable, plan: DispatchPlan, rank: int) -> tuple[SliceTable, np.ndarray]:
+    """The mask restricted to this rank's chunks (global coords) and each piece's q shift to local rows."""
+    cs = plan.chunk_size
+    live = np.nonzero((table.qe > table.qs) & (table.ke > table.ks))[0]
+    t = table.take(live)
+    c0, c1 = t.qs // cs, (t.qe - 1) // cs
+    n = np.maximum(c1 - c0 + 1, 0)
+    src = np.repeat(np.arange(len(t)), n)
+    chunk = np.repeat(c0, n) + _ramp(n)
+    mine = plan.owner_of_chunk[chunk] == rank
+    src, chunk = src[mine], chunk[mine]
+    lo, hi = t.lo[src], t.hi[src]
+    pieces, band = clip_band(
+        np.maximum(t.qs[src], chunk * cs), np.minimum(t.qe[src], (chunk + 1) * cs), t.ks[src], t.ke[src], lo, hi
+    )
+    pchunk = chunk[band]
+    shift = plan.local_offset_of_chunk[pchunk] - pchunk * cs
+    return pieces, shift
+
+
+def _needed_runs(pieces: SliceTable, plan: DispatchPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Union of the pieces' key extents, cut at chunk boundaries: (start, end, owner) sorted by start."""
+    if len(pieces) == 0:
+        z = np.zeros(0, dtype=np.int64)
+        return z, z, z
+    order = np.argsort(pieces.ks, kind="stable")
+    s, e = pieces.ks[order], pieces.ke[order]
+    run_max = np.maximum.accumulate(e)
+    new = np.concatenate([[True], s[1:] > run_max[:-1]])
+    idx = np.nonzero(new)[0]
+    ms = s[idx]
+    me = np.maximum.reduceat(e, idx)
+    cs = plan.chunk_size
+    k0, k1 = ms // cs, (me - 1) // cs
+    n = k1 - k0 + 1
+    kc = np.repeat(k0, n) + _ramp(n)
+    start = np.maximum(np.repeat(ms, n), kc * cs)
+    end = np.minimum(np.repeat(me, n), (kc + 1) * cs)
+    return start, end, plan.owner_of_chunk[kc]
+
+
+def _to_local(rows_start: np.ndarray, rows_end: np.ndarray, plan: DispatchPlan) -> np.ndarray:
+    """Local row indices (in the owner's shard) of the global rows in the given in-chunk runs."""
+    n = rows_end - rows_start
+    return np.repeat(_first_local(rows_start, plan), n) + _ramp(n)
+
+
+def _pieces_over_runs(pieces: SliceTable, q_shift: np.ndarray, runs: Runs) -> SliceTable:
+    """Clip every piece to every key run it meets and move it to (local q, buffer k) coordinates."""
+    if len(pieces) == 0 or len(runs.start) == 0:
+        return SliceTable.concat([])
+    first = np.searchsorted(runs.end, pieces.ks, side="right")
+    last = np.searchsorted(runs.start, pieces.ke, side="left")
+    n = np.maximum(last - first, 0)
+    p = np.repeat(np.arange(len(pieces)), n)
+    r = np.repeat(first, n) + _ramp(n)
+    out, band = clip_band(
+        pieces.qs[p],
+        pieces.qe[p],
+        np.maximum(pieces.ks[p], runs.start[r]),
+        np.minimum(pieces.ke[p], runs.end[r]),
+        pieces.lo[p],
+        pieces.hi[p],
+    )
+    return out.shifted(q_shift[p[band]], runs.offset[r[band]] - runs.start[r[band]])
+
+
+def stage_distances(cp_size: int, num_stages: int) -> list[tuple[int, ...]]:
+    """Split ring distances 1..cp-1 into ``num_stages`` contiguous groups (nearest first)."""
+    d = np.arange(1, cp_size)
+    k = max(1, min(num_stages, len(d)))
+    return [tuple(int(x) for x in part) for part in np.array_split(d, k) if len(part)]
+
+
+def _needs_by_rank(table: SliceTable, plan: DispatchPlan) -> list[tuple]:
+    """Per rank: its pieces, their q shifts, and its needed key runs (start, end, owner)."""
+    out = []
+    for r in range(plan.cp_size):
+        pieces, shift = _local_pieces(table, plan, r)
+        start, end, owner = _needed_runs(pieces, plan)
+        out.append((pieces, shift, start, end, owner))
+    return out
+
+
+def build_rank_plans(table: SliceTable, plan: DispatchPlan, num_stages: int = 1) -> list[RankAttnPlan]:
+    """Plans for every rank of the group (each rank needs the others' needs to know what to send)."""
+    cp = plan.cp_size
+    needs = _needs_by_rank(table, plan)
+    groups = stage_distances(cp, num_stages)
+    plans = []
+    for r in range(cp):
+        pieces, shift, start, end, owner = needs[r]
+        own = owner == r
+        host_runs = Runs(start[own], end[own], _first_local(start[own], plan), owner[own])
+        host_table = _pieces_over_runs(pieces, shift, host_runs)
+        stages = []
+        for dist in groups:
+            sources = [(r - d) % cp for d in dist]
+            stages.append(_stage(r, dist, sources, pieces, shift, start, end, owner, needs, plan))
+        plans.append(RankAttnPlan(r, cp, plan.local_len, host_table, tuple(stages)))
+    return plans
+
+
+def _first_local(starts: np.ndarray, plan: DispatchPlan) -> np.ndarray:
+    """Local row (in the owner's shard) of each global row."""
+    cs = plan.chunk_size
+    chunk = starts // cs
+    return plan.local_offset_of_chunk[chunk] + (starts - chunk * cs)
+
+
+def _stage(rank, dist, sources, pieces, shift, start, end, owner, needs, plan) -> StagePlan:
+    cp = plan.cp_size
+    recv_counts = np.zeros(cp, dtype=np.int64)
+    chosen = []
+    offset = 0
+    offsets = np.zeros(len(start), dtype=np.int64)
+    for src in sorted(sources):
+        idx = np.nonzero(owner == src)[0]  # already ascending by global start
+        lens = end[idx] - start[idx]
+        offsets[idx] = offset + np.cumsum(lens) - lens
+        offset += int(lens.sum())
+        recv_counts[src] = int(lens.sum())
+        chosen.append(idx)
+    sel = np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
+    sel = np.sort(sel)
+    runs = Runs(start[sel], end[sel], offsets[sel], owner[sel])
+    table = _pieces_over_runs(pieces, shift, runs)
+    # what this rank sends in this stage: to rank + d, the rows of ours that it needs
+    send_rows = [np.zeros(0, dtype=np.int64) for _ in range(cp)]
+    for d in dist:
+        dst = (rank + d) % cp
+        _, _, s2, e2, o2 = needs[dst]
+        mine = o2 == rank
+        send_rows[dst] = _to_local(s2[mine], e2[mine], plan)
+    return StagePlan(tuple(dist), tuple(int(x) for x in recv_counts), tuple(send_rows), table, offset)
