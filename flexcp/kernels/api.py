@@ -66,8 +66,12 @@ AUTO_CUDA_ORDER: list[str] = ["triton"]
 
 
 def prepared(backend: AttnBackend, spec: AttnMaskSpec, device: torch.device) -> Any:
-    """The backend's schedule for ``spec`` on ``device``, cached by mask fingerprint."""
-    key = (backend.name, spec.fingerprint(), str(device))
+    """The backend's schedule for ``spec`` on ``device``, cached by backend instance and mask fingerprint.
+
+    Keyed by the instance, not ``backend.name``: two registered instances of one class
+    (e.g. different tile sizes) share a name but not a schedule.
+    """
+    key = (id(backend), spec.fingerprint(), str(device))
     if key in _PREP_CACHE:
         _PREP_CACHE.move_to_end(key)
         return _PREP_CACHE[key]
