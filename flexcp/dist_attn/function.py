@@ -1,0 +1,86 @@
+"""Distributed attention as one autograd Function: GroupCast K/V, compute per stage, merge; the reverse in backward.
+
+Forward: all remote stages' K/V casts are issued at once (async, one all-to-all each,
+K and V together), the host stage is computed while they travel, then each remote
+stage as its data arrives; partial ``(out, lse)`` merge in float32. Backward re-casts
+K/V (nothing remote is kept between passes), computes dq locally and each stage's
+dK/dV partials, which are GroupReduced (float32) to their owners while the next stage
+computes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ..comm import CastPlan, group_cast, group_reduce
+from ..kernels.backend import AttnBackend
+from .merge import merge_partials
+from .plan import RankAttnPlan
+
+
+class DistAttnState:
+    """A rank's plan bound to its process group, with comm plans and per-backend schedules."""
+
+    def __init__(self, plan: RankAttnPlan, group: dist.ProcessGroup | None) -> None:
+        self.plan = plan
+        self.group = group
+        self.cast_plans = [
+            CastPlan(plan.rank, s.send_rows, s.recv_counts) for s in plan.stages
+        ]
+        self._preps: dict[tuple[str, str], tuple[Any, list[Any]]] = {}
+
+    def preps(self, backend: AttnBackend, device: torch.device) -> tuple[Any, list[Any]]:
+        """Host and per-stage schedules for ``backend`` (built once per device)."""
+        key = (backend.name, str(device))
+        if key not in self._preps:
+            p = self.plan
+            host = backend.prepare(p.host_table, p.local_len, p.local_len, device)
+            stages = [backend.prepare(s.table, p.local_len, s.recv_len, device) for s in p.stages]
+            self._preps[key] = (host, stages)
+        return self._preps[key]
+
+    def cast_kv(self, k: torch.Tensor, v: torch.Tensor) -> list:
+        """Start every remote stage's K/V transfer; returns one handle per stage."""
+        return [group_cast([k, v], cp, self.group, async_op=True) for cp in self.cast_plans]
+
+
+class DistAttnFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, state: DistAttnState, backend: AttnBackend, scale: float, softcap: float):
+        host, stage_preps = state.preps(backend, q.device)
+        handles = state.cast_kv(k, v)
+        out, lse = backend.forward(q, k, v, host, scale, softcap, out_dtype=torch.float32)
+        for stage, prep, handle in zip(state.plan.stages, stage_preps, handles):
+            k_r, v_r = (t.contiguous() for t in handle.wait())
+            if len(stage.table):
+                o, l = backend.forward(q, k_r, v_r, prep, scale, softcap, out_dtype=torch.float32)
+                out, lse = merge_partials(out, lse, o, l)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.state, ctx.backend, ctx.scale, ctx.softcap = state, backend, scale, softcap
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        state, backend = ctx.state, ctx.backend
+        host, stage_preps = state.preps(backend, q.device)
+        dout = dout.contiguous()
+        handles = state.cast_kv(k, v)
+        dq, dk, dv = backend.backward(dout, q, k, v, out, lse, host, ctx.scale, ctx.softcap)
+        reductions = []
+        for stage, prep, cast_plan, handle in zip(state.plan.stages, stage_preps, state.cast_plans, handles):
+            k_r, v_r = (t.contiguous() for t in handle.wait())
+            if len(stage.table):
+                dq_s, dk_s, dv_s = backend.backward(dout, q, k_r, v_r, out, lse, prep, ctx.scale, ctx.softcap)
+                dq += dq_s
+            else:
+                dk_s, dv_s = torch.zeros_like(k_r, dtype=torch.float32), torch.zeros_like(v_r, dtype=torch.float32)
+            reductions.append(group_reduce([dk_s, dv_s], cast_plan, state.group, out=[dk, dv], async_op=True))
+        for r in reductions:
+            r.wait()
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None

@@ -1,0 +1,124 @@
+"""The runtime API, mirroring MagiAttention's: build a key, dispatch, attend, undispatch.
+
+A ``DistAttnKey`` is deterministic from its inputs, so every rank computes the same
+plan locally; the only collective at build time is a tiny fingerprint agreement check.
+A CP group of size one (or ``None``) is the identity plus chunk padding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ..dispatch import DEFAULT_CHUNK_SIZE, build_plan
+from ..dispatch import ops as _ops
+from ..dist_attn.function import DistAttnFunction, DistAttnState
+from ..dist_attn.plan import build_rank_plans
+from ..kernels import check_qkv, select_backend
+from ..mask import AttnMaskSpec
+from .key import DistAttnKey, KeyEntry, check_agreement, clear, group_info, lookup, most_recent, remember
+
+DEFAULT_NUM_STAGES = 2
+"""Remote stages per attention call (overlap degree); casts for all stages start at once."""
+
+
+def build_key(
+    spec: AttnMaskSpec,
+    cp_group: dist.ProcessGroup | None,
+    *,
+    num_heads_q: int,
+    num_heads_kv: int,
+    head_dim: int,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    solver: str = "greedy",
+    num_stages: int = DEFAULT_NUM_STAGES,
+    check: bool = True,
+) -> DistAttnKey:
+    """Plan distributed attention of ``spec`` over ``cp_group``; cached by mask fingerprint and settings.
+
+    With ``check`` (default) the ranks verify with one small all_gather that they built
+    the same key, and raise a clear error on every rank if not.
+    """
+    if not isinstance(spec, AttnMaskSpec):
+        raise ValueError(f"spec must be an AttnMaskSpec; got {type(spec).__name__}")
+    if spec.total_seqlen_k != spec.total_seqlen:
+        raise ValueError(
+            f"distributed attention shards one sequence for q and k; spec has total_seqlen={spec.total_seqlen} "
+            f"but total_seqlen_k={spec.total_seqlen_k}. Use flexcp.attention for cross-attention"
+        )
+    if num_heads_kv <= 0 or num_heads_q % num_heads_kv:
+        raise ValueError(f"num_heads_q ({num_heads_q}) must be a multiple of num_heads_kv ({num_heads_kv})")
+    if num_stages < 1:
+        raise ValueError(f"num_stages must be >= 1; got {num_stages}")
+    spec.validate()
+    cp_size, rank, gid = group_info(cp_group)
+    key = DistAttnKey(spec.fingerprint(), gid, cp_size, rank, int(chunk_size), int(num_heads_q),
+                      int(num_heads_kv), int(head_dim), solver, int(num_stages))
+    if cp_size > 1 and check:
+        check_agreement(key, cp_group)
+    try:
+        lookup(key)
+    except ValueError:
+        plan = build_plan(spec, cp_size, chunk_size, solver=solver)
+        rank_plan = build_rank_plans(spec.table, plan, num_stages)[rank]
+        group = cp_group if cp_size > 1 else None
+        remember(key, KeyEntry(spec, plan, DistAttnState(rank_plan, group), group))
+    else:
+        remember(key, lookup(key))
+    return key
+
+
+def dispatch(x: torch.Tensor, key: DistAttnKey, pad_value: float = 0, dim: int = 0) -> torch.Tensor:
+    """This rank's shard of a global tensor (identical on every rank), padded with ``pad_value``."""
+    return _ops.dispatch(x, lookup(key).plan, key.rank, dim=dim, pad_value=pad_value)
+
+
+def undispatch(x: torch.Tensor, key: DistAttnKey, dim: int = 0) -> torch.Tensor:
+    """Gather the shards of the group back into the global tensor (global order, padding dropped)."""
+    entry = lookup(key)
+    return _ops.undispatch(x, entry.plan, entry.group, dim=dim)
+
+
+def get_position_ids(key: DistAttnKey, device: torch.device | str | None = None) -> torch.Tensor:
+    """Global flat index of every local token (padding rows continue past total_seqlen)."""
+    ids = _ops.position_ids(lookup(key).plan, key.rank)
+    return ids if device is None else ids.to(device)
+
+
+def get_most_recent_key(cp_group: dist.ProcessGroup | None) -> DistAttnKey | None:
+    """The key most recently built for ``cp_group`` (the fallback when a layer is not given one)."""
+    return most_recent(cp_group)
+
+
+def clear_cache() -> None:
+    """Forget every built key (their plans and schedules)."""
+    clear()
+
+
+def calc_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key: DistAttnKey,
+    *,
+    softmax_scale: float | None = None,
+    softcap: float = 0.0,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of the local shard (dispatched with ``key``) over the whole sequence; ``(out, lse)``."""
+    check_qkv(q, k, v)
+    entry = lookup(key)
+    n = entry.plan.local_len
+    want_q, want_kv = (n, key.num_heads_q, key.head_dim), (n, key.num_heads_kv, key.head_dim)
+    if tuple(q.shape) != want_q or tuple(k.shape) != want_kv:
+        raise ValueError(
+            f"calc_attn: the key expects local q {want_q} and k/v {want_kv} (dispatched shards), got q "
+            f"{tuple(q.shape)} and k/v {tuple(k.shape)}; dispatch q/k/v with this key and match its head counts"
+        )
+    if softcap < 0:
+        raise ValueError(f"softcap must be >= 0 (0 disables it); got {softcap}")
+    scale = key.head_dim ** -0.5 if softmax_scale is None else float(softmax_scale)
+    impl = select_backend(backend, q, k, softcap)
+    return DistAttnFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), entry.state, impl, scale, float(softcap))
+
+

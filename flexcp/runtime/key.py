@@ -1,0 +1,99 @@
+"""DistAttnKey and the per-group key cache: one plan per (mask, group, settings), built once."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..dispatch import DispatchPlan
+from ..dist_attn.function import DistAttnState
+from ..mask import AttnMaskSpec
+
+
+@dataclass(frozen=True)
+class DistAttnKey:
+    """Hashable handle of one distributed-attention setup (what MagiAttention calls the runtime key)."""
+
+    mask: tuple
+    group_id: str
+    cp_size: int
+    rank: int
+    chunk_size: int
+    num_heads_q: int
+    num_heads_kv: int
+    head_dim: int
+    solver: str
+    num_stages: int
+
+    def agreement_hash(self) -> int:
+        """63-bit digest of everything ranks must agree on (all fields but the rank)."""
+        fields = (self.mask, self.group_id, self.cp_size, self.chunk_size, self.num_heads_q,
+                  self.num_heads_kv, self.head_dim, self.solver, self.num_stages)
+        return int.from_bytes(hashlib.blake2b(repr(fields).encode(), digest_size=8).digest(), "little") >> 1
+
+
+@dataclass(frozen=True, eq=False)
+class KeyEntry:
+    """What a key resolves to on this rank."""
+
+    spec: AttnMaskSpec
+    plan: DispatchPlan
+    state: DistAttnState
+    group: dist.ProcessGroup | None
+
+
+_ENTRIES: dict[DistAttnKey, KeyEntry] = {}
+_MOST_RECENT: dict[str, DistAttnKey] = {}
+
+
+def group_info(group: dist.ProcessGroup | None) -> tuple[int, int, str]:
+    """``(cp_size, rank, group_id)``; ``None`` (or no initialized torch.distributed) is a group of one."""
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return 1, 0, "local"
+    ranks = dist.get_process_group_ranks(group)
+    name = getattr(group, "group_name", "") or str(id(group))
+    return dist.get_world_size(group), dist.get_rank(group), f"{name}:{','.join(map(str, ranks))}"
+
+
+def check_agreement(key: DistAttnKey, group: dist.ProcessGroup) -> None:
+    """All ranks of ``group`` must build the same key; one tiny all_gather proves it or raises on every rank."""
+    device = torch.device("cpu")
+    if dist.get_backend(group) == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    mine = torch.tensor([key.agreement_hash()], dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(key.cp_size)]
+    dist.all_gather(gathered, mine, group=group)
+    values = [int(t.item()) for t in gathered]
+    if len(set(values)) > 1:
+        groups: dict[int, list[int]] = {}
+        for r, h in enumerate(values):
+            groups.setdefault(h, []).append(r)
+        raise ValueError(
+            "build_key: the ranks of cp_group disagree about the mask or settings "
+            f"(ranks grouped by what they built: {sorted(groups.values())}); every rank of a CP group must call "
+            "build_key with the same spec, head counts, head_dim, chunk_size, solver and num_stages"
+        )
+
+
+def remember(key: DistAttnKey, entry: KeyEntry) -> None:
+    _ENTRIES[key] = entry
+    _MOST_RECENT[key.group_id] = key
+
+
+def lookup(key: DistAttnKey) -> KeyEntry:
+    try:
+        return _ENTRIES[key]
+    except KeyError:
+        raise ValueError("this DistAttnKey is not built on this process (or the cache was cleared); call build_key") from None
+
+
+def most_recent(group: dist.ProcessGroup | None) -> DistAttnKey | None:
+    return _MOST_RECENT.get(group_info(group)[2])
+
+
+def clear() -> None:
+    _ENTRIES.clear()
+    _MOST_RECENT.clear()

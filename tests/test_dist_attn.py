@@ -1,0 +1,167 @@
+"""Distributed attention on gloo (spawned CPU processes) equals single-process attention.
+
+Each rank builds the same global q/k/v, dispatches its shard with the key, runs
+calc_attn and a backward; outputs, lse and gradients, undispatched, must equal
+flexcp.attention on the global tensors. The zero-redundancy invariant is checked
+against the dense mask: rows received == distinct remote keys the rank's rows need.
+"""
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+import flexcp
+from flexcp.mask import AttnMaskSpec
+from flexcp.runtime import build_key, calc_attn, clear_cache, dispatch, get_position_ids, undispatch
+from flexcp.runtime.key import lookup
+from multiproc import run_spawned
+
+
+def _random_spec(seed: int) -> AttnMaskSpec:
+    """Random disjoint slices of all four types: a grid of cells, each with a random band."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(60, 120))
+    qcuts = np.unique(np.concatenate([[0, n], rng.integers(1, n, 4)]))
+    kcuts = np.unique(np.concatenate([[0, n], rng.integers(1, n, 4)]))
+    q, k, t = [], [], []
+    for a, b in zip(qcuts[:-1], qcuts[1:]):
+        for c, d in zip(kcuts[:-1], kcuts[1:]):
+            if rng.random() < 0.45:
+                kind = ["full", "causal", "inv_causal", "bi_causal"][int(rng.integers(4))]
+                if kind == "bi_causal" and d - c < b - a:
+                    kind = "causal"
+                q.append((int(a), int(b)))
+                k.append((int(c), int(d)))
+                t.append(kind)
+    return AttnMaskSpec(q, k, t, n)
+
+
+def _specs():
+    return {
+        "causal": AttnMaskSpec.causal(97),
+        "varlen_1tok": AttnMaskSpec.varlen([1, 30, 1, 1, 17, 40, 1, 9]),
+        "prefix_tree": AttnMaskSpec.prefix_tree([30, 12, 20, 1, 15], [[0, 1], [0, 2, 3], [0, 2, 4]])[0],
+        "sliding": AttnMaskSpec.sliding_window([70, 33], 11),
+        "two_sided": AttnMaskSpec.sliding_window([90], 7, causal=False),
+        "empty_rows": AttnMaskSpec([(5, 30), (50, 80)], [(0, 20), (40, 80)], ["full", "causal"], 90),
+        "random_a": _random_spec(1),
+        "random_b": _random_spec(2),
+    }
+
+
+def _global_inputs(spec, hq, hkv, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    n = spec.total_seqlen
+    q = torch.randn(n, hq, d, generator=g)
+    k = torch.randn(n, hkv, d, generator=g)
+    v = torch.randn(n, hkv, d, generator=g)
+    w = torch.randn(n, hq, d, generator=g)
+    return q, k, v, w
+
+
+def _run_case(spec, group, hq, hkv, d, softcap, num_stages, seed):
+    """One rank's distributed result, undispatched, plus the zero-redundancy counts."""
+    q, k, v, w = _global_inputs(spec, hq, hkv, d, seed)
+    key = build_key(spec, group, num_heads_q=hq, num_heads_kv=hkv, head_dim=d, chunk_size=8, num_stages=num_stages)
+    ql, kl, vl = (dispatch(x, key).requires_grad_() for x in (q, k, v))
+    out, lse = calc_attn(ql, kl, vl, key, softcap=softcap)
+    (out * dispatch(w, key)).sum().backward()
+    gathered = [undispatch(x.detach(), key) for x in (out, lse, ql.grad, kl.grad, vl.grad)]
+    plan = lookup(key).state.plan
+    rows = get_position_ids(key)
+    real = rows[rows < spec.total_seqlen]
+    needed = spec.to_dense()[real].any(dim=0).nonzero().flatten().tolist()
+    remote_needed = len(set(needed) - set(rows.tolist()))
+    volume = [(sum(cp.volume().rows_received for cp in lookup(key).state.cast_plans))]
+    return gathered, plan.remote_rows, remote_needed, volume[0], float(torch.isnan(out).any())
+
+
+def _check_all(rank, world_size):
+    group = dist.group.WORLD
+    report = []
+    for i, (name, spec) in enumerate(_specs().items()):
+        hq, hkv = (4, 2) if i % 2 else (2, 2)
+        softcap = 3.0 if name == "random_b" else 0.0
+        num_stages = 1 + i % 3
+        gathered, remote_rows, remote_needed, received, has_nan = _run_case(spec, group, hq, hkv, 8, softcap, num_stages, i)
+        report.append((name, hq, hkv, softcap, gathered, remote_rows, remote_needed, received, has_nan))
+    clear_cache()
+    return report
+
+
+def _single_process(spec, hq, hkv, softcap, seed):
+    q, k, v, w = _global_inputs(spec, hq, hkv, 8, seed)
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    out, lse = flexcp.attention(q, k, v, spec, softcap=softcap)
+    (out * w).sum().backward()
+    return [out.detach(), lse, q.grad, k.grad, v.grad]
+
+
+@pytest.mark.parametrize("cp", [2, 3, 4])
+def test_calc_attn_matches_single_process(cp):
+    results = run_spawned(_check_all, cp, timeout=300)
+    specs = _specs()
+    for rank_report in results:
+        for i, (name, hq, hkv, softcap, gathered, remote_rows, remote_needed, received, has_nan) in enumerate(rank_report):
+            expected = _single_process(specs[name], hq, hkv, softcap, i)
+            for what, got, want in zip(("out", "lse", "dq", "dk", "dv"), gathered, expected):
+                torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5, msg=f"{name} cp={cp} {what}")
+            assert not has_nan
+            assert remote_rows == remote_needed, f"{name} cp={cp}: received {remote_rows}, needed {remote_needed}"
+            assert received == remote_needed  # what the wire carries (dK/dV go back over the same rows)
+
+
+def test_cp1_is_identity_plus_padding():
+    spec = AttnMaskSpec.varlen([5, 9, 3])
+    key = build_key(spec, None, num_heads_q=2, num_heads_kv=1, head_dim=8, chunk_size=4)
+    x = torch.arange(17.0)
+    local = dispatch(x, key, pad_value=-1)
+    assert local.shape[0] == 20 and (local[:17] == x).all() and (local[17:] == -1).all()
+    assert get_position_ids(key).tolist() == list(range(20))
+    assert torch.equal(undispatch(local, key), x)
+    q, k, v, _ = _global_inputs(spec, 2, 1, 8, 0)
+    out, lse = calc_attn(*(dispatch(t, key) for t in (q, k, v)), key)
+    ref, ref_lse = flexcp.attention(q, k, v, spec)
+    torch.testing.assert_close(out[:17], ref)
+    assert (out[17:] == 0).all() and torch.isinf(lse[17:]).all()
+
+
+def test_calc_attn_rejects_wrong_shapes():
+    spec = AttnMaskSpec.causal(16)
+    key = build_key(spec, None, num_heads_q=4, num_heads_kv=2, head_dim=8, chunk_size=4)
+    q = torch.randn(16, 4, 8)
+    kv = torch.randn(16, 1, 8)
+    with pytest.raises(ValueError, match="expects local q"):
+        calc_attn(q, kv, kv, key)
+    with pytest.raises(ValueError, match="multiple of num_heads_kv"):
+        build_key(spec, None, num_heads_q=3, num_heads_kv=2, head_dim=8)
+    with pytest.raises(ValueError, match="total_seqlen_k"):
+        build_key(AttnMaskSpec([(0, 4)], [(0, 6)], ["full"], 4, 6), None, num_heads_q=2, num_heads_kv=2, head_dim=8)
+
+
+def _disagree(rank, world_size):
+    spec = AttnMaskSpec.causal(64) if rank == 0 else AttnMaskSpec.varlen([32, 32])
+    try:
+        build_key(spec, dist.group.WORLD, num_heads_q=2, num_heads_kv=2, head_dim=8, chunk_size=8)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_ranks_that_disagree_get_a_clear_error():
+    messages = run_spawned(_disagree, 2)
+    assert all(m is not None and "disagree" in m for m in messages)
+
+
+def _too_short(rank, world_size):
+    try:
+        build_key(AttnMaskSpec.causal(2), dist.group.WORLD, num_heads_q=2, num_heads_kv=2, head_dim=8)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def test_sequence_shorter_than_group_is_an_error():
+    messages = run_spawned(_too_short, 3)
+    assert all(m is not None for m in messages)
