@@ -112,7 +112,8 @@ def dispatch(x: torch.Tensor, plan: DispatchPlan, rank: int, dim: int = 0, pad_v
     """This rank's shard of the global ``x`` (same on every rank): its chunks in order, padded with ``pad_value``.
 
     ``x.shape[dim]`` must be ``plan.total_seqlen``; the result has ``plan.local_len`` rows
-    along ``dim``. Backward: see the module docstring (no communication).
+    along ``dim``. Use ``pad_value=-100`` for labels (padding rows are ignored by the loss).
+    Backward: see the module docstring (no communication).
     """
     dim = _norm_dim(x, dim)
     if x.shape[dim] != plan.total_seqlen:

@@ -183,7 +183,10 @@ def build_plan(
     num_chunks = padded // chunk_size
     bounds = np.arange(num_chunks + 1, dtype=np.int64) * chunk_size
     workloads = _readonly(block_areas(spec.table, bounds))
-    matrix = np.sort(SOLVERS[solver](workloads, cp_size), axis=1)
+    if cp_size == 1:  # nothing to balance; skips a per-chunk loop when chunk_size is tiny (e.g. 1)
+        matrix = np.arange(num_chunks, dtype=np.int64)[None, :]
+    else:
+        matrix = np.sort(SOLVERS[solver](workloads, cp_size), axis=1)
     loads = workloads[matrix].sum(axis=1)
     mean = loads.sum() / cp_size
     return DispatchPlan(

@@ -1,0 +1,1 @@
+"""Benchmarks and their helpers (scripts with main(argv) -> int, run by `flexcp bench ...`)."""
