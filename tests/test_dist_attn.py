@@ -106,7 +106,7 @@ def test_calc_attn_matches_single_process(cp):
         for i, (name, hq, hkv, softcap, gathered, remote_rows, remote_needed, received, has_nan) in enumerate(rank_report):
             expected = _single_process(specs[name], hq, hkv, softcap, i)
             for what, got, want in zip(("out", "lse", "dq", "dk", "dv"), gathered, expected):
-                torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5, msg=f"{name} cp={cp} {what}")
+                torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5, msg=lambda m: f"{name} cp={cp} {what}: {m}")
             assert not has_nan
             assert remote_rows == remote_needed, f"{name} cp={cp}: received {remote_rows}, needed {remote_needed}"
             assert received == remote_needed  # what the wire carries (dK/dV go back over the same rows)
