@@ -156,7 +156,7 @@ def from_position_ids(position_ids: Any) -> AttnMaskSpec:
         raise ValueError(f"position_ids must be [S] or [B, S]; got shape {tuple(pos.shape)}")
     b, s = pos.shape
     starts = pos == 0
-    starts[:, 0] = True
+    starts[:, :1] = True  # [:, :1], not [:, 0]: S may be 0
     flat_starts = np.nonzero(starts.reshape(-1))[0]
     bounds = np.concatenate([flat_starts, [b * s]])
     return varlen(np.diff(bounds).tolist())

@@ -145,6 +145,7 @@ def clip_band(q0, q1, k0, k1, lo, hi) -> tuple[SliceTable, np.ndarray]:
     q0, q1, k0, k1, lo, hi = (np.asarray(x, dtype=np.int64).reshape(-1) for x in (q0, q1, k0, k1, lo, hi))
     r0 = np.maximum(q0, k0 - hi)
     r1 = np.maximum(r0, np.minimum(q1, k1 - lo))
+    r1 = np.where((k0 < k1) & (lo <= hi), r1, r0)  # empty key range or crossed diagonals: no rows
     lower_from = k0 - lo + 1  # rows >= this have their lower bound binding
     upper_until = k1 - 1 - hi  # rows < this have their upper bound binding
     c1 = np.clip(np.minimum(lower_from, upper_until), r0, r1)
