@@ -53,7 +53,8 @@ def run_spawned(fn: Callable[..., Any], world_size: int, *args: Any, timeout: fl
     """
     if not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-    if not callable(fn) or getattr(fn, "__qualname__", None) != getattr(fn, "__name__", "") or fn.__name__ == "<lambda>":
+    name = getattr(fn, "__name__", "<lambda>")
+    if not callable(fn) or name == "<lambda>" or getattr(fn, "__qualname__", None) != name:
         raise ValueError(f"fn must be a module-level function (picklable by name), got {fn!r}")
     pool = _pools.get(world_size)
     if pool is None or not pool.alive():
@@ -132,8 +133,8 @@ class _Pool:
         deadline = time.monotonic() + timeout
         pending = dict(enumerate(self.conns))
         while pending:
-            remaining = deadline - time.monotonic()
-            ready = wait(list(pending.values()) + [self.procs[r].sentinel for r in pending], timeout=max(0.0, remaining))
+            waitables = list(pending.values()) + [self.procs[r].sentinel for r in pending]
+            ready = wait(waitables, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
                 if first_error is not None:  # some rank is stuck, likely in a collective with the failed one
                     raise _TaskFailed(first_error, pool_reusable=False)

@@ -128,7 +128,8 @@ def _overlapping_async_ops(rank, world_size, seed):
     assert h1.wait() is got1  # wait is idempotent
     assert torch.equal(got2[0], expected_cast(seed + 100, rank, sizes2, requests2, torch.float32)[1])
     assert all(torch.equal(g, e) for g, e in zip(got1, expected_cast(seed, rank, sizes, requests, torch.float32)))
-    assert all(torch.equal(o, e.float()) for o, e in zip(reduced, expected_reduce(seed, rank, sizes, requests, torch.float32)))
+    expected = expected_reduce(seed, rank, sizes, requests, torch.float32)
+    assert all(torch.equal(o, e.float()) for o, e in zip(reduced, expected))
     return True
 
 

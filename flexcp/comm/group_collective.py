@@ -54,7 +54,7 @@ def group_cast(
     Received rows are ordered by source rank, then by the sender's order (see transfer.py). With
     several tensors the results are views into one receive buffer (last dim contiguous, rows
     strided); call `.contiguous()` if a kernel needs it. With `async_op` a CommHandle is returned
-    whose `wait()` gives the list.
+    whose `wait()` gives the list; `tensors` may change meanwhile (the rows were already gathered).
     """
     tensors = _check_tensors(tensors, "tensors")
     n = tensors[0].shape[0]
@@ -82,7 +82,9 @@ def group_reduce(
 
     `partials[i]` is shaped like the cast's receive buffer `[plan.num_recv, ...]`; it travels in its
     own dtype (pass float32 partials for a float32 wire) and is summed into `out[i]` (in place) in
-    `reduce_dtype`, rounded to `out[i].dtype` once. Returns `out` (or a CommHandle giving it).
+    `reduce_dtype`, rounded to `out[i].dtype` once. Returns `out`. With `async_op` a CommHandle is
+    returned and `out` is updated by its `wait()`; until then leave `partials` unchanged (a single
+    contiguous partial is sent without a copy) and do not read `out`.
     """
     partials = _check_tensors(partials, "partials")
     out = _check_tensors(out, "out", same_dtype=False)
