@@ -1,0 +1,337 @@
+"""``flexcp bench kernel``: single-device attention TFLOP/s, flexcp Triton vs cuDNN SDPA vs FlexAttention.
+
+Every row runs the same mask, shapes and inputs through each contender in one process:
+flexcp's Triton backend, flexcp's SDPA backend (cuDNN, single full/causal rectangle
+only), cuDNN SDPA through ``F.scaled_dot_product_attention`` (full/causal only) and
+compiled FlexAttention with the same mask as a ``mask_mod`` plus its BlockMask.
+TFLOP/s count the mask's true area: fwd = 4 * area * hq * d, fwd+bwd = 3.5x that,
+over the median time of ``triton.testing.do_bench``. ``--sweep`` instead times tile
+configurations of each Triton kernel (for tuning ``default_configs``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from ..kernels.sdpa_backend import SdpaBackend
+from ..kernels.triton_backend import KernelConfig, LaunchConfigs, TritonBackend, default_configs
+from ..mask import AttnMaskSpec, prefix_tree, sliding_window, varlen
+from .docdist import sample_pack
+
+MASKS = ("full", "causal", "varlen", "sliding", "prefix")
+REL_SLOTS = 512  # fixed size of FlexAttention's node-relation table, so one compiled kernel serves all masks
+
+
+@dataclass
+class FlexMask:
+    """A slice mask as FlexAttention inputs: per-token node id, node relation (0 none, 1 full, 2 causal), window."""
+
+    node: np.ndarray
+    rel: np.ndarray
+    window: int
+
+
+def build_mask(name: str, seqlen: int, seed: int = 0) -> tuple[AttnMaskSpec, FlexMask | None]:
+    """The benchmark mask ``name`` over ``seqlen`` tokens, as a spec and as FlexAttention inputs."""
+    rel = np.zeros((REL_SLOTS, REL_SLOTS), dtype=np.int8)
+    node = np.zeros(seqlen, dtype=np.int32)
+    window = seqlen + 1
+    if name == "full":
+        return AttnMaskSpec([(0, seqlen)], [(0, seqlen)], ["full"], seqlen), None
+    if name == "causal":
+        spec = AttnMaskSpec.causal(seqlen)
+        rel[0, 0] = 2
+    elif name == "varlen":  # documents from the corpus histogram, each capped at the pack length
+        lens = sample_pack(seqlen, rng=seed, max_doc_frac=1.0)
+        if len(lens) > REL_SLOTS:
+            raise ValueError(f"seqlen={seqlen} packs {len(lens)} documents; at most {REL_SLOTS} fit the flex table")
+        spec = varlen(lens.tolist())
+        node = np.repeat(np.arange(len(lens)), lens).astype(np.int32)
+        rel[np.arange(len(lens)), np.arange(len(lens))] = 2
+    elif name == "sliding":
+        window = 4096
+        spec = sliding_window([seqlen], window)
+        rel[0, 0] = 2
+    elif name == "prefix":  # one prompt of S/4 and 8 completions of 3S/32 (8k + 8 x 3k at 32k)
+        lens = [seqlen // 4] + [3 * seqlen // 32] * 8
+        lens[0] += seqlen - sum(lens)
+        spec = prefix_tree(lens, [[0, c] for c in range(1, 9)])[0]
+        node = np.repeat(np.arange(9), lens).astype(np.int32)
+        rel[np.arange(9), np.arange(9)] = 2
+        rel[np.arange(1, 9), 0] = 1
+    else:
+        raise ValueError(f"mask={name!r} is unknown; choose from {MASKS}")
+    return spec, FlexMask(node, rel, window)
+
+
+def _bench_ms(fn, rep_ms: int) -> float:
+    import triton
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+
+
+@dataclass
+class Row:
+    mask: str
+    seqlen: int
+    hq: int
+    hkv: int
+    sparsity: float  # area / seqlen^2
+    ms: dict = field(default_factory=dict)  # contender -> [fwd_ms, fwdbwd_ms]
+    tflops: dict = field(default_factory=dict)  # contender -> [fwd, fwdbwd]
+    err_vs_flex: float = float("nan")
+
+
+class _Flex:
+    """Compiled FlexAttention with one generic mask_mod (node relation + window) for every mask."""
+
+    def __init__(self) -> None:
+        import torch._dynamo
+
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        torch._dynamo.config.cache_size_limit = 64
+        self._create = create_block_mask
+        self._fn = torch.compile(flex_attention, dynamic=False)
+
+    def block_mask(self, fm: FlexMask | None, seqlen: int, device):
+        if fm is None:
+            return None
+        node = torch.as_tensor(fm.node, device=device)
+        rel = torch.as_tensor(fm.rel, device=device)
+        window = torch.tensor(fm.window, device=device)
+
+        def mask_mod(b, h, qi, ki):
+            r = rel[node[qi], node[ki]]
+            return (r == 1) | ((r == 2) & (qi >= ki) & (qi - ki < window))
+
+        return self._create(mask_mod, None, None, seqlen, seqlen, device=device)
+
+    def __call__(self, q4, k4, v4, bm):
+        return self._fn(q4, k4, v4, block_mask=bm, enable_gqa=q4.shape[1] != k4.shape[1])
+
+
+def _bhsd(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(0, 1).unsqueeze(0).contiguous()
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def run_case(mask: str, seqlen: int, hq: int, hkv: int, d: int, contenders: list[str], rep_ms: int, flex: _Flex | None) -> Row:
+    dev = torch.device("cuda")
+    spec, fm = build_mask(mask, seqlen)
+    area = spec.area()
+    row = Row(mask, seqlen, hq, hkv, area / seqlen**2)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(seqlen, hq, d, device=dev, generator=gen, dtype=torch.bfloat16)
+    k, v = (torch.randn(seqlen, hkv, d, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(2))
+    do = torch.randn_like(q)
+    scale = d**-0.5
+    fwd_flops = 4.0 * area * hq * d
+
+    def record(name: str, fwd, fwdbwd) -> None:
+        ms = [_bench_ms(fwd, rep_ms), _bench_ms(fwdbwd, rep_ms)]
+        row.ms[name] = ms
+        row.tflops[name] = [fwd_flops / ms[0] * 1e-9, 3.5 * fwd_flops / ms[1] * 1e-9]
+
+    ours = None
+    for name, backend in (("triton", TritonBackend()), ("sdpa", SdpaBackend())):
+        if name not in contenders:
+            continue
+        prep = backend.prepare(spec.table, seqlen, seqlen, dev)
+        if name == "sdpa" and not SdpaBackend.fast_path_ok(prep, q, k, 0.0):
+            continue
+
+        def fwd(backend=backend, prep=prep):
+            return backend.forward(q, k, v, prep, scale, 0.0)
+
+        def fwdbwd(backend=backend, prep=prep):
+            out, lse = backend.forward(q, k, v, prep, scale, 0.0)
+            return backend.backward(do, q, k, v, out, lse, prep, scale, 0.0)
+
+        if name == "triton":
+            ours = fwd()[0]
+        record(name, fwd, fwdbwd)
+
+    q4, k4, v4, do4 = (_bhsd(x) for x in (q, k, v, do))
+    leaves = [x.detach().clone().requires_grad_() for x in (q4, k4, v4)]
+    if "cudnn" in contenders and mask in ("full", "causal"):
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        kx, vx = (x.repeat_interleave(hq // hkv, 1) for x in (k4, v4))  # cuDNN SDPA: equal heads
+        kl, vl = (x.detach().requires_grad_() for x in (kx, vx))
+        causal = mask == "causal"
+
+        def cudnn_fwd():
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return torch.nn.functional.scaled_dot_product_attention(q4, kx, vx, is_causal=causal, scale=scale)
+
+        def cudnn_fwdbwd():
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                out = torch.nn.functional.scaled_dot_product_attention(leaves[0], kl, vl, is_causal=causal, scale=scale)
+            out.backward(do4)
+
+        record("cudnn", cudnn_fwd, cudnn_fwdbwd)
+        for x in (leaves[0], kl, vl):
+            x.grad = None
+    if flex is not None and "flex" in contenders:
+        bm = flex.block_mask(fm, seqlen, dev)
+
+        def flex_fwd():
+            return flex(q4, k4, v4, bm)
+
+        def flex_fwdbwd():
+            flex(*leaves, bm).backward(do4)
+            for x in leaves:
+                x.grad = None
+
+        ref = flex_fwd()
+        if ours is not None:
+            row.err_vs_flex = _rel_err(ours, ref[0].transpose(0, 1))
+        record("flex", flex_fwd, flex_fwdbwd)
+    return row
+
+
+def sweep(masks: list[str], seqlen: int, hq: int, hkv: int, d: int, rep_ms: int) -> list[dict]:
+    """Time candidate tile configs of each Triton kernel separately (forward, dK/dV, dQ)."""
+    from ..kernels.triton_bwd import backward_rowstats, launch_dkdv, launch_dq
+    from ..kernels.triton_fwd import launch_forward
+
+    dev = torch.device("cuda")
+    base = default_configs(torch.bfloat16, d)
+    cands = {
+        "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
+        "dkdv": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 128, 8, 1)],
+        "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 128, 8, 1)],
+    }
+    out = []
+    for mask in masks:
+        spec, _ = build_mask(mask, seqlen)
+        flops = 4.0 * spec.area() * hq * d
+        gen = torch.Generator(device=dev).manual_seed(0)
+        q = torch.randn(seqlen, hq, d, device=dev, generator=gen, dtype=torch.bfloat16)
+        k, v = (torch.randn(seqlen, hkv, d, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(2))
+        do = torch.randn_like(q)
+        be = TritonBackend()
+        prep = be.prepare(spec.table, seqlen, seqlen, dev)
+        o, lse = be.forward(q, k, v, prep, d**-0.5, 0.0)
+        lse2, delta = backward_rowstats(do, o, lse)
+        for kernel, shapes in cands.items():
+            for shape in shapes:
+                cfg = KernelConfig(*shape)
+                sched = prep.schedule("k" if kernel == "dkdv" else "q", cfg)
+                if kernel == "fwd":
+                    fn = lambda: launch_forward(q, k, v, o, lse, sched, d**-0.5, 0.0, cfg)  # noqa: E731
+                    kflops = flops
+                else:
+                    dst = torch.empty(q.shape if kernel == "dq" else k.shape, device=dev, dtype=torch.float32)
+                    if kernel == "dq":
+                        fn = lambda: launch_dq(q, k, v, do, lse2, delta, dst, sched, d**-0.5, 0.0, cfg)  # noqa: E731
+                    else:
+                        dst2 = torch.empty_like(dst)
+                        fn = lambda: launch_dkdv(q, k, v, do, lse2, delta, dst, dst2, sched, d**-0.5, 0.0, cfg)  # noqa: E731
+                    kflops = flops * (2.0 if kernel == "dkdv" else 1.5)  # 4 and 3 matmuls vs the forward's 2
+                try:
+                    ms = _bench_ms(fn, rep_ms)
+                    res = {"mask": mask, "kernel": kernel, "cfg": shape, "ms": ms, "tflops": kflops / ms * 1e-9}
+                except Exception as e:  # noqa: BLE001 - a config may not fit shared memory
+                    res = {"mask": mask, "kernel": kernel, "cfg": shape, "error": str(e).splitlines()[0][:120]}
+                out.append({**res, "default": getattr(base, kernel) == cfg})
+                print(json.dumps(res), flush=True)
+        del q, k, v, do, o, lse, lse2, delta
+    return out
+
+
+def environment() -> dict:
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    return {
+        "device": props.name,
+        "sms": props.multi_processor_count,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+        "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def format_table(rows: list[Row]) -> str:
+    """Markdown table: TFLOP/s fwd / fwd+bwd per contender, and the ratios the targets name."""
+    names = ["triton", "sdpa", "cudnn", "flex"]
+    head = "| mask | S | hq:hkv | area | " + " | ".join(f"{n} fwd / f+b" for n in names)
+    head += " | triton/flex f+b | triton/cudnn fwd | err vs flex |\n"
+    head += "|---|---:|---:|---:|" + "---:|" * (len(names) + 3) + "\n"
+    lines = []
+    for r in rows:
+        cells = [f"{r.tflops[n][0]:.0f} / {r.tflops[n][1]:.0f}" if n in r.tflops else "—" for n in names]
+        t, f, c = r.tflops.get("triton"), r.tflops.get("flex"), r.tflops.get("cudnn")
+        vs_flex = f"{t[1] / f[1]:.2f}x" if t and f else "—"
+        vs_cudnn = f"{t[0] / c[0]:.2f}x" if t and c else "—"
+        size = f"{r.seqlen // 1024}k"
+        lines.append(
+            f"| {r.mask} | {size} | {r.hq}:{r.hkv} | {r.sparsity:.3f} | " + " | ".join(cells) + f" | {vs_flex} | {vs_cudnn} | {r.err_vs_flex:.1e} |"
+        )
+    return head + "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="flexcp bench kernel", description=__doc__.splitlines()[0])
+    p.add_argument("--masks", nargs="+", default=list(MASKS), choices=MASKS)
+    p.add_argument("--seqlens", nargs="+", type=int, default=[8192, 32768])
+    p.add_argument("--heads", nargs="+", default=["16:16", "32:8"], help="hq:hkv pairs")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--contenders", nargs="+", default=["triton", "sdpa", "cudnn", "flex"])
+    p.add_argument("--rep-ms", type=int, default=300, help="do_bench repetition budget per measurement")
+    p.add_argument("--sweep", action="store_true", help="time tile configs of each Triton kernel instead")
+    p.add_argument("--json", default=None, help="write rows and environment here")
+    p.add_argument("--markdown", default=None, help="write the markdown table here")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("flexcp bench kernel needs a CUDA GPU", file=sys.stderr)
+        return 2
+    env = environment()
+    env["command"] = "flexcp bench kernel " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(json.dumps(env), flush=True)
+    heads = [tuple(int(x) for x in h.split(":")) for h in args.heads]
+    if args.sweep:
+        res = sweep(args.masks, args.seqlens[-1], *heads[0], args.head_dim, args.rep_ms)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"env": env, "sweep": res}, f, indent=1)
+        return 0
+    flex = _Flex() if "flex" in args.contenders else None
+    rows = []
+    for seqlen in args.seqlens:
+        for hq, hkv in heads:
+            for mask in args.masks:
+                row = run_case(mask, seqlen, hq, hkv, args.head_dim, args.contenders, args.rep_ms, flex)
+                rows.append(row)
+                print(json.dumps(asdict(row)), flush=True)
+                torch.cuda.empty_cache()
+    table = format_table(rows)
+    print(table)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "rows": [asdict(r) for r in rows]}, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,134 @@
+"""SdpaBackend: cuDNN SDPA for masks that are one full or causal rectangle, Triton for the rest.
+
+PyTorch's cuDNN attention returns the log-sum-exp and its backward takes ``out`` and
+``lse`` as inputs, so it honours the backend contract (the backward uses the rows'
+*final* statistics, merged across calls by the distributed layer). It applies where the
+whole mask is a single slice that is FULL, or CAUSAL with as many query as key rows
+(then bottom-right and top-left alignment agree), with 16-bit inputs, equal q/kv heads,
+head dim <= 128 (multiple of 8) and no softcap; anything else goes to the fallback
+(Triton by default). Measured, not assumed: see docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..mask.geometry import SliceTable
+from ..mask.types import CAUSAL, FULL
+from .backend import AttnBackend
+
+
+@dataclass(frozen=True)
+class Rect:
+    """The mask's one slice: rows ``[qs, qe)`` attend keys ``[ks, ke)``, causally or fully."""
+
+    qs: int
+    qe: int
+    ks: int
+    ke: int
+    causal: bool
+
+
+@dataclass
+class SdpaPrep:
+    rect: Rect | None
+    fallback: Any
+
+
+def single_rect(table: SliceTable) -> Rect | None:
+    """The :class:`Rect` when ``table`` is one non-empty FULL slice or one square CAUSAL slice."""
+    t = table.nonempty()
+    if len(t) != 1:
+        return None
+    qs, qe, ks, ke, kind = (int(x[0]) for x in (t.qs, t.qe, t.ks, t.ke, t.types))
+    if kind == FULL or (kind == CAUSAL and qe - qs == ke - ks):
+        return Rect(qs, qe, ks, ke, kind == CAUSAL)
+    return None
+
+
+def _bhsd(x: torch.Tensor) -> torch.Tensor:
+    """``[s, h, d]`` THD rows as the ``[1, h, s, d]`` view SDPA takes (no copy)."""
+    return x.permute(1, 0, 2).unsqueeze(0)
+
+
+class SdpaBackend(AttnBackend):
+    """cuDNN SDPA fast path for single full/causal rectangles; ``fallback`` runs everything else."""
+
+    name = "sdpa"
+
+    def __init__(self, fallback: AttnBackend | None = None) -> None:
+        if fallback is None:
+            from .triton_backend import TritonBackend
+
+            fallback = TritonBackend()
+        self.fallback = fallback
+
+    def unsupported(self, q: torch.Tensor, k: torch.Tensor, softcap: float) -> str | None:
+        return self.fallback.unsupported(q, k, softcap)
+
+    def prepare(self, table: SliceTable, tq: int, tk: int, device: torch.device) -> SdpaPrep:
+        return SdpaPrep(single_rect(table), self.fallback.prepare(table, tq, tk, device))
+
+    @staticmethod
+    def fast_path_ok(prep: SdpaPrep, q: torch.Tensor, k: torch.Tensor, softcap: float, out_dtype=None) -> bool:
+        """Whether cuDNN runs this call (else the fallback does)."""
+        return (
+            prep.rect is not None
+            and q.is_cuda
+            and q.dtype in (torch.bfloat16, torch.float16)
+            and out_dtype in (None, q.dtype)
+            and q.shape[1] == k.shape[1]
+            and q.shape[2] <= 128
+            and q.shape[2] % 8 == 0
+            and softcap == 0
+        )
+
+    def forward(self, q, k, v, prep: SdpaPrep, softmax_scale, softcap, out_dtype=None):
+        if not self.fast_path_ok(prep, q, k, softcap, out_dtype):
+            return self.fallback.forward(q, k, v, prep.fallback, softmax_scale, softcap, out_dtype)
+        r = prep.rect
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            _bhsd(q[r.qs : r.qe]), _bhsd(k[r.ks : r.ke]), _bhsd(v[r.ks : r.ke]),
+            None, True, 0.0, r.causal, False, scale=float(softmax_scale),
+        )  # fmt: skip
+        o, lse_r = res[0][0].permute(1, 0, 2), res[1].reshape(q.shape[1], r.qe - r.qs).t()
+        if r.qe - r.qs == q.shape[0]:
+            return o.contiguous(), lse_r.contiguous()
+        out = torch.zeros_like(q)
+        lse = torch.full(q.shape[:2], float("-inf"), dtype=torch.float32, device=q.device)
+        out[r.qs : r.qe] = o
+        lse[r.qs : r.qe] = lse_r
+        return out, lse
+
+    def backward(self, do, q, k, v, out, lse, prep: SdpaPrep, softmax_scale, softcap):
+        if not self.fast_path_ok(prep, q, k, softcap):
+            return self.fallback.backward(do, q, k, v, out, lse, prep.fallback, softmax_scale, softcap)
+        r = prep.rect
+        sq, sk = r.qe - r.qs, r.ke - r.ks
+        rows = slice(r.qs, r.qe)
+        lse_r = lse[rows].t().contiguous().view(1, q.shape[1], sq, 1)
+        # every row of a full or square-causal rectangle has keys, so lse is finite here
+        unused = torch.empty((), dtype=torch.long, device=q.device)
+        grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            _bhsd(do[rows].to(q.dtype).contiguous()), _bhsd(q[rows]), _bhsd(k[r.ks : r.ke]), _bhsd(v[r.ks : r.ke]),
+            _bhsd(out[rows].to(q.dtype).contiguous()), lse_r, unused, unused, None, None, None, sq, sk, 0.0, r.causal,
+            scale=float(softmax_scale),
+        )  # fmt: skip
+        dq = _placed(grads[0], r.qs, q.shape)
+        return dq, _placed(grads[1], r.ks, k.shape), _placed(grads[2], r.ks, v.shape)
+
+
+def _placed(g: torch.Tensor, start: int, shape: torch.Size) -> torch.Tensor:
+    """A ``[1, h, s, d]`` SDPA gradient as float32 THD rows ``[start, start + s)`` of a zero tensor of ``shape``."""
+    g = g[0].permute(1, 0, 2)
+    if g.shape[0] == shape[0]:
+        return g.float().contiguous()
+    full = torch.zeros(shape, dtype=torch.float32, device=g.device)
+    full[start : start + g.shape[0]] = g
+    return full
+
+
+__all__ = ["SdpaBackend", "SdpaPrep", "Rect", "single_rect"]

@@ -1,0 +1,206 @@
+"""Triton backward kernels: dK/dV per key block and dQ per query block, no atomics.
+
+Both recompute ``P = exp(s - lse)`` from the *final* ``lse`` of the rows (the
+distributed layer may merge several calls) and use ``delta = rowsum(dO * out)``.
+The dK/dV program owns ``BLOCK_N`` key rows of one KV head and walks, for each query
+head of its GQA group, the query runs of the transposed schedule; the dQ program owns
+``BLOCK_M`` query rows of one head and walks the forward schedule. Every output element
+is written by exactly one program, so the backward is deterministic. Host-side, rows
+whose ``lse`` is ``-inf`` get ``+inf`` so their probabilities are exactly 0.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .triton_fwd import LOG2E, dot_precision, logits2, softmax_consts
+from .triton_lang import jit, tl
+
+
+@jit
+def _dkdv_step(k, v, q, do, lse2, delta, dk, dv, keep, c1, c2, SOFTCAP: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    st = tl.dot(k, tl.trans(q), input_precision=DOT_PREC)  # [BLOCK_N, BLOCK_M]
+    st, t = logits2(st, c1, c2, SOFTCAP)
+    if MASKED:
+        st = tl.where(keep, st, float("-inf"))
+    pt = tl.math.exp2(st - lse2[None, :])
+    dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
+    dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    dst = pt * (dpt - delta[None, :])
+    if SOFTCAP:
+        dst = dst * (1.0 - t * t)
+    dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@jit
+def _dkdv_kernel(
+    Q, K, V, DO, LSE2, DELTA, DK, DV,
+    Blocks, Order, Full, Masked,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    HQ, HKV, GROUP, c1, c2, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    blk = tl.load(Order + pid // HKV)
+    hk = pid % HKV
+    col0 = tl.load(Blocks + blk * 6)
+    col1 = tl.load(Blocks + blk * 6 + 1)
+    f0 = tl.load(Blocks + blk * 6 + 2)
+    f1 = tl.load(Blocks + blk * 6 + 3)
+    m0 = tl.load(Blocks + blk * 6 + 4)
+    m1 = tl.load(Blocks + blk * 6 + 5)
+
+    cols = col0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    col_ok = cols < col1
+    k = tl.load(K + hk * stride_kh + cols[:, None] * stride_kt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    v = tl.load(V + hk * stride_vh + cols[:, None] * stride_vt + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        q_ptrs = Q + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
+        do_ptrs = DO + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :]
+        for r in range(f0, f1):
+            r0 = tl.load(Full + r * 2)
+            rend = tl.load(Full + r * 2 + 1)
+            for mm in range(r0, rend, BLOCK_M):
+                q = tl.load(q_ptrs + mm * stride_qt)
+                do = tl.load(do_ptrs + mm * stride_dot)
+                lse2 = tl.load(LSE2 + (mm + offs_m) * HQ + h)
+                delta = tl.load(DELTA + (mm + offs_m) * HQ + h)
+                dk, dv = _dkdv_step(k, v, q, do, lse2, delta, dk, dv, None, c1, c2, SOFTCAP, False, DOT_PREC)
+        for r in range(m0, m1):
+            r0 = tl.load(Masked + r * 4)
+            rend = tl.load(Masked + r * 4 + 1)
+            lo = tl.load(Masked + r * 4 + 2)
+            hi = tl.load(Masked + r * 4 + 3)
+            for mm in range(r0, rend, BLOCK_M):
+                rows = mm + offs_m
+                row_ok = rows < rend
+                q = tl.load(q_ptrs + mm * stride_qt, mask=row_ok[:, None], other=0.0)
+                do = tl.load(do_ptrs + mm * stride_dot, mask=row_ok[:, None], other=0.0)
+                lse2 = tl.load(LSE2 + rows * HQ + h, mask=row_ok, other=0.0)
+                delta = tl.load(DELTA + rows * HQ + h, mask=row_ok, other=0.0)
+                diag = rows[None, :] - cols[:, None]  # transposed table: lo <= q - k <= hi
+                keep = row_ok[None, :] & (diag >= lo) & (diag <= hi)
+                dk, dv = _dkdv_step(k, v, q, do, lse2, delta, dk, dv, keep, c1, c2, SOFTCAP, True, DOT_PREC)
+
+    tl.store(DK + hk * stride_dkh + cols[:, None] * stride_dkt + offs_d[None, :], dk * sm_scale, mask=col_ok[:, None])
+    tl.store(DV + hk * stride_dvh + cols[:, None] * stride_dvt + offs_d[None, :], dv, mask=col_ok[:, None])
+
+
+@jit
+def _dq_step(q, do, k, v, lse2, delta, dq, keep, c1, c2, SOFTCAP: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_N]
+    s, t = logits2(s, c1, c2, SOFTCAP)
+    if MASKED:
+        s = tl.where(keep, s, float("-inf"))
+    p = tl.math.exp2(s - lse2[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    if SOFTCAP:
+        ds = ds * (1.0 - t * t)
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+
+
+@jit
+def _dq_kernel(
+    Q, K, V, DO, LSE2, DELTA, DQ,
+    Blocks, Order, Full, Masked,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dqt, stride_dqh,
+    HQ, GROUP, c1, c2, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    blk = tl.load(Order + pid // HQ)
+    h = pid % HQ
+    hk = h // GROUP
+    row0 = tl.load(Blocks + blk * 6)
+    row1 = tl.load(Blocks + blk * 6 + 1)
+    f0 = tl.load(Blocks + blk * 6 + 2)
+    f1 = tl.load(Blocks + blk * 6 + 3)
+    m0 = tl.load(Blocks + blk * 6 + 4)
+    m1 = tl.load(Blocks + blk * 6 + 5)
+
+    rows = row0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = rows < row1
+    q = tl.load(Q + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    do = tl.load(DO + h * stride_doh + rows[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    lse2 = tl.load(LSE2 + rows * HQ + h, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + rows * HQ + h, mask=row_ok, other=0.0)
+    k_ptrs = K + hk * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = V + hk * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    for r in range(f0, f1):
+        c0 = tl.load(Full + r * 2)
+        cend = tl.load(Full + r * 2 + 1)
+        for n0 in range(c0, cend, BLOCK_N):
+            k = tl.load(k_ptrs + n0 * stride_kt)
+            v = tl.load(v_ptrs + n0 * stride_vt)
+            dq = _dq_step(q, do, k, v, lse2, delta, dq, None, c1, c2, SOFTCAP, False, DOT_PREC)
+    for r in range(m0, m1):
+        c0 = tl.load(Masked + r * 4)
+        cend = tl.load(Masked + r * 4 + 1)
+        lo = tl.load(Masked + r * 4 + 2)
+        hi = tl.load(Masked + r * 4 + 3)
+        for n0 in range(c0, cend, BLOCK_N):
+            cols = n0 + offs_n
+            col_ok = cols < cend
+            k = tl.load(k_ptrs + n0 * stride_kt, mask=col_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs + n0 * stride_vt, mask=col_ok[:, None], other=0.0)
+            diag = cols[None, :] - rows[:, None]
+            keep = col_ok[None, :] & (diag >= lo) & (diag <= hi)
+            dq = _dq_step(q, do, k, v, lse2, delta, dq, keep, c1, c2, SOFTCAP, True, DOT_PREC)
+
+    tl.store(DQ + h * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :], dq * sm_scale, mask=row_ok[:, None])
+
+
+def backward_rowstats(do: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lse2, delta)``: log2-domain lse with empty rows at +inf, and rowsum(dO * out), float32 [t, h]."""
+    lse2 = torch.where(torch.isneginf(lse), torch.full_like(lse, float("inf")), lse * LOG2E).float().contiguous()
+    delta = torch.einsum("thd,thd->th", do.float(), out.float()).contiguous()
+    return lse2, delta
+
+
+def launch_dkdv(q, k, v, do, lse2, delta, dk, dv, sched, softmax_scale: float, softcap: float, cfg) -> None:
+    """dK/dV over a key-block schedule (``transposed_schedule``); dk/dv float32 [tk, hkv, d]."""
+    tq, hq, d = q.shape
+    hkv = k.shape[1]
+    c1, c2 = softmax_consts(softmax_scale, softcap)
+    _dkdv_kernel[(sched.num_blocks * hkv,)](
+        q, k, v, do, lse2, delta, dk, dv,
+        sched.blocks, sched.order, sched.full, sched.masked,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+        dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        hq, hkv, hq // hkv, c1, c2, softmax_scale,
+        HEAD_DIM=d, BLOCK_N=sched.block, BLOCK_M=sched.tile,
+        SOFTCAP=softcap > 0, DOT_PREC=dot_precision(q.dtype),
+        num_warps=cfg.warps, num_stages=cfg.stages,
+    )  # fmt: skip
+
+
+def launch_dq(q, k, v, do, lse2, delta, dq, sched, softmax_scale: float, softcap: float, cfg) -> None:
+    """dQ over a query-block schedule (``forward_schedule``); dq float32 [tq, hq, d]."""
+    tq, hq, d = q.shape
+    c1, c2 = softmax_consts(softmax_scale, softcap)
+    _dq_kernel[(sched.num_blocks * hq,)](
+        q, k, v, do, lse2, delta, dq,
+        sched.blocks, sched.order, sched.full, sched.masked,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
+        dq.stride(0), dq.stride(1),
+        hq, hq // k.shape[1], c1, c2, softmax_scale,
+        HEAD_DIM=d, BLOCK_M=sched.block, BLOCK_N=sched.tile,
+        SOFTCAP=softcap > 0, DOT_PREC=dot_precision(q.dtype),
+        num_warps=cfg.warps, num_stages=cfg.stages,
+    )  # fmt: skip

@@ -1,0 +1,142 @@
+"""Triton forward kernel: online softmax over the runs of a query block (triton_schedule).
+
+One program owns ``BLOCK_M`` query rows of one head. It walks the block's full runs
+(no masking) and then its masked runs (iota compared with the run's column bounds and
+diagonals), keeping one running max / sum / accumulator for all of them, so rows met
+by several slices are merged in registers and ``out``/``lse`` are written once. Scores
+live in the log2 domain (``exp2``); softcap applies ``cap * tanh(scale * qk / cap)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .triton_lang import jit, tl, triton
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@jit
+def logits2(s, c1, c2, SOFTCAP: tl.constexpr):
+    """Log2-domain logits of raw ``q.k`` and, with softcap, ``t = tanh(scale*qk/cap)``.
+
+    No softcap: ``c1 = scale*log2(e)``. Softcap: ``c1 = scale/cap``, ``c2 = cap*log2(e)``.
+    """
+    if SOFTCAP:
+        e = tl.math.exp2(s * (c1 * 2.8853900817779268))  # exp(2x)
+        t = 1.0 - 2.0 / (e + 1.0)
+        return t * c2, t
+    else:
+        return s * c1, s
+
+
+@jit
+def _fwd_step(q, k, v, acc, l_i, m_i, keep, c1, c2, SOFTCAP: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    s, _ = logits2(s, c1, c2, SOFTCAP)
+    if MASKED:
+        s = tl.where(keep, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    if MASKED:  # a row may still have no kept key: keep exp2 away from (-inf) - (-inf)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    p = tl.math.exp2(s - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+    return acc, l_i, m_new
+
+
+@jit
+def _fwd_kernel(
+    Q, K, V, O, LSE,
+    Blocks, Order, Full, Masked,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    HQ, GROUP, c1, c2,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    blk = tl.load(Order + pid // HQ)
+    h = pid % HQ
+    hk = h // GROUP
+    row0 = tl.load(Blocks + blk * 6)
+    row1 = tl.load(Blocks + blk * 6 + 1)
+    f0 = tl.load(Blocks + blk * 6 + 2)
+    f1 = tl.load(Blocks + blk * 6 + 3)
+    m0 = tl.load(Blocks + blk * 6 + 4)
+    m1 = tl.load(Blocks + blk * 6 + 5)
+
+    rows = row0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = rows < row1
+    q = tl.load(Q + h * stride_qh + rows[:, None] * stride_qt + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    k_ptrs = K + hk * stride_kh + offs_n[:, None] * stride_kt + offs_d[None, :]
+    v_ptrs = V + hk * stride_vh + offs_n[:, None] * stride_vt + offs_d[None, :]
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    for r in range(f0, f1):
+        c0 = tl.load(Full + r * 2)
+        cend = tl.load(Full + r * 2 + 1)
+        for n0 in range(c0, cend, BLOCK_N):
+            k = tl.load(k_ptrs + n0 * stride_kt)
+            v = tl.load(v_ptrs + n0 * stride_vt)
+            acc, l_i, m_i = _fwd_step(q, k, v, acc, l_i, m_i, None, c1, c2, SOFTCAP, False, DOT_PREC)
+
+    for r in range(m0, m1):
+        c0 = tl.load(Masked + r * 4)
+        cend = tl.load(Masked + r * 4 + 1)
+        lo = tl.load(Masked + r * 4 + 2)
+        hi = tl.load(Masked + r * 4 + 3)
+        for n0 in range(c0, cend, BLOCK_N):
+            cols = n0 + offs_n
+            col_ok = cols < cend
+            k = tl.load(k_ptrs + n0 * stride_kt, mask=col_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs + n0 * stride_vt, mask=col_ok[:, None], other=0.0)
+            diag = cols[None, :] - rows[:, None]
+            keep = col_ok[None, :] & (diag >= lo) & (diag <= hi)
+            acc, l_i, m_i = _fwd_step(q, k, v, acc, l_i, m_i, keep, c1, c2, SOFTCAP, True, DOT_PREC)
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    tl.store(O + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + rows * HQ + h, lse, mask=row_ok)
+
+
+def softmax_consts(softmax_scale: float, softcap: float) -> tuple[float, float]:
+    """The ``(c1, c2)`` that :func:`logits2` expects."""
+    if softcap > 0:
+        return softmax_scale / softcap, softcap * LOG2E
+    return softmax_scale * LOG2E, 0.0
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """Exact float32 products for float32 inputs (tests); tensor cores for 16-bit inputs."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def launch_forward(q, k, v, out, lse, sched, softmax_scale: float, softcap: float, cfg) -> None:
+    """Run the forward kernel; ``sched`` holds the device arrays of a query-block schedule."""
+    tq, hq, d = q.shape
+    c1, c2 = softmax_consts(softmax_scale, softcap)
+    grid = (sched.num_blocks * hq,)
+    _fwd_kernel[grid](
+        q, k, v, out, lse,
+        sched.blocks, sched.order, sched.full, sched.masked,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        hq, hq // k.shape[1], c1, c2,
+        HEAD_DIM=d, BLOCK_M=sched.block, BLOCK_N=sched.tile,
+        SOFTCAP=softcap > 0, DOT_PREC=dot_precision(q.dtype),
+        num_warps=cfg.warps, num_stages=cfg.stages,
+    )  # fmt: skip
+
+
+__all__ = ["launch_forward", "logits2", "softmax_consts", "dot_precision", "LOG2E", "triton"]

@@ -1,0 +1,266 @@
+"""Triton and SDPA backends on the GPU against dense float64 truth and the reference backend.
+
+Marked ``gpu``: skipped without CUDA. (For kernel debugging on a CPU, run with
+``TRITON_INTERPRET=1`` and Triton installed: the kernels then run in Triton's
+interpreter on CPU tensors; its bfloat16 dot is unsupported, so bf16 cases skip.)
+Each check runs the backend contract directly (forward, then backward from the
+forward's own out/lse) and asserts: no NaN anywhere, lse -inf exactly on rows without
+keys, out/dq exactly 0 there, relative errors within the dtype's tolerance.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flexcp.kernels import ReferenceBackend, attention, available_backends, register_backend
+from flexcp.kernels.sdpa_backend import SdpaBackend
+from flexcp.kernels.triton_backend import TritonBackend
+from flexcp.mask import AttnMaskSpec, prefix_tree, sliding_window, varlen
+from reference_attention import dense_attention
+from strategies import valid_specs
+from test_reference_attention import HARD_CASES, rel_err
+
+
+def _device() -> str | None:
+    if torch.cuda.is_available():
+        return "cuda"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        try:
+            import triton  # noqa: F401
+
+            return "cpu"
+        except ImportError:
+            return None
+    return None
+
+
+DEVICE = _device()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE is None, reason="needs a CUDA GPU")]
+TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
+TRITON = TritonBackend()
+SDPA = SdpaBackend(TRITON)
+if "triton" not in available_backends():
+    register_backend("triton", TritonBackend)
+
+
+def _skip_unrunnable(dtype: torch.dtype) -> None:
+    if DEVICE == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("Triton's interpreter has no bfloat16 dot")
+
+
+def make_inputs(spec: AttnMaskSpec, hq: int, hkv: int, d: int, dtype: torch.dtype, seed: int = 0):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    shapes = [(spec.total_seqlen, hq, d), (spec.total_seqlen_k, hkv, d), (spec.total_seqlen_k, hkv, d), (spec.total_seqlen, hq, d)]
+    return [torch.randn(s, generator=gen, device=DEVICE).to(dtype) for s in shapes]
+
+
+def poison_allocator() -> None:
+    """Leave NaN in freed cached memory so outputs the kernels fail to write show up."""
+    if DEVICE == "cuda":
+        junk = torch.full((64 << 20,), float("nan"), device=DEVICE)
+        del junk
+
+
+def run_backend(backend, spec, q, k, v, do, scale, softcap):
+    prep = backend.prepare(spec.table, spec.total_seqlen, spec.total_seqlen_k, torch.device(DEVICE))
+    poison_allocator()
+    out, lse = backend.forward(q, k, v, prep, scale, softcap)
+    poison_allocator()
+    return (out, lse, *backend.backward(do, q, k, v, out, lse, prep, scale, softcap))
+
+
+def truth(spec, q, k, v, do, scale, softcap):
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    out, lse = dense_attention(*leaves, spec, scale, softcap)
+    return (out, lse, *torch.autograd.grad(out, leaves, do.double()))
+
+
+def check(spec, hq=2, hkv=1, d=64, dtype=torch.float32, softcap=0.0, backend=TRITON, seed=0, scale=None):
+    """Backend vs dense float64 truth on one mask; returns the backend's results."""
+    _skip_unrunnable(dtype)
+    q, k, v, do = make_inputs(spec, hq, hkv, d, dtype, seed)
+    scale = d**-0.5 if scale is None else scale
+    got = run_backend(backend, spec, q, k, v, do, scale, softcap)
+    ref = truth(spec, q, k, v, do, scale, softcap)
+    out, lse, dq, dk, dv = got
+    assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (spec.total_seqlen, hq)
+    assert all(x.dtype == torch.float32 for x in (dq, dk, dv))
+    for name, x in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv)):
+        assert torch.isfinite(x).all(), f"{name} has NaN/inf"
+    empty = torch.isinf(ref[1])
+    assert torch.equal(torch.isneginf(lse), empty) and not torch.isnan(lse).any()
+    assert (out[empty] == 0).all() and (dq[empty] == 0).all()
+    tol = TOL[dtype]
+    for name, x, r in zip(("out", "lse", "dq", "dk", "dv"), (out, lse[~empty], dq, dk, dv), (ref[0], ref[1][~empty], *ref[2:])):
+        err = rel_err(x, r)
+        assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
+    return got
+
+
+# ------------------------------------------------------------------ named hard cases
+@pytest.mark.parametrize("name", sorted(HARD_CASES))
+def test_hard_cases_float32_gqa(name):
+    """Exact-precision path, GQA 4:2, and agreement with the reference backend in float32."""
+    spec = HARD_CASES[name]
+    got = check(spec, 4, 2, d=64)
+    q, k, v, do = make_inputs(spec, 4, 2, 64, torch.float32)
+    ref = run_backend(ReferenceBackend(), spec, q, k, v, do, 64**-0.5, 0.0)
+    for x, r in zip(got, ref):
+        fin = torch.isfinite(r)
+        assert torch.equal(fin, torch.isfinite(x))
+        assert rel_err(x[fin], r[fin]) <= 2e-5
+
+
+@pytest.mark.parametrize("name", sorted(HARD_CASES))
+def test_hard_cases_bfloat16_gqa(name):
+    check(HARD_CASES[name], 8, 2, d=128, dtype=torch.bfloat16)
+
+
+MIXED = AttnMaskSpec(  # every type, sq != sk, overlapping q ranges, rows without keys, tiles crossing slices
+    [(0, 150), (100, 300), (300, 420), (320, 500), (0, 90)],
+    [(0, 200), (200, 330), (0, 260), (260, 400), (330, 410)],
+    ["causal", "inv_causal", "bi_causal", "full", "full"],
+    520,
+    410,
+)
+
+
+@pytest.mark.parametrize(
+    "dtype,d,softcap",
+    [
+        (torch.bfloat16, 128, 0.0),
+        (torch.bfloat16, 128, 30.0),
+        (torch.bfloat16, 64, 0.0),
+        (torch.bfloat16, 256, 0.0),
+        (torch.float16, 64, 0.0),
+        (torch.float16, 128, 20.0),
+        (torch.float32, 128, 0.0),
+        (torch.float32, 64, 2.0),
+    ],
+)
+@pytest.mark.parametrize("mask", ["mixed", "prefix_tree"])
+def test_dtypes_head_dims_softcap(dtype, d, softcap, mask):
+    spec = MIXED if mask == "mixed" else prefix_tree([200, 90, 130, 60], [[0, 1], [0, 2], [0, 2, 3]])[0]
+    check(spec, 4, 2, d=d, dtype=dtype, softcap=softcap)
+
+
+@pytest.mark.parametrize("heads", [(8, 1), (6, 3), (4, 4)])
+def test_gqa_groups(heads):
+    check(MIXED, *heads, d=64, dtype=torch.float16)
+
+
+def test_softmax_scale_is_used():
+    check(MIXED, 2, 2, d=64, scale=0.3)
+
+
+def test_long_masks_bfloat16():
+    """Thousands of rows: many blocks, long full runs, heavy-first grid order."""
+    from flexcp.bench.docdist import sample_pack
+
+    check(varlen(sample_pack(4096, rng=0, max_doc_frac=1.0).tolist()), 4, 2, d=128, dtype=torch.bfloat16)
+    check(sliding_window([3000, 1096], 700), 4, 4, d=128, dtype=torch.bfloat16)
+    check(AttnMaskSpec.causal(4096), 2, 1, d=128, dtype=torch.bfloat16)
+
+
+# ------------------------------------------------------------------ random masks
+@settings(max_examples=40, deadline=None)
+@given(
+    spec=valid_specs(max_len=300, max_slices=10),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    softcap=st.sampled_from([0.0, 5.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_random_masks(spec, dtype, softcap, seed):
+    check(spec, 4, 2, d=64, dtype=dtype, softcap=softcap, seed=seed)
+
+
+# ------------------------------------------------------------------ contract details
+def test_empty_rows_and_unused_keys_are_exact_zeros():
+    spec = AttnMaskSpec([(10, 60), (100, 130)], [(0, 40), (50, 70)], ["causal", "full"], 200, 90)
+    out, lse, dq, dk, dv = check(spec, 2, 1, d=64, dtype=torch.float16)
+    keys = spec.to_dense(DEVICE).any(0)
+    rows = spec.to_dense(DEVICE).any(1)
+    assert (out[~rows] == 0).all() and torch.isneginf(lse[~rows]).all() and (dq[~rows] == 0).all()
+    assert (dk[~keys] == 0).all() and (dv[~keys] == 0).all()
+    assert not rows[10:20].all()  # causal with sq > sk: its first rows see no key
+
+
+def test_backward_is_deterministic():
+    _skip_unrunnable(torch.bfloat16)
+    spec = varlen([700, 1500, 300, 1596])
+    q, k, v, do = make_inputs(spec, 8, 2, 128, torch.bfloat16)
+    first = run_backend(TRITON, spec, q, k, v, do, 0.1, 0.0)
+    second = run_backend(TRITON, spec, q, k, v, do, 0.1, 0.0)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
+def test_backward_uses_final_merged_stats(backend):
+    """Keys split over two calls (each one FULL rectangle), merged in float32, backward per call from the merged out/lse."""
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    impl = SDPA if backend == "sdpa" else TRITON
+    whole = AttnMaskSpec([(0, 384)], [(0, 512)], ["full"], 384, 512)
+    halves = [AttnMaskSpec([(0, 384)], [k], ["full"], 384, 512) for k in ((0, 200), (200, 512))]
+    q, k, v, do = make_inputs(whole, 4, 4, 128, dtype)
+    dev = torch.device(DEVICE)
+    preps = [impl.prepare(h.table, 384, 512, dev) for h in halves]
+    if backend == "sdpa":
+        if DEVICE != "cuda":
+            pytest.skip("cuDNN needs CUDA")
+        assert all(SdpaBackend.fast_path_ok(p, q, k, 0.0) for p in preps)
+    parts = [impl.forward(q, k, v, p, 0.1, 0.0, out_dtype=torch.float32 if backend == "triton" else None) for p in preps]
+    lse = torch.logaddexp(parts[0][1], parts[1][1])
+    out = sum(torch.exp(l - lse)[..., None] * o.float() for o, l in parts)
+    grads = [impl.backward(do, q, k, v, out, lse, p, 0.1, 0.0) for p in preps]
+    ref = truth(whole, q, k, v, do, 0.1, 0.0)
+    assert rel_err(out, ref[0]) <= 1e-2 and rel_err(lse, ref[1]) <= 1e-2
+    for g, r in zip(zip(*grads), ref[2:]):
+        assert rel_err(g[0] + g[1], r) <= 1e-2
+
+
+# ------------------------------------------------------------------ SDPA fast path
+@pytest.mark.parametrize(
+    "spec",
+    [
+        AttnMaskSpec([(0, 640)], [(0, 640)], ["full"], 640),
+        AttnMaskSpec.causal(777),
+        AttnMaskSpec([(100, 300)], [(50, 250)], ["causal"], 400, 300),  # rows outside the rectangle: empty
+        AttnMaskSpec([(0, 200)], [(0, 500)], ["full"], 200, 500),
+    ],
+    ids=["full", "causal", "causal_partial_rows", "full_sq_ne_sk"],
+)
+def test_sdpa_fast_path(spec):
+    if DEVICE != "cuda":
+        pytest.skip("cuDNN needs CUDA")
+    prep = SDPA.prepare(spec.table, spec.total_seqlen, spec.total_seqlen_k, torch.device(DEVICE))
+    q, k, _, _ = make_inputs(spec, 4, 4, 128, torch.bfloat16)
+    assert SdpaBackend.fast_path_ok(prep, q, k, 0.0)
+    check(spec, 4, 4, d=128, dtype=torch.bfloat16, backend=SDPA)
+
+
+def test_sdpa_falls_back_for_other_masks():
+    prep = SDPA.prepare(MIXED.table, 520, 410, torch.device(DEVICE))
+    assert prep.rect is None
+    check(MIXED, 4, 2, d=64, dtype=torch.float16, backend=SDPA)
+
+
+# ------------------------------------------------------------------ through flexcp.attention
+def test_attention_api_autograd():
+    _skip_unrunnable(torch.bfloat16)
+    spec = prefix_tree([300, 100, 150], [[0, 1], [0, 2]])[0]
+    q, k, v, do = make_inputs(spec, 4, 2, 128, torch.bfloat16)
+    leaves = [x.requires_grad_() for x in (q, k, v)]
+    out, lse = attention(*leaves, spec, backend="triton")
+    grads = torch.autograd.grad(out, leaves, do)
+    ref = truth(spec, q, k, v, do, 128**-0.5, 0.0)
+    assert rel_err(out, ref[0]) <= 1e-2
+    for g, r in zip(grads, ref[2:]):
+        assert g.dtype == torch.bfloat16 and rel_err(g, r) <= 1e-2
+    assert np.isfinite(lse.cpu().numpy()).all()
