@@ -11,6 +11,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "example": ("flexcp.example", "build a prefix-tree mask and run attention on it (CPU-friendly)"),
 }
 BENCHES: dict[str, tuple[str, str]] = {
+    "cp": ("flexcp.bench.cp_bench", "distributed attention per GPU: flexcp vs all-gather and ring (torchrun)"),
     "kernel": ("flexcp.bench.kernel_bench", "single-device kernels vs cuDNN SDPA / FlexAttention (GPU)"),
     "reference": ("flexcp.bench.reference_bench", "pure-PyTorch reference: tokens/s and memory (CPU)"),
     "solver": ("flexcp.bench.solver_report", "dispatch solvers: imbalance and planning time"),
