@@ -67,24 +67,38 @@ class RankAttnPlan:
         return sum(int(sum(len(r) for r in s.send_rows)) for s in self.stages)
 
 
-def _local_pieces(table: SliceTable, plan: DispatchPlan, rank: int) -> tuple[SliceTable, np.ndarray]:
-    """The mask restricted to this rank's chunks (global coords) and each piece's q shift to local rows."""
+def _row_runs(plan: DispatchPlan, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rank's rows as maximal runs of globally consecutive chunks: (global start, end, local start)."""
     cs = plan.chunk_size
+    chunks = plan.rank_chunks[rank]
+    if len(chunks) == 0:
+        z = np.zeros(0, dtype=np.int64)
+        return z, z, z
+    first = np.concatenate([[True], np.diff(chunks) != 1])
+    starts = chunks[first]
+    ends = chunks[np.concatenate([first[1:], [True]])] + 1
+    return starts * cs, ends * cs, plan.local_offset_of_chunk[starts]
+
+
+def _local_pieces(table: SliceTable, plan: DispatchPlan, rank: int) -> tuple[SliceTable, np.ndarray]:
+    """The mask restricted to this rank's rows (global coords) and each piece's q shift to local rows.
+
+    Slices are cut only where the rank's rows stop being consecutive, so a rank holding
+    neighbouring chunks sees one piece there, not one per chunk (fewer, larger kernel work items).
+    """
     live = np.nonzero((table.qe > table.qs) & (table.ke > table.ks))[0]
     t = table.take(live)
-    c0, c1 = t.qs // cs, (t.qe - 1) // cs
-    n = np.maximum(c1 - c0 + 1, 0)
+    r0, r1, local = _row_runs(plan, rank)
+    first = np.searchsorted(r1, t.qs, side="right")
+    last = np.searchsorted(r0, t.qe, side="left")
+    n = np.maximum(last - first, 0)
     src = np.repeat(np.arange(len(t)), n)
-    chunk = np.repeat(c0, n) + _ramp(n)
-    mine = plan.owner_of_chunk[chunk] == rank
-    src, chunk = src[mine], chunk[mine]
-    lo, hi = t.lo[src], t.hi[src]
+    run = np.repeat(first, n) + _ramp(n)
     pieces, band = clip_band(
-        np.maximum(t.qs[src], chunk * cs), np.minimum(t.qe[src], (chunk + 1) * cs), t.ks[src], t.ke[src], lo, hi
+        np.maximum(t.qs[src], r0[run]), np.minimum(t.qe[src], r1[run]), t.ks[src], t.ke[src], t.lo[src], t.hi[src]
     )
-    pchunk = chunk[band]
-    shift = plan.local_offset_of_chunk[pchunk] - pchunk * cs
-    return pieces, shift
+    prun = run[band]
+    return pieces, local[prun] - r0[prun]
 
 
 def _needed_runs(pieces: SliceTable, plan: DispatchPlan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -114,10 +128,21 @@ def _to_local(rows_start: np.ndarray, rows_end: np.ndarray, plan: DispatchPlan) 
     return np.repeat(_first_local(rows_start, plan), n) + _ramp(n)
 
 
+def _merge_runs(runs: Runs) -> Runs:
+    """Join neighbouring runs that are contiguous both globally and in their buffer."""
+    if len(runs.start) < 2:
+        return runs
+    joins = (runs.start[1:] == runs.end[:-1]) & (runs.offset[1:] == runs.offset[:-1] + runs.end[:-1] - runs.start[:-1])
+    keep = np.concatenate([[True], ~joins])
+    ends = runs.end[np.concatenate([keep[1:], [True]])]
+    return Runs(runs.start[keep], ends, runs.offset[keep], runs.owner[keep])
+
+
 def _pieces_over_runs(pieces: SliceTable, q_shift: np.ndarray, runs: Runs) -> SliceTable:
     """Clip every piece to every key run it meets and move it to (local q, buffer k) coordinates."""
     if len(pieces) == 0 or len(runs.start) == 0:
         return SliceTable.concat([])
+    runs = _merge_runs(runs)
     first = np.searchsorted(runs.end, pieces.ks, side="right")
     last = np.searchsorted(runs.start, pieces.ke, side="left")
     n = np.maximum(last - first, 0)
