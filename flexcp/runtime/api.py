@@ -10,13 +10,13 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from ..dispatch import DEFAULT_CHUNK_SIZE, build_plan
+from ..dispatch import DEFAULT_CHUNK_SIZE
 from ..dispatch import ops as _ops
 from ..dist_attn.function import DistAttnFunction, DistAttnState
-from ..dist_attn.plan import build_rank_plans
 from ..kernels import check_qkv, select_backend
 from ..mask import AttnMaskSpec
 from .key import DistAttnKey, KeyEntry, check_agreement, clear, group_info, lookup, most_recent, remember
+from .placement import choose_plan
 
 DEFAULT_NUM_STAGES = 2
 """Remote stages per attention call (overlap degree); casts for all stages start at once."""
@@ -30,14 +30,19 @@ def build_key(
     num_heads_kv: int,
     head_dim: int,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
-    solver: str = "greedy",
+    solver: str = "auto",
     num_stages: int = DEFAULT_NUM_STAGES,
     check: bool = True,
+    dispatch_spec: AttnMaskSpec | None = None,
 ) -> DistAttnKey:
     """Plan distributed attention of ``spec`` over ``cp_group``; cached by mask fingerprint and settings.
 
-    With ``check`` (default) the ranks verify with one small all_gather that they built
-    the same key, and raise a clear error on every rank if not.
+    ``solver`` is a dispatch solver name or ``"auto"`` (default): balance work (greedy) or
+    keep neighbours together (contiguous), whichever a time model of compute and
+    communication finds faster for this mask. With ``check`` (default) the ranks verify with one small all_gather that they built
+    the same key, and raise a clear error on every rank if not. ``dispatch_spec`` (same
+    length) plans the token layout from another mask, so layers with different masks
+    (e.g. sliding-window layers) attend over tokens dispatched once with its key.
     """
     if not isinstance(spec, AttnMaskSpec):
         raise ValueError(f"spec must be an AttnMaskSpec; got {type(spec).__name__}")
@@ -51,15 +56,22 @@ def build_key(
     if num_stages < 1:
         raise ValueError(f"num_stages must be >= 1; got {num_stages}")
     spec.validate()
+    layout = spec if dispatch_spec is None else dispatch_spec
+    if not isinstance(layout, AttnMaskSpec) or layout.total_seqlen != spec.total_seqlen:
+        raise ValueError(
+            f"dispatch_spec must be an AttnMaskSpec with spec's total_seqlen ({spec.total_seqlen}); "
+            f"got {layout if not isinstance(layout, AttnMaskSpec) else layout.total_seqlen}"
+        )
+    layout_print = () if layout.fingerprint() == spec.fingerprint() else layout.fingerprint()
     cp_size, rank, gid = group_info(cp_group)
     key = DistAttnKey(spec.fingerprint(), gid, cp_size, rank, int(chunk_size), int(num_heads_q),
-                      int(num_heads_kv), int(head_dim), solver, int(num_stages))
+                      int(num_heads_kv), int(head_dim), solver, int(num_stages), layout_print)
     if cp_size > 1 and check:
         check_agreement(key, cp_group)
     try:
         lookup(key)
     except ValueError:
-        plan = build_plan(spec, cp_size, chunk_size, solver=solver)
+        plan = build_plan(layout, cp_size, chunk_size, solver=solver)
         rank_plan = build_rank_plans(spec.table, plan, num_stages)[rank]
         group = cp_group if cp_size > 1 else None
         remember(key, KeyEntry(spec, plan, DistAttnState(rank_plan, group), group))

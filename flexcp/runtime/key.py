@@ -27,11 +27,13 @@ class DistAttnKey:
     head_dim: int
     solver: str
     num_stages: int
+    layout: tuple = ()
+    """Fingerprint of the mask the token layout was planned from, when not ``mask`` (see build_key)."""
 
     def agreement_hash(self) -> int:
         """63-bit digest of everything ranks must agree on (all fields but the rank)."""
         fields = (self.mask, self.group_id, self.cp_size, self.chunk_size, self.num_heads_q,
-                  self.num_heads_kv, self.head_dim, self.solver, self.num_stages)
+                  self.num_heads_kv, self.head_dim, self.solver, self.num_stages, self.layout)
         return int.from_bytes(hashlib.blake2b(repr(fields).encode(), digest_size=8).digest(), "little") >> 1
 
 
