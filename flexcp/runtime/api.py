@@ -13,6 +13,7 @@ import torch.distributed as dist
 from ..dispatch import DEFAULT_CHUNK_SIZE
 from ..dispatch import ops as _ops
 from ..dist_attn.function import DistAttnFunction, DistAttnState
+from ..dist_attn.plan import build_rank_plans
 from ..kernels import check_qkv, select_backend
 from ..mask import AttnMaskSpec
 from .key import DistAttnKey, KeyEntry, check_agreement, clear, group_info, lookup, most_recent, remember
@@ -39,8 +40,8 @@ def build_key(
 
     ``solver`` is a dispatch solver name or ``"auto"`` (default): balance work (greedy) or
     keep neighbours together (contiguous), whichever a time model of compute and
-    communication finds faster for this mask. With ``check`` (default) the ranks verify with one small all_gather that they built
-    the same key, and raise a clear error on every rank if not. ``dispatch_spec`` (same
+    communication finds faster for this mask. With ``check`` (default) the ranks verify with
+    one small all_gather that they built the same key, and raise a clear error on every rank if not. ``dispatch_spec`` (same
     length) plans the token layout from another mask, so layers with different masks
     (e.g. sliding-window layers) attend over tokens dispatched once with its key.
     """
@@ -71,8 +72,10 @@ def build_key(
     try:
         lookup(key)
     except ValueError:
-        plan = build_plan(layout, cp_size, chunk_size, solver=solver)
-        rank_plan = build_rank_plans(spec.table, plan, num_stages)[rank]
+        plan, rank_plans = choose_plan(layout, cp_size, chunk_size, solver, num_stages, num_heads_q, num_heads_kv)
+        if layout is not spec:
+            rank_plans = build_rank_plans(spec.table, plan, num_stages)
+        rank_plan = rank_plans[rank]
         group = cp_group if cp_size > 1 else None
         remember(key, KeyEntry(spec, plan, DistAttnState(rank_plan, group), group))
     else:
