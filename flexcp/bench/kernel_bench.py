@@ -146,7 +146,11 @@ def run_case(mask: str, seqlen: int, hq: int, hkv: int, d: int, contenders: list
         row.tflops[name] = [fwd_flops / ms[0] * 1e-9, 3.5 * fwd_flops / ms[1] * 1e-9]
 
     ours = None
-    for name, backend in (("triton", TritonBackend()), ("sdpa", SdpaBackend())):
+    for name, backend in (
+        ("triton", TritonBackend()),
+        ("triton_atomic", TritonBackend(deterministic=False)),
+        ("sdpa", SdpaBackend()),
+    ):
         if name not in contenders:
             continue
         prep = backend.prepare(spec.table, seqlen, seqlen, dev)
@@ -203,18 +207,22 @@ def run_case(mask: str, seqlen: int, hq: int, hkv: int, d: int, contenders: list
     return row
 
 
-def sweep(masks: list[str], seqlen: int, hq: int, hkv: int, d: int, rep_ms: int) -> list[dict]:
-    """Time candidate tile configs of each Triton kernel separately (forward, dK/dV, dQ)."""
-    from ..kernels.triton_bwd import backward_rowstats, launch_dkdv, launch_dq
-    from ..kernels.triton_fwd import launch_forward
+FWD_CANDIDATES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4)]
+BWD_CANDIDATES = [  # (deterministic, dK/dV tiles, dQ tiles)
+    (True, (128, 64, 8, 3), (128, 64, 8, 3)),
+    (True, (128, 64, 8, 3), (128, 32, 8, 4)),
+    (True, (128, 64, 8, 3), (128, 128, 8, 2)),
+    (False, (128, 64, 8, 3), (128, 64, 8, 3)),
+    (False, (128, 64, 8, 2), (128, 64, 8, 3)),
+    (False, (128, 32, 8, 3), (128, 64, 8, 3)),
+    (False, (64, 64, 4, 3), (128, 64, 8, 3)),
+]
 
+
+def sweep(masks: list[str], seqlen: int, hq: int, hkv: int, d: int, rep_ms: int) -> list[dict]:
+    """Time candidate tile configs: the forward kernel, and the whole backward per mode."""
     dev = torch.device("cuda")
     base = default_configs(torch.bfloat16, d)
-    cands = {
-        "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
-        "dkdv": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 128, 8, 1)],
-        "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 128, 8, 1)],
-    }
     out = []
     for mask in masks:
         spec, _ = build_mask(mask, seqlen)
@@ -223,33 +231,28 @@ def sweep(masks: list[str], seqlen: int, hq: int, hkv: int, d: int, rep_ms: int)
         q = torch.randn(seqlen, hq, d, device=dev, generator=gen, dtype=torch.bfloat16)
         k, v = (torch.randn(seqlen, hkv, d, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(2))
         do = torch.randn_like(q)
-        be = TritonBackend()
-        prep = be.prepare(spec.table, seqlen, seqlen, dev)
-        o, lse = be.forward(q, k, v, prep, d**-0.5, 0.0)
-        lse2, delta = backward_rowstats(do, o, lse)
-        for kernel, shapes in cands.items():
-            for shape in shapes:
-                cfg = KernelConfig(*shape)
-                sched = prep.schedule("k" if kernel == "dkdv" else "q", cfg)
-                if kernel == "fwd":
-                    fn = lambda: launch_forward(q, k, v, o, lse, sched, d**-0.5, 0.0, cfg)  # noqa: E731
-                    kflops = flops
-                else:
-                    dst = torch.empty(q.shape if kernel == "dq" else k.shape, device=dev, dtype=torch.float32)
-                    if kernel == "dq":
-                        fn = lambda: launch_dq(q, k, v, do, lse2, delta, dst, sched, d**-0.5, 0.0, cfg)  # noqa: E731
-                    else:
-                        dst2 = torch.empty_like(dst)
-                        fn = lambda: launch_dkdv(q, k, v, do, lse2, delta, dst, dst2, sched, d**-0.5, 0.0, cfg)  # noqa: E731
-                    kflops = flops * (2.0 if kernel == "dkdv" else 1.5)  # 4 and 3 matmuls vs the forward's 2
-                try:
-                    ms = _bench_ms(fn, rep_ms)
-                    res = {"mask": mask, "kernel": kernel, "cfg": shape, "ms": ms, "tflops": kflops / ms * 1e-9}
-                except Exception as e:  # noqa: BLE001 - a config may not fit shared memory
-                    res = {"mask": mask, "kernel": kernel, "cfg": shape, "error": str(e).splitlines()[0][:120]}
-                out.append({**res, "default": getattr(base, kernel) == cfg})
-                print(json.dumps(res), flush=True)
-        del q, k, v, do, o, lse, lse2, delta
+        trials = [("fwd", True, KernelConfig(*f), base.dkdv, base.dq) for f in FWD_CANDIDATES]
+        trials += [("bwd", det, base.fwd, KernelConfig(*a), KernelConfig(*b)) for det, a, b in BWD_CANDIDATES]
+        prep = TritonBackend().prepare(spec.table, seqlen, seqlen, dev)
+        o, lse = TritonBackend().forward(q, k, v, prep, d**-0.5, 0.0)
+        for what, det, fwd_cfg, dkdv_cfg, dq_cfg in trials:
+            cfgs = LaunchConfigs(fwd_cfg, dkdv_cfg, dq_cfg)
+            be = TritonBackend(deterministic=det, configs=lambda dtype, hd, cfgs=cfgs: cfgs)
+            if what == "fwd":
+                fn, work = (lambda: be.forward(q, k, v, prep, d**-0.5, 0.0)), flops  # noqa: E731
+                shape = asdict(fwd_cfg)
+            else:
+                fn, work = (lambda: be.backward(do, q, k, v, o, lse, prep, d**-0.5, 0.0)), 2.5 * flops  # noqa: E731
+                shape = {"dkdv": asdict(dkdv_cfg), "dq": asdict(dq_cfg) if det else None}
+            res = {"mask": mask, "what": what, "deterministic": det, "cfg": shape}
+            try:
+                ms = _bench_ms(fn, rep_ms)
+                res.update(ms=ms, tflops=work / ms * 1e-9)
+            except Exception as e:  # noqa: BLE001 - a config may not fit shared memory
+                res.update(error=str(e).splitlines()[0][:160])
+            out.append(res)
+            print(json.dumps(res), flush=True)
+        del q, k, v, do, o, lse
     return out
 
 
@@ -271,19 +274,21 @@ def environment() -> dict:
 
 def format_table(rows: list[Row]) -> str:
     """Markdown table: TFLOP/s fwd / fwd+bwd per contender, and the ratios the targets name."""
-    names = ["triton", "sdpa", "cudnn", "flex"]
+    names = [n for n in ("triton", "triton_atomic", "sdpa", "cudnn", "flex") if any(n in r.tflops for r in rows)]
     head = "| mask | S | hq:hkv | area | " + " | ".join(f"{n} fwd / f+b" for n in names)
-    head += " | triton/flex f+b | triton/cudnn fwd | err vs flex |\n"
+    head += " | f+b vs flex (det / atomic) | triton fwd vs cudnn | err vs flex |\n"
     head += "|---|---:|---:|---:|" + "---:|" * (len(names) + 3) + "\n"
+
+    def ratio(a: str, b: str, i: int, r: Row) -> str:
+        return f"{r.tflops[a][i] / r.tflops[b][i]:.2f}x" if a in r.tflops and b in r.tflops else "—"
+
     lines = []
     for r in rows:
         cells = [f"{r.tflops[n][0]:.0f} / {r.tflops[n][1]:.0f}" if n in r.tflops else "—" for n in names]
-        t, f, c = r.tflops.get("triton"), r.tflops.get("flex"), r.tflops.get("cudnn")
-        vs_flex = f"{t[1] / f[1]:.2f}x" if t and f else "—"
-        vs_cudnn = f"{t[0] / c[0]:.2f}x" if t and c else "—"
-        size = f"{r.seqlen // 1024}k"
+        vs_flex = f"{ratio('triton', 'flex', 1, r)} / {ratio('triton_atomic', 'flex', 1, r)}"
         lines.append(
-            f"| {r.mask} | {size} | {r.hq}:{r.hkv} | {r.sparsity:.3f} | " + " | ".join(cells) + f" | {vs_flex} | {vs_cudnn} | {r.err_vs_flex:.1e} |"
+            f"| {r.mask} | {r.seqlen // 1024}k | {r.hq}:{r.hkv} | {r.sparsity:.3f} | " + " | ".join(cells)
+            + f" | {vs_flex} | {ratio('triton', 'cudnn', 0, r)} | {r.err_vs_flex:.1e} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -294,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seqlens", nargs="+", type=int, default=[8192, 32768])
     p.add_argument("--heads", nargs="+", default=["16:16", "32:8"], help="hq:hkv pairs")
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--contenders", nargs="+", default=["triton", "sdpa", "cudnn", "flex"])
+    p.add_argument("--contenders", nargs="+", default=["triton", "triton_atomic", "sdpa", "cudnn", "flex"])
     p.add_argument("--rep-ms", type=int, default=300, help="do_bench repetition budget per measurement")
     p.add_argument("--sweep", action="store_true", help="time tile configs of each Triton kernel instead")
     p.add_argument("--json", default=None, help="write rows and environment here")

@@ -45,10 +45,9 @@ def default_configs(dtype: torch.dtype, head_dim: int) -> LaunchConfigs:
     if dtype == torch.float32:  # exact-precision test path: small tiles
         small = KernelConfig(32, 32, 4, 1)
         return LaunchConfigs(small, small, small)
-    if head_dim <= 64:
-        return LaunchConfigs(KernelConfig(128, 64, 4, 3), KernelConfig(128, 64, 8, 3), KernelConfig(128, 64, 8, 3))
-    if head_dim <= 128:
-        return LaunchConfigs(KernelConfig(128, 64, 8, 3), KernelConfig(128, 64, 8, 2), KernelConfig(128, 64, 8, 2))
+    if head_dim <= 128:  # measured on H200 (docs/benchmarks.md): 8 warps, 3 stages, 128 x 64 tiles
+        tiles = KernelConfig(128, 64, 8, 3)
+        return LaunchConfigs(tiles, tiles, tiles)
     return LaunchConfigs(KernelConfig(64, 64, 4, 2), KernelConfig(64, 32, 8, 2), KernelConfig(64, 32, 8, 2))
 
 
@@ -102,15 +101,18 @@ class TritonPrep:
 
 
 class TritonBackend(AttnBackend):
-    """Flexible attention in Triton: forward and a deterministic (atomic-free) backward.
+    """Flexible attention in Triton over any slice mask, forward and backward.
 
-    ``configs`` overrides the tile shapes (a function ``(dtype, head_dim) -> LaunchConfigs``),
-    for tuning and benchmarks.
+    ``deterministic=True`` computes dQ in its own kernel (every element has one writer:
+    bitwise reproducible); ``False`` adds dQ atomically from the dK/dV kernel (fewer
+    matmuls, summation order not fixed). ``configs`` overrides the tile shapes (a function
+    ``(dtype, head_dim) -> LaunchConfigs``), for tuning and benchmarks.
     """
 
     name = "triton"
 
-    def __init__(self, configs=None) -> None:
+    def __init__(self, deterministic: bool = True, configs=None) -> None:
+        self.deterministic = deterministic
         self._configs = configs or default_configs
 
     def unsupported(self, q: torch.Tensor, k: torch.Tensor, softcap: float) -> str | None:
@@ -131,7 +133,7 @@ class TritonBackend(AttnBackend):
     def forward(self, q, k, v, prep: TritonPrep, softmax_scale, softcap, out_dtype=None):
         from .triton_fwd import launch_forward
 
-        _check_inputs(self, q, k, v, softcap)
+        _check_inputs(self, q, k, v, softcap, softmax_scale)
         tq, hq, d = q.shape
         out = torch.empty(tq, hq, d, dtype=out_dtype or q.dtype, device=q.device)
         lse = torch.empty(tq, hq, dtype=torch.float32, device=q.device)
@@ -146,18 +148,24 @@ class TritonBackend(AttnBackend):
     def backward(self, do, q, k, v, out, lse, prep: TritonPrep, softmax_scale, softcap):
         from .triton_bwd import backward_rowstats, launch_dkdv, launch_dq
 
-        _check_inputs(self, q, k, v, softcap)
-        dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
-        dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
+        _check_inputs(self, q, k, v, softcap, softmax_scale)
         if prep.empty or q.shape[0] == 0:
-            return dq, dk, dv
+            return tuple(torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v))
+        # the schedules cover every row and key, so the kernels write every element
+        dk = torch.empty(k.shape, dtype=torch.float32, device=k.device)
+        dv = torch.empty(v.shape, dtype=torch.float32, device=v.device)
         do = _last_dim_contiguous(do.to(q.dtype))
-        lse2, delta = backward_rowstats(do, out, lse)
+        lse2, delta = backward_rowstats(do, _last_dim_contiguous(out), lse)
         cfgs = self._configs(q.dtype, q.shape[-1])
         scale, cap = float(softmax_scale), float(softcap)
-        launch_dkdv(q, k, v, do, lse2, delta, dk, dv, prep.schedule("k", cfgs.dkdv), scale, cap, cfgs.dkdv)
-        launch_dq(q, k, v, do, lse2, delta, dq, prep.schedule("q", cfgs.dq), scale, cap, cfgs.dq)
+        kv_sched = prep.schedule("k", cfgs.dkdv)
+        if self.deterministic:
+            dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+            launch_dkdv(q, k, v, do, lse2, delta, dk, dv, kv_sched, scale, cap, cfgs.dkdv)
+            launch_dq(q, k, v, do, lse2, delta, dq, prep.schedule("q", cfgs.dq), scale, cap, cfgs.dq)
+        else:
+            dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+            launch_dkdv(q, k, v, do, lse2, delta, dk, dv, kv_sched, scale, cap, cfgs.dkdv, dq=dq)
         return dq, dk, dv
 
 
@@ -171,13 +179,15 @@ def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _check_inputs(backend: AttnBackend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float) -> None:
+def _check_inputs(backend: AttnBackend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softcap: float, scale: float) -> None:
     if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
         raise ValueError(f"q, k, v must be THD [t, h, d] with v.shape == k.shape; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[1] % k.shape[1] or q.shape[2] != k.shape[2]:
         raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of kv heads ({k.shape[1]}) with equal head dims")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not scale > 0:
+        raise ValueError(f"softmax_scale must be > 0 for the triton backend; got {scale}")
     why = backend.unsupported(q, k, softcap)
     if why:
         raise ValueError(why)

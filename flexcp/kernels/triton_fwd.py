@@ -34,15 +34,19 @@ def logits2(s, c1, c2, SOFTCAP: tl.constexpr):
 @jit
 def _fwd_step(q, k, v, acc, l_i, m_i, keep, c1, c2, SOFTCAP: tl.constexpr, MASKED: tl.constexpr, DOT_PREC: tl.constexpr):
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
-    s, _ = logits2(s, c1, c2, SOFTCAP)
+    if SOFTCAP:
+        s, _ = logits2(s, c1, c2, SOFTCAP)
+        mult = 1.0
+    else:  # keep raw scores: the scale folds into one FMA with the max below
+        mult = c1
     if MASKED:
         s = tl.where(keep, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_new = tl.maximum(m_i, tl.max(s, 1) * mult)
     if MASKED:  # a row may still have no kept key: keep exp2 away from (-inf) - (-inf)
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_use = m_new
-    p = tl.math.exp2(s - m_use[:, None])
+    p = tl.math.exp2(s * mult - m_use[:, None])
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
