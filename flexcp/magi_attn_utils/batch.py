@@ -1,0 +1,237 @@
+"""Batch preparation: one step's mask and layout key, and the batch dispatched with it.
+
+Every prep function turns the *global* batch (the same on every CP rank) into one flat
+sequence, builds the mask of that sequence (documents, prefix tree, padding), builds the
+layout key over the CP group, and dispatches every per-token field with it: input ids,
+the tokens' real positions (RoPE), and pre-shifted labels (padding -> -100).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+import flexcp.magi_attn_utils as _state
+
+from ..mask import AttnMaskSpec
+from ..runtime import DistAttnKey, build_key, dispatch
+from ..runtime.key import group_info
+from .heads import _get_head_config, _iter_language_model_attention, _set_cp_group_on_attention, _unwrap
+from .keys import build_flex_key, register_layout
+from .masks import as_numpy, clean_cu_seqlens, cu_seqlens_layout, documents, row_positions
+
+IGNORE_INDEX = -100
+LAYOUT_FIELDS = ("attention_mask", "cu_seqlens", "cu_seqlens_padded", "attn_spec", "max_seqlen", "qkv_format")
+"""Batch fields the dispatched batch no longer carries: the key holds what they described."""
+
+
+def _input_ids(batch: dict) -> torch.Tensor:
+    ids = batch.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.dim() not in (1, 2):
+        got = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
+        raise ValueError(f"batch['input_ids'] must be a [S] or [B, S] tensor; got {got}")
+    return ids if ids.dim() == 2 else ids[None, :]
+
+
+def _mask_and_positions(batch: dict, b: int, s: int) -> tuple[AttnMaskSpec, np.ndarray]:
+    """The step's mask over the ``b * s`` flat tokens and their real positions.
+
+    In order: ``batch['attn_spec']``, the active spec, ``cu_seqlens`` (+ ``cu_seqlens_padded``),
+    else documents from rows, ``position_ids`` resets and the padding ``attention_mask``.
+    """
+    pos = batch.get("position_ids")
+    padding = batch.get("attention_mask")
+    spec = batch.get("attn_spec")
+    if spec is None:
+        spec = _state._ACTIVE_ATTN_SPEC
+    if spec is not None:
+        if not isinstance(spec, AttnMaskSpec) or spec.total_seqlen != b * s:
+            total = spec.total_seqlen if isinstance(spec, AttnMaskSpec) else type(spec).__name__
+            raise ValueError(f"the step's AttnMaskSpec must cover the batch's {b * s} flat tokens; got {total}")
+        if pos is None:
+            raise ValueError(
+                "a batch with its own AttnMaskSpec needs position_ids (the tokens' real positions, e.g. "
+                "prefix_tree_position_ids(...) for a prefix tree); RoPE cannot infer them from the mask"
+            )
+        if padding is not None and not bool(torch.as_tensor(padding).all()):
+            raise ValueError("with an AttnMaskSpec, leave padding tokens out of the spec instead of passing attention_mask")
+        return spec, row_positions(b, s, pos)
+    if batch.get("cu_seqlens") is not None:
+        if b != 1:
+            raise ValueError(f"cu_seqlens describes one packed row; input_ids has {b} rows: flatten them to [1, T]")
+        spec, doc_pos = cu_seqlens_layout(batch["cu_seqlens"], batch.get("cu_seqlens_padded"), s)
+        return spec, (doc_pos if pos is None else row_positions(1, s, pos))
+    return documents(b, s, pos, padding), row_positions(b, s, pos)
+
+
+def _per_token(batch: dict, b: int, s: int, fn) -> dict:
+    """``batch`` without its layout fields, ``fn`` applied to every other ``[B, S]`` tensor field."""
+    out = {}
+    for name, value in batch.items():
+        if name in LAYOUT_FIELDS:
+            continue
+        per_token = isinstance(value, torch.Tensor) and tuple(value.shape) == (b, s)
+        out[name] = fn(value) if per_token else value
+    return out
+
+
+def _flat_labels(labels: torch.Tensor, spec: AttnMaskSpec) -> torch.Tensor:
+    """Flat pre-shifted labels with tokens in no document (padding) set to -100: they learn nothing."""
+    if not isinstance(labels, torch.Tensor) or labels.numel() != spec.total_seqlen:
+        got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be a tensor with one entry per token ({spec.total_seqlen}); got {got}")
+    flat = labels.reshape(-1).clone()
+    flat[~torch.from_numpy(spec.row_key_counts() > 0).to(flat.device)] = IGNORE_INDEX
+    return flat
+
+
+def _dispatch_rows(x: torch.Tensor, key: DistAttnKey, pad_value: float = 0) -> torch.Tensor:
+    return dispatch(x.reshape(-1), key, pad_value=pad_value).unsqueeze(0)
+
+
+def magi_prepare_batch(model, batch: dict, cp_group, chunk_size: int = _state.DEFAULT_CHUNK_SIZE):
+    """Dispatch a batch for magi attention on the HF path; returns ``(new_batch, key)``.
+
+    Builds the step's mask over the flattened batch (rows become documents; position
+    resets and ``cu_seqlens`` split documents; padding attends to nothing; a prefix tree
+    comes from ``batch['attn_spec']`` or :func:`set_active_attn_spec`), builds the layout
+    key over ``cp_group`` (identity shard plus chunk padding at cp = 1, load-balanced at
+    cp > 1), dispatches ``input_ids``, real ``position_ids`` and ``labels`` (plus any other
+    ``[B, S]`` tensor field) to ``[1, local_S]``, and stamps ``cp_group`` on every attention
+    module. ``new_batch['magi_key']`` is the key: ``model(**new_batch)`` (labels popped)
+    forwards it to every attention layer.
+
+    Labels must be pre-shifted (``labels[i]`` is the target of position ``i``, -100 to
+    ignore): after dispatch a rank's tokens are not contiguous, so HF's in-model shift
+    would pair wrong tokens. Compute the loss from the logits (or pass
+    ``shift_labels=new_batch['labels']``); a sum (or globally normalized) loss summed over
+    the CP ranks equals the cp = 1 loss.
+    """
+    ids = _input_ids(batch)
+    b, s = ids.shape
+    spec, positions = _mask_and_positions(batch, b, s)
+    heads = _get_head_config(_unwrap(model))
+    key = build_key(spec, cp_group, num_heads_q=heads[0], num_heads_kv=heads[1], head_dim=heads[2],
+                    chunk_size=chunk_size)
+    new_batch = _per_token(batch, b, s, lambda x: _dispatch_rows(x, key))
+    new_batch["input_ids"] = _dispatch_rows(ids, key)
+    new_batch["position_ids"] = _dispatch_rows(torch.from_numpy(positions).to(ids.device), key)
+    if batch.get("labels") is not None:
+        new_batch["labels"] = _dispatch_rows(_flat_labels(batch["labels"], spec), key, pad_value=IGNORE_INDEX)
+    new_batch["magi_key"] = key
+    register_layout(key, positions, prepared=True, local_positions=as_numpy(new_batch["position_ids"]).reshape(-1))
+    _set_cp_group_on_attention(model, cp_group)
+    return new_batch, key
+
+
+def _packed_cp_doc_seqlens(batch: dict, total_len: int) -> list:
+    """Resolve per-document lengths spanning the padded THD layout of length ``total_len``.
+
+    ``cu_seqlens_padded`` (the collater's per-document padding) takes precedence over
+    ``cu_seqlens``; negative padding sentinels (e.g. -1000) are dropped. Raises
+    ``ValueError`` if the documents do not span ``total_len``, which would otherwise
+    surface later as a shard / RoPE length mismatch.
+    """
+    cu = batch.get("cu_seqlens_padded")
+    if cu is None:
+        cu = batch.get("cu_seqlens")
+    if cu is None:
+        raise ValueError("a packed THD batch needs cu_seqlens (or cu_seqlens_padded) marking document boundaries")
+    seqlens = np.diff(clean_cu_seqlens(cu)).tolist()
+    if sum(seqlens) != total_len:
+        raise ValueError(
+            f"magi packed-CP: the documents span {sum(seqlens)} tokens but the flat input has {total_len}; "
+            "cu_seqlens_padded must span the padded THD layout"
+        )
+    return seqlens
+
+
+def magi_prepare_packed_cp(model, batch: dict, cp_group):
+    """Context-parallel prep for a packed (THD) batch on the custom-model path; ``(new_batch, key)``.
+
+    Takes the global THD batch (flat ``input_ids``/``labels``/``position_ids`` plus
+    ``cu_seqlens``, optionally ``cu_seqlens_padded``), builds the per-document key with
+    :func:`build_flex_key` (padding rows of a padded layout attend to nothing) and
+    dispatches the sequence with flexcp's load balancer. ``new_batch`` holds the local
+    flat ``input_ids``, real per-document ``position_ids``, ``labels`` (padding -100) and
+    ``qkv_format='thd'``; the attention func finds the key via ``get_most_recent_key``.
+    """
+    ids = batch["input_ids"].reshape(-1)
+    total = int(ids.numel())
+    _packed_cp_doc_seqlens(batch, total)
+    cu, cu_padded = batch.get("cu_seqlens"), batch.get("cu_seqlens_padded")
+    if cu is None:
+        cu, cu_padded = cu_padded, None
+    spec, doc_pos = cu_seqlens_layout(cu, cu_padded, total)
+    pos = batch.get("position_ids")
+    positions = doc_pos if pos is None else row_positions(1, total, pos.reshape(-1))
+    heads = _get_head_config(_unwrap(model))
+    key = build_flex_key(spec, *heads, cp_group)
+    new_batch = {
+        "input_ids": dispatch(ids, key),
+        "position_ids": dispatch(torch.from_numpy(positions).to(ids.device), key),
+        "qkv_format": "thd",
+    }
+    register_layout(key, positions, prepared=True, local_positions=as_numpy(new_batch["position_ids"]))
+    if batch.get("labels") is not None:
+        new_batch["labels"] = dispatch(_flat_labels(batch["labels"], spec), key, pad_value=IGNORE_INDEX)
+    return new_batch, key
+
+
+def magi_prepare_vlm(model, batch: dict, cp_group):
+    """Prepare a VLM step for magi attention on the language backbone; returns ``(batch, None)``.
+
+    A VLM merges image features into ``inputs_embeds`` inside its forward, so ``input_ids``
+    cannot be dispatched: only cp = 1 is supported. The cp_group (and a self-key flag) is
+    stamped on the language-model attention modules only; each layer builds its causal key
+    from the real post-merge query length (batch rows become documents, a padding
+    ``attention_mask`` is honoured). The vision tower keeps no cp_group and uses SDPA.
+    """
+    ids = batch.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise ValueError("magi VLM path requires batch['input_ids'] of shape [B, S]")
+    cp_size = group_info(cp_group)[0]
+    if cp_size != 1:
+        raise NotImplementedError(
+            f"magi VLM path supports cp_size == 1 (got {cp_size}): image features are merged inside the model's "
+            "forward, after the point where tokens could be dispatched"
+        )
+    for module in _iter_language_model_attention(model):
+        module.cp_group = cp_group
+        module._magi_self_key = True
+    return batch, None
+
+
+def to_thd(batch: dict) -> dict:
+    """A ``[B, S]`` batch as one flat THD sequence with ``cu_seqlens`` (+ ``cu_seqlens_padded``) and positions.
+
+    Documents come from rows, position resets and padding (:func:`documents`); a padding
+    token joins the padded extent of the document before it. Batches that already carry
+    ``cu_seqlens`` are only flattened.
+    """
+    ids = _input_ids(batch)
+    b, s = ids.shape
+    out: dict[str, Any] = _per_token(batch, b, s, lambda x: x.reshape(-1))
+    out["qkv_format"] = "thd"
+    if batch.get("cu_seqlens") is not None:
+        for name in ("cu_seqlens", "cu_seqlens_padded"):
+            if batch.get(name) is not None:
+                out[name] = batch[name]
+        return out
+    spec = documents(b, s, batch.get("position_ids"), batch.get("attention_mask"))
+    starts = np.asarray([q[0] for q in spec.q_ranges], dtype=np.int64)
+    ends = np.asarray([q[1] for q in spec.q_ranges], dtype=np.int64)
+    lead = not (len(starts) and starts[0] == 0)  # leading padding: a document with no real tokens
+    padded = np.concatenate([[0], starts if lead else starts[1:], [b * s]])
+    real = np.concatenate([[0] * int(lead), ends - starts])
+    out["cu_seqlens"] = torch.from_numpy(np.concatenate([[0], np.cumsum(real)])).to(torch.int32)
+    out["cu_seqlens_padded"] = torch.from_numpy(padded).to(torch.int32)
+    out["position_ids"] = torch.from_numpy(row_positions(b, s, batch.get("position_ids"))).to(ids.device)
+    if batch.get("labels") is not None:
+        out["labels"] = _flat_labels(batch["labels"], spec)
+    return out
+
+
+__all__ = ["_packed_cp_doc_seqlens", "magi_prepare_batch", "magi_prepare_packed_cp", "magi_prepare_vlm", "to_thd"]

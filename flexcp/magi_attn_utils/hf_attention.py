@@ -1,0 +1,202 @@
+"""The ``"magi"`` backend of Hugging Face transformers: an attention function and a mask function.
+
+The attention function receives HF's ``query [b, hq, s, d]``, ``key``/``value [b, hkv, s, d]``,
+flattens the batch rows into one THD sequence, finds the step's key (see
+:func:`flexcp.magi_attn_utils.keys.resolve_key`), derives the layer's sliding-window key
+when the layer has one, and runs :func:`flexcp.calc_attn` with the layer's scaling and
+logit softcap. The mask function makes transformers skip its dense 4-D masks: it returns
+``None``, or the ``[b, s]`` padding mask when some token is padding (O(tokens)).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+import flexcp.magi_attn_utils as _state
+
+from ..mask import AttnMaskSpec
+from ..runtime import calc_attn
+from .keys import resolve_key, window_key
+from .masks import documents, row_positions
+
+ATTN_NAME = "magi"
+SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def magi_mask_function(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function: Any = None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs: Any,
+) -> torch.Tensor | None:
+    """Never materializes a 4-D mask: ``None``, or the 2-D ``[b, kv]`` padding mask when a token is padding.
+
+    The mask itself lives in the dist-attn key (documents, trees, windows); a padding
+    mask is handed on so the attention function can honour it (or refuse it).
+    """
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    return attention_mask
+
+
+@dataclass
+class _HFLocal:
+    """The mask a cp = 1 call infers from its own inputs: rows, position resets, padding."""
+
+    batch_size: int
+    seqlen: int
+    position_ids: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    use_positions: bool
+
+    def _pos(self) -> torch.Tensor | None:
+        pos = self.position_ids if self.use_positions else None
+        if pos is not None and pos.dim() > 2:
+            raise ValueError(
+                f"position_ids of shape {tuple(pos.shape)} (multimodal RoPE) do not describe documents; "
+                "prepare VLM batches with magi_prepare_vlm"
+            )
+        return pos
+
+    def spec(self) -> AttnMaskSpec:
+        return documents(self.batch_size, self.seqlen, self._pos(), self.attention_mask)
+
+    def positions(self) -> np.ndarray | None:
+        pos = self._pos()
+        return None if pos is None else row_positions(self.batch_size, self.seqlen, pos)
+
+
+def _sliding_window(module: torch.nn.Module, kwargs: dict) -> int | None:
+    """The layer's sliding window: the ``sliding_window`` kwarg, else the module, else config.layer_types."""
+    config = getattr(module, "config", None)
+    layer_types = getattr(config, "layer_types", None)
+    layer_idx = getattr(module, "layer_idx", None)
+    layer_type = layer_types[layer_idx] if layer_types is not None and layer_idx is not None else None
+    if layer_type is not None and layer_type not in SUPPORTED_LAYER_TYPES:
+        raise ValueError(
+            f"layer {layer_idx} has layer type {layer_type!r}; the magi backend supports {SUPPORTED_LAYER_TYPES}"
+        )
+    if "sliding_window" in kwargs:
+        window = kwargs["sliding_window"]
+    else:
+        window = getattr(module, "sliding_window", None)
+        if window is None and layer_type == "sliding_attention":
+            window = getattr(config, "sliding_window", None)
+    return int(window) if window is not None and int(window) > 0 else None
+
+
+def _softcap(module: torch.nn.Module, kwargs: dict) -> float:
+    if "softcap" in kwargs:
+        cap = kwargs["softcap"]
+    else:
+        cap = getattr(getattr(module, "config", None), "attn_logit_softcapping", None)
+    return float(cap) if cap else 0.0
+
+
+def _check_call(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask, dropout: float,
+                kwargs: dict) -> None:
+    """Refuse what the magi path cannot honour, instead of silently computing something else."""
+    if dropout:
+        raise ValueError(f"magi attention has no attention dropout (got dropout={dropout}); set config.attention_dropout=0")
+    if key.shape[2] != query.shape[2]:
+        raise ValueError(
+            f"magi attention attends the step's tokens only ({query.shape[2]} queries, {key.shape[2]} keys): "
+            "it does not run with a KV cache; call the model with use_cache=False"
+        )
+    if attention_mask is not None and (not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2):
+        shape = tuple(attention_mask.shape) if hasattr(attention_mask, "shape") else type(attention_mask).__name__
+        raise ValueError(
+            f"magi attention cannot honour a dense attention mask of shape {shape}: describe the mask with an "
+            "AttnMaskSpec (magi_prepare_batch(batch={'attn_spec': ...}) or set_active_attn_spec) instead"
+        )
+    if kwargs.get("s_aux") is not None:
+        raise ValueError("magi attention does not support attention sinks (s_aux)")
+    if not getattr(module, "is_causal", True) and kwargs.get("magi_key") is None:
+        raise ValueError(
+            f"{type(module).__name__} is bidirectional; the magi backend builds causal masks. Pass magi_key with "
+            "the mask you need, or leave this module without a cp_group (SDPA)"
+        )
+
+
+def _sdpa_fallback(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """SDPA for modules without ``cp_group`` (e.g. a VLM vision tower), for masks SDPA gets without O(S^2)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
+        if causal:
+            raise ValueError(
+                f"{type(module).__name__} has no cp_group, and its SDPA fallback cannot combine causality with a "
+                "padding mask without an O(S^2) mask; stamp the cp_group (magi_prepare_batch) to use magi attention"
+            )
+        attention_mask = attention_mask[:, None, None, :].to(torch.bool)
+    pos = kwargs.get("position_ids")
+    if causal and attention_mask is None and isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.shape[-1] > 1:
+        if bool((pos[:, 1:] != pos[:, :-1] + 1).any()):
+            raise ValueError(
+                f"{type(module).__name__} has no cp_group, so it would fall back to plain causal SDPA, but "
+                "position_ids describe packed documents; stamp the cp_group (magi_prepare_batch) to use magi attention"
+            )
+    kwargs.pop("magi_key", None)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+
+
+def magi_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """HF attention interface: ``[b, h, s, d]`` in, ``([b, s, hq, d], None)`` out, through ``calc_attn``."""
+    if not hasattr(module, "cp_group"):
+        return _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
+    _check_call(module, query, key, attention_mask, dropout, kwargs)
+    b, hq, s, d = query.shape
+    heads = (hq, key.shape[1], d)
+    self_key = bool(getattr(module, "_magi_self_key", False))
+    local = _HFLocal(b, s, kwargs.get("position_ids"), attention_mask, use_positions=not self_key)
+    dist_key = resolve_key(module.cp_group, b * s, heads, explicit=kwargs.get("magi_key"), local=local,
+                           binding=attention_mask is not None or self_key)
+    window = _sliding_window(module, kwargs)
+    if window is not None:
+        dist_key = window_key(dist_key, window)
+    if scaling is None:
+        scaling = getattr(module, "scaling", None)
+    q, k, v = (x.transpose(1, 2).reshape(b * s, x.shape[1], d) for x in (query, key, value))
+    out, _ = calc_attn(q, k, v, dist_key, softmax_scale=scaling, softcap=_softcap(module, kwargs))
+    return out.view(b, s, hq, d), None
+
+
+def register_magi_attention() -> None:
+    """Register the ``"magi"`` attention backend in HF transformers (idempotent).
+
+    Registers :func:`magi_attention_forward` in ``AttentionInterface`` (HF's
+    ``ALL_ATTENTION_FUNCTIONS``) and :func:`magi_mask_function` in
+    ``AttentionMaskInterface``, so ``attn_implementation="magi"`` never builds a 4-D mask.
+    """
+    if _state._MAGI_REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_NAME, magi_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, magi_mask_function)
+    _state._MAGI_REGISTERED = True
+    _state.logger.info("Registered the 'magi' attention backend (flexcp) in transformers.")
+
+
+__all__ = ["magi_attention_forward", "magi_mask_function", "register_magi_attention"]

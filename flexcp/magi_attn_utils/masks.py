@@ -1,0 +1,182 @@
+"""Masks the Hugging Face path derives from a batch, and sliding windows over real positions.
+
+Everything here is O(tokens) numpy on the slice table: documents from batch rows, position
+resets, padding or ``cu_seqlens``; the positions RoPE needs for a prefix tree; and a
+spec's restriction to HF's sliding window (``q_pos - k_pos < window``) measured in real
+positions, so prefix-tree completions and packed documents window like separate samples.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..mask import AttnMaskSpec, AttnMaskType, clip_band, from_cu_seqlens
+from ..mask.geometry import slice_areas
+
+def as_numpy(x: Any, dtype=np.int64) -> np.ndarray:
+    """A tensor, array or list as a numpy array (copied off the device once)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x, dtype=dtype)
+
+
+def expand_rows(name: str, x: Any, batch_size: int, seqlen: int, dtype=np.int64) -> np.ndarray:
+    """``x`` as a ``[batch_size, seqlen]`` array; ``[S]`` and ``[1, S]`` broadcast over rows."""
+    arr = as_numpy(x, dtype)
+    if arr.ndim == 1:
+        arr = arr[None, :]
+    if arr.ndim != 2 or arr.shape[1] != seqlen or arr.shape[0] not in (1, batch_size):
+        raise ValueError(
+            f"{name} must be [S], [1, S] or [B, S] with B={batch_size}, S={seqlen}; got shape {tuple(arr.shape)}"
+        )
+    return np.broadcast_to(arr, (batch_size, seqlen))
+
+
+def documents(
+    batch_size: int, seqlen: int, position_ids: Any = None, attention_mask: Any = None
+) -> AttnMaskSpec:
+    """Causal documents of a ``[B, S]`` batch laid out row after row (``B * S`` flat tokens).
+
+    A document starts at each row's first real token and wherever a real token's
+    position does not continue the previous one's (HF's packed-sequence rule,
+    ``pos[t] != pos[t - 1] + 1``). Tokens with ``attention_mask == 0`` belong to no
+    document: they attend to nothing and nothing attends to them. Padding must sit
+    between documents (left or right of a row, or at a reset), never inside one.
+    """
+    n = batch_size * seqlen
+    real = np.ones(n, dtype=bool)
+    if attention_mask is not None:
+        real = expand_rows("attention_mask", attention_mask, batch_size, seqlen, bool).reshape(-1)
+    idx = np.nonzero(real)[0]
+    if len(idx) == 0:
+        return AttnMaskSpec([], [], [], n)
+    starts = np.ones(len(idx), dtype=bool)
+    cont = (idx[1:] // seqlen) == (idx[:-1] // seqlen)
+    if position_ids is not None:
+        pos = expand_rows("position_ids", position_ids, batch_size, seqlen).reshape(-1)
+        cont &= pos[idx[1:]] == pos[idx[:-1]] + 1
+    starts[1:] = ~cont
+    gap = np.nonzero(cont & (idx[1:] != idx[:-1] + 1))[0]
+    if len(gap):
+        t = int(idx[gap[0]] + 1)
+        raise ValueError(
+            f"attention_mask pads token {t % seqlen} of row {t // seqlen} inside a document (its neighbours' "
+            "positions continue across it); padding may only sit between documents: pack without inner "
+            "padding, or restart position_ids after it"
+        )
+    first = np.nonzero(starts)[0]
+    last = np.append(first[1:] - 1, len(idx) - 1)
+    ranges = np.stack([idx[first], idx[last] + 1], axis=1).tolist()
+    return AttnMaskSpec(ranges, ranges, [AttnMaskType.CAUSAL] * len(ranges), n)
+
+
+def row_positions(batch_size: int, seqlen: int, position_ids: Any = None) -> np.ndarray:
+    """Flat real positions of a ``[B, S]`` batch: ``position_ids``, else ``arange(S)`` per row (HF's default)."""
+    if position_ids is None:
+        return np.tile(np.arange(seqlen, dtype=np.int64), batch_size)
+    return expand_rows("position_ids", position_ids, batch_size, seqlen).reshape(-1).copy()
+
+
+def clean_cu_seqlens(cu: Any) -> np.ndarray:
+    """``cu_seqlens`` flattened, with fixed-shape padding sentinels (negative entries, e.g. TE's -1000) dropped."""
+    arr = as_numpy(cu).reshape(-1)
+    return arr[arr >= 0]
+
+
+def cu_seqlens_layout(cu_seqlens: Any, cu_seqlens_padded: Any, total: int) -> tuple[AttnMaskSpec, np.ndarray]:
+    """Spec and per-document positions of a packed THD sequence of ``total`` tokens.
+
+    With ``cu_seqlens_padded`` each document's padding attends to nothing; positions
+    restart at 0 at every (padded) document start. The layout must span ``total``.
+    """
+    cu = clean_cu_seqlens(cu_seqlens)
+    cup = None if cu_seqlens_padded is None else clean_cu_seqlens(cu_seqlens_padded)
+    bounds = cu if cup is None else cup
+    if len(bounds) < 1 or int(bounds[-1]) != total:
+        name = "cu_seqlens" if cup is None else "cu_seqlens_padded"
+        raise ValueError(
+            f"{name} = {bounds.tolist()} spans {int(bounds[-1]) if len(bounds) else 0} tokens but the flat input has "
+            f"{total}; the document layout must cover every token (pass cu_seqlens_padded for a padded THD layout)"
+        )
+    spec = from_cu_seqlens(cu, cup)
+    starts = np.repeat(bounds[:-1], np.diff(bounds))
+    return spec, np.arange(total, dtype=np.int64) - starts
+
+
+def prefix_tree_position_ids(node_lengths: Sequence[int], sample_paths: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Real positions of a prefix tree's flat layout: a node continues from its ancestors' lengths.
+
+    Pair it with ``AttnMaskSpec.prefix_tree(node_lengths, sample_paths)`` so RoPE sees
+    every completion continue from its prompt.
+    """
+    lens = np.asarray(list(node_lengths), dtype=np.int64)
+    depth = np.full(len(lens), -1, dtype=np.int64)
+    for path in sample_paths:
+        acc = 0
+        for node in path:
+            node = int(node)
+            if not 0 <= node < len(lens):
+                raise ValueError(f"sample_paths names node {node}; valid nodes are 0..{len(lens) - 1}")
+            if depth[node] not in (-1, acc):
+                raise ValueError(f"node {node} is reached after {depth[node]} and after {acc} tokens; paths must form a tree")
+            depth[node] = acc
+            acc += int(lens[node])
+    if (depth < 0).any():
+        raise ValueError(f"nodes {np.nonzero(depth < 0)[0].tolist()} are on no sample path; every node needs a path")
+    starts = np.concatenate([[0], np.cumsum(lens)[:-1]])
+    flat = np.arange(int(lens.sum()), dtype=np.int64)
+    return torch.from_numpy(flat - np.repeat(starts - depth, lens))
+
+
+def windowed(spec: AttnMaskSpec, window: int, positions: np.ndarray | None = None) -> AttnMaskSpec:
+    """``spec`` restricted to keys with ``q_pos - k_pos < window`` (HF's sliding window, self included).
+
+    ``positions`` are the tokens' real positions (flat indices when None). Slices are cut
+    where positions jump, so within a piece positions are flat indices plus a constant and
+    the window is one more diagonal bound; pieces are typed slices from ``clip_band``.
+    """
+    window = int(window)
+    if window < 1:
+        raise ValueError(f"sliding window must be >= 1 (keys per row, self included); got {window}")
+    if spec.total_seqlen_k != spec.total_seqlen:
+        raise ValueError("windowed needs a self-attention spec (total_seqlen_k == total_seqlen)")
+    n = spec.total_seqlen
+    pos = np.arange(n, dtype=np.int64) if positions is None else np.asarray(positions, dtype=np.int64).reshape(-1)
+    if len(pos) != n:
+        raise ValueError(f"positions has {len(pos)} entries but the spec covers {n} tokens")
+    t = spec.table
+    t = t.take(np.nonzero(slice_areas(t) > 0)[0])
+    breaks = np.nonzero(np.diff(pos) != 1)[0] + 1
+    run_start = np.concatenate([[0], breaks]).astype(np.int64)
+    run_end = np.concatenate([breaks, [n]]).astype(np.int64)
+
+    def run_of(x: np.ndarray) -> np.ndarray:
+        return np.searchsorted(run_start, x, side="right") - 1
+
+    rq0, rq1, rk0, rk1 = run_of(t.qs), run_of(t.qe - 1), run_of(t.ks), run_of(t.ke - 1)
+    nk = rk1 - rk0 + 1
+    count = (rq1 - rq0 + 1) * nk
+    sl = np.repeat(np.arange(len(t)), count)
+    local = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
+    rq, rk = rq0[sl] + local // nk[sl], rk0[sl] + local % nk[sl]
+    q0, q1 = np.maximum(t.qs[sl], run_start[rq]), np.minimum(t.qe[sl], run_end[rq])
+    k0, k1 = np.maximum(t.ks[sl], run_start[rk]), np.minimum(t.ke[sl], run_end[rk])
+    # row i, key j of this piece: q_pos - k_pos = (i - j) + (pos[q0] - q0) - (pos[k0] - k0) < window
+    lo = np.maximum(t.lo[sl], (pos[q0] - q0) - (pos[k0] - k0) - window + 1)
+    pieces, _ = clip_band(q0, q1, k0, k1, lo, t.hi[sl])
+    return AttnMaskSpec.from_table(pieces.nonempty(), n)
+
+
+__all__ = [
+    "as_numpy",
+    "clean_cu_seqlens",
+    "cu_seqlens_layout",
+    "documents",
+    "expand_rows",
+    "prefix_tree_position_ids",
+    "row_positions",
+    "windowed",
+]
