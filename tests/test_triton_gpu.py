@@ -44,8 +44,6 @@ DEVICE = _device()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE is None, reason="needs a CUDA GPU")]
 TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
 TRITON = TritonBackend()
-TRITON_ATOMIC = TritonBackend(deterministic=False)  # dQ added atomically by the dK/dV kernel
-MODES = {"deterministic": TRITON, "atomic_dq": TRITON_ATOMIC}
 SDPA = SdpaBackend(TRITON)
 if "triton" not in available_backends():
     register_backend("triton", TritonBackend)
@@ -119,10 +117,9 @@ def test_hard_cases_float32_gqa(name):
         assert rel_err(x[fin], r[fin]) <= 2e-5
 
 
-@pytest.mark.parametrize("mode", sorted(MODES))
 @pytest.mark.parametrize("name", sorted(HARD_CASES))
-def test_hard_cases_bfloat16_gqa(name, mode):
-    check(HARD_CASES[name], 8, 2, d=128, dtype=torch.bfloat16, backend=MODES[mode])
+def test_hard_cases_bfloat16_gqa(name):
+    check(HARD_CASES[name], 8, 2, d=128, dtype=torch.bfloat16)
 
 
 MIXED = AttnMaskSpec(  # every type, sq != sk, overlapping q ranges, rows without keys, tiles crossing slices
@@ -147,17 +144,15 @@ MIXED = AttnMaskSpec(  # every type, sq != sk, overlapping q ranges, rows withou
         (torch.float32, 64, 2.0),
     ],
 )
-@pytest.mark.parametrize("mode", sorted(MODES))
 @pytest.mark.parametrize("mask", ["mixed", "prefix_tree"])
-def test_dtypes_head_dims_softcap(dtype, d, softcap, mask, mode):
+def test_dtypes_head_dims_softcap(dtype, d, softcap, mask):
     spec = MIXED if mask == "mixed" else prefix_tree([200, 90, 130, 60], [[0, 1], [0, 2], [0, 2, 3]])[0]
-    check(spec, 4, 2, d=d, dtype=dtype, softcap=softcap, backend=MODES[mode])
+    check(spec, 4, 2, d=d, dtype=dtype, softcap=softcap)
 
 
-@pytest.mark.parametrize("mode", sorted(MODES))
 @pytest.mark.parametrize("heads", [(8, 1), (6, 3), (4, 4)])
-def test_gqa_groups(heads, mode):
-    check(MIXED, *heads, d=64, dtype=torch.float16, backend=MODES[mode])
+def test_gqa_groups(heads):
+    check(MIXED, *heads, d=64, dtype=torch.float16)
 
 
 def test_softmax_scale_is_used():
@@ -169,7 +164,7 @@ def test_long_masks_bfloat16():
     from flexcp.bench.docdist import sample_pack
 
     check(varlen(sample_pack(4096, rng=0, max_doc_frac=1.0).tolist()), 4, 2, d=128, dtype=torch.bfloat16)
-    check(prefix_tree([1024, 700, 900], [[0, 1], [0, 2]])[0], 8, 2, d=128, dtype=torch.bfloat16, backend=TRITON_ATOMIC)
+    check(prefix_tree([1024, 700, 900], [[0, 1], [0, 2]])[0], 8, 2, d=128, dtype=torch.bfloat16)
     check(sliding_window([3000, 1096], 700), 4, 4, d=128, dtype=torch.bfloat16)
     check(AttnMaskSpec.causal(4096), 2, 1, d=128, dtype=torch.bfloat16)
 
@@ -180,11 +175,10 @@ def test_long_masks_bfloat16():
     spec=valid_specs(max_len=300, max_slices=10),
     dtype=st.sampled_from([torch.float32, torch.bfloat16]),
     softcap=st.sampled_from([0.0, 5.0]),
-    mode=st.sampled_from(sorted(MODES)),
     seed=st.integers(0, 2**16),
 )
-def test_random_masks(spec, dtype, softcap, mode, seed):
-    check(spec, 4, 2, d=64, dtype=dtype, softcap=softcap, seed=seed, backend=MODES[mode])
+def test_random_masks(spec, dtype, softcap, seed):
+    check(spec, 4, 2, d=64, dtype=dtype, softcap=softcap, seed=seed)
 
 
 # ------------------------------------------------------------------ contract details
@@ -208,11 +202,11 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("backend", ["deterministic", "atomic_dq", "sdpa"])
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
 def test_backward_uses_final_merged_stats(backend):
     """Keys split over two calls (each one FULL rectangle), merged in float32, backward per call from the merged out/lse."""
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
-    impl = SDPA if backend == "sdpa" else MODES[backend]
+    impl = SDPA if backend == "sdpa" else TRITON
     whole = AttnMaskSpec([(0, 384)], [(0, 512)], ["full"], 384, 512)
     halves = [AttnMaskSpec([(0, 384)], [k], ["full"], 384, 512) for k in ((0, 200), (200, 512))]
     q, k, v, do = make_inputs(whole, 4, 4, 128, dtype)

@@ -146,11 +146,7 @@ def run_case(mask: str, seqlen: int, hq: int, hkv: int, d: int, contenders: list
         row.tflops[name] = [fwd_flops / ms[0] * 1e-9, 3.5 * fwd_flops / ms[1] * 1e-9]
 
     ours = None
-    for name, backend in (
-        ("triton", TritonBackend()),
-        ("triton_atomic", TritonBackend(deterministic=False)),
-        ("sdpa", SdpaBackend()),
-    ):
+    for name, backend in (("triton", TritonBackend()), ("sdpa", SdpaBackend())):
         if name not in contenders:
             continue
         prep = backend.prepare(spec.table, seqlen, seqlen, dev)
@@ -208,14 +204,10 @@ def run_case(mask: str, seqlen: int, hq: int, hkv: int, d: int, contenders: list
 
 
 FWD_CANDIDATES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4)]
-BWD_CANDIDATES = [  # (deterministic, dK/dV tiles, dQ tiles)
-    (True, (128, 64, 8, 3), (128, 64, 8, 3)),
-    (True, (128, 64, 8, 3), (128, 32, 8, 4)),
-    (True, (128, 64, 8, 3), (128, 128, 8, 2)),
-    (False, (128, 64, 8, 3), (128, 64, 8, 3)),
-    (False, (128, 64, 8, 2), (128, 64, 8, 3)),
-    (False, (128, 32, 8, 3), (128, 64, 8, 3)),
-    (False, (64, 64, 4, 3), (128, 64, 8, 3)),
+BWD_CANDIDATES = [  # (dK/dV tiles, dQ tiles)
+    ((128, 64, 8, 3), (128, 64, 8, 3)),
+    ((128, 32, 8, 3), (128, 64, 8, 3)),
+    ((128, 64, 8, 3), (128, 128, 8, 2)),
 ]
 
 
@@ -231,20 +223,20 @@ def sweep(masks: list[str], seqlen: int, hq: int, hkv: int, d: int, rep_ms: int)
         q = torch.randn(seqlen, hq, d, device=dev, generator=gen, dtype=torch.bfloat16)
         k, v = (torch.randn(seqlen, hkv, d, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(2))
         do = torch.randn_like(q)
-        trials = [("fwd", True, KernelConfig(*f), base.dkdv, base.dq) for f in FWD_CANDIDATES]
-        trials += [("bwd", det, base.fwd, KernelConfig(*a), KernelConfig(*b)) for det, a, b in BWD_CANDIDATES]
+        trials = [("fwd", KernelConfig(*f), base.dkdv, base.dq) for f in FWD_CANDIDATES]
+        trials += [("bwd", base.fwd, KernelConfig(*a), KernelConfig(*b)) for a, b in BWD_CANDIDATES]
         prep = TritonBackend().prepare(spec.table, seqlen, seqlen, dev)
         o, lse = TritonBackend().forward(q, k, v, prep, d**-0.5, 0.0)
-        for what, det, fwd_cfg, dkdv_cfg, dq_cfg in trials:
+        for what, fwd_cfg, dkdv_cfg, dq_cfg in trials:
             cfgs = LaunchConfigs(fwd_cfg, dkdv_cfg, dq_cfg)
-            be = TritonBackend(deterministic=det, configs=lambda dtype, hd, cfgs=cfgs: cfgs)
+            be = TritonBackend(configs=lambda dtype, hd, cfgs=cfgs: cfgs)
             if what == "fwd":
                 fn, work = (lambda: be.forward(q, k, v, prep, d**-0.5, 0.0)), flops  # noqa: E731
                 shape = asdict(fwd_cfg)
             else:
                 fn, work = (lambda: be.backward(do, q, k, v, o, lse, prep, d**-0.5, 0.0)), 2.5 * flops  # noqa: E731
-                shape = {"dkdv": asdict(dkdv_cfg), "dq": asdict(dq_cfg) if det else None}
-            res = {"mask": mask, "what": what, "deterministic": det, "cfg": shape}
+                shape = {"dkdv": asdict(dkdv_cfg), "dq": asdict(dq_cfg)}
+            res = {"mask": mask, "what": what, "cfg": shape}
             try:
                 ms = _bench_ms(fn, rep_ms)
                 res.update(ms=ms, tflops=work / ms * 1e-9)
@@ -274,9 +266,9 @@ def environment() -> dict:
 
 def format_table(rows: list[Row]) -> str:
     """Markdown table: TFLOP/s fwd / fwd+bwd per contender, and the ratios the targets name."""
-    names = [n for n in ("triton", "triton_atomic", "sdpa", "cudnn", "flex") if any(n in r.tflops for r in rows)]
+    names = [n for n in ("triton", "sdpa", "cudnn", "flex") if any(n in r.tflops for r in rows)]
     head = "| mask | S | hq:hkv | area | " + " | ".join(f"{n} fwd / f+b" for n in names)
-    head += " | f+b vs flex (det / atomic) | triton fwd vs cudnn | err vs flex |\n"
+    head += " | triton vs flex fwd / f+b | triton vs cudnn fwd | err vs flex |\n"
     head += "|---|---:|---:|---:|" + "---:|" * (len(names) + 3) + "\n"
 
     def ratio(a: str, b: str, i: int, r: Row) -> str:
@@ -285,7 +277,7 @@ def format_table(rows: list[Row]) -> str:
     lines = []
     for r in rows:
         cells = [f"{r.tflops[n][0]:.0f} / {r.tflops[n][1]:.0f}" if n in r.tflops else "—" for n in names]
-        vs_flex = f"{ratio('triton', 'flex', 1, r)} / {ratio('triton_atomic', 'flex', 1, r)}"
+        vs_flex = f"{ratio('triton', 'flex', 0, r)} / {ratio('triton', 'flex', 1, r)}"
         lines.append(
             f"| {r.mask} | {r.seqlen // 1024}k | {r.hq}:{r.hkv} | {r.sparsity:.3f} | " + " | ".join(cells)
             + f" | {vs_flex} | {ratio('triton', 'cudnn', 0, r)} | {r.err_vs_flex:.1e} |"
@@ -299,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seqlens", nargs="+", type=int, default=[8192, 32768])
     p.add_argument("--heads", nargs="+", default=["16:16", "32:8"], help="hq:hkv pairs")
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--contenders", nargs="+", default=["triton", "triton_atomic", "sdpa", "cudnn", "flex"])
+    p.add_argument("--contenders", nargs="+", default=["triton", "sdpa", "cudnn", "flex"])
     p.add_argument("--rep-ms", type=int, default=300, help="do_bench repetition budget per measurement")
     p.add_argument("--sweep", action="store_true", help="time tile configs of each Triton kernel instead")
     p.add_argument("--json", default=None, help="write rows and environment here")

@@ -103,16 +103,15 @@ class TritonPrep:
 class TritonBackend(AttnBackend):
     """Flexible attention in Triton over any slice mask, forward and backward.
 
-    ``deterministic=True`` computes dQ in its own kernel (every element has one writer:
-    bitwise reproducible); ``False`` adds dQ atomically from the dK/dV kernel (fewer
-    matmuls, summation order not fixed). ``configs`` overrides the tile shapes (a function
-    ``(dtype, head_dim) -> LaunchConfigs``), for tuning and benchmarks.
+    The backward is always deterministic (bitwise reproducible): dK/dV and dQ come from
+    separate kernels in which every output element has one writer, no atomics.
+    ``configs`` overrides the tile shapes (a function ``(dtype, head_dim) -> LaunchConfigs``),
+    for tuning and benchmarks.
     """
 
     name = "triton"
 
-    def __init__(self, deterministic: bool = True, configs=None) -> None:
-        self.deterministic = deterministic
+    def __init__(self, configs=None) -> None:
         self._configs = configs or default_configs
 
     def unsupported(self, q: torch.Tensor, k: torch.Tensor, softcap: float) -> str | None:
@@ -158,14 +157,9 @@ class TritonBackend(AttnBackend):
         lse2, delta = backward_rowstats(do, _last_dim_contiguous(out), lse)
         cfgs = self._configs(q.dtype, q.shape[-1])
         scale, cap = float(softmax_scale), float(softcap)
-        kv_sched = prep.schedule("k", cfgs.dkdv)
-        if self.deterministic:
-            dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-            launch_dkdv(q, k, v, do, lse2, delta, dk, dv, kv_sched, scale, cap, cfgs.dkdv)
-            launch_dq(q, k, v, do, lse2, delta, dq, prep.schedule("q", cfgs.dq), scale, cap, cfgs.dq)
-        else:
-            dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-            launch_dkdv(q, k, v, do, lse2, delta, dk, dv, kv_sched, scale, cap, cfgs.dkdv, dq=dq)
+        dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        launch_dkdv(q, k, v, do, lse2, delta, dk, dv, prep.schedule("k", cfgs.dkdv), scale, cap, cfgs.dkdv)
+        launch_dq(q, k, v, do, lse2, delta, dq, prep.schedule("q", cfgs.dq), scale, cap, cfgs.dq)
         return dq, dk, dv
 
 
