@@ -1,6 +1,6 @@
 """Single-device attention kernels over slice masks: ``(q, k, v, slices) -> (out, lse)``."""
 
-from .api import attention, check_qkv, prepared, select_backend
+from .api import attention, check_qkv, prepared, resolve_scale, select_backend
 from .backend import AttnBackend, available_backends, get_backend, register_backend
 from .reference import ReferenceBackend
 
@@ -15,5 +15,6 @@ __all__ = [
     "get_backend",
     "prepared",
     "register_backend",
+    "resolve_scale",
     "select_backend",
 ]

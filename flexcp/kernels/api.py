@@ -42,6 +42,13 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"q, k, v must be floating point; got {q.dtype}")
 
 
+def resolve_scale(head_dim: int, softmax_scale: float | None, softcap: float) -> tuple[float, float]:
+    """``(softmax_scale, softcap)`` as floats: scale defaults to ``head_dim ** -0.5``; softcap must be >= 0."""
+    if softcap is None or softcap < 0:
+        raise ValueError(f"softcap must be >= 0 (0 disables it); got {softcap}")
+    return (head_dim ** -0.5 if softmax_scale is None else float(softmax_scale)), float(softcap)
+
+
 def select_backend(name: str, q: torch.Tensor, k: torch.Tensor, softcap: float) -> AttnBackend:
     """Resolve ``backend=`` ('auto' picks triton on CUDA when it can run, else the reference)."""
     if name != "auto":
@@ -122,10 +129,8 @@ def attention(
             f"q has {q.shape[0]} tokens and k {k.shape[0]}, but the spec covers total_seqlen={spec.total_seqlen} "
             f"and total_seqlen_k={spec.total_seqlen_k}; build the spec for these lengths"
         )
-    if softcap < 0:
-        raise ValueError(f"softcap must be >= 0 (0 disables it); got {softcap}")
+    scale, softcap = resolve_scale(q.shape[-1], softmax_scale, softcap)
     spec.validate()
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     impl = select_backend(backend, q, k, softcap)
     prep = prepared(impl, spec, q.device)
-    return _FlexAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), impl, prep, scale, float(softcap))
+    return _FlexAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), impl, prep, scale, softcap)

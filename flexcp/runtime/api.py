@@ -14,7 +14,7 @@ from ..dispatch import DEFAULT_CHUNK_SIZE
 from ..dispatch import ops as _ops
 from ..dist_attn.function import DistAttnFunction, DistAttnState
 from ..dist_attn.plan import build_rank_plans
-from ..kernels import check_qkv, select_backend
+from ..kernels import check_qkv, resolve_scale, select_backend
 from ..mask import AttnMaskSpec
 from .key import DistAttnKey, KeyEntry, check_agreement, clear, group_info, lookup, most_recent, remember
 from .placement import choose_plan
@@ -130,10 +130,8 @@ def calc_attn(
             f"calc_attn: the key expects local q {want_q} and k/v {want_kv} (dispatched shards), got q "
             f"{tuple(q.shape)} and k/v {tuple(k.shape)}; dispatch q/k/v with this key and match its head counts"
         )
-    if softcap < 0:
-        raise ValueError(f"softcap must be >= 0 (0 disables it); got {softcap}")
-    scale = key.head_dim ** -0.5 if softmax_scale is None else float(softmax_scale)
+    scale, softcap = resolve_scale(key.head_dim, softmax_scale, softcap)
     impl = select_backend(backend, q, k, softcap)
-    return DistAttnFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), entry.state, impl, scale, float(softcap))
+    return DistAttnFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), entry.state, impl, scale, softcap)
 
 
