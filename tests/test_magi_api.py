@@ -100,6 +100,10 @@ def test_active_state_accessors_reflect_in_module_globals() -> None:
 def test_register_is_idempotent_and_registers_attention_and_mask_functions(monkeypatch) -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    assert ALL_ATTENTION_FUNCTIONS["magi"] is mau.hf_attention.magi_attention_forward
+    assert ALL_MASK_ATTENTION_FUNCTIONS["magi"] is mau.hf_attention.magi_mask_function
 
     calls = []
     monkeypatch.setattr(AttentionInterface, "register", classmethod(lambda cls, k, v: calls.append(k)))
@@ -110,7 +114,6 @@ def test_register_is_idempotent_and_registers_attention_and_mask_functions(monke
     mau.register_magi_attention()
     mau.register_magi_attention()
     assert calls == ["magi", "mask:magi"] and mau._MAGI_REGISTERED
-    assert "magi" in ALL_MASK_ATTENTION_FUNCTIONS
 
 
 # ------------------------------------------------------------------------- mesh, config, model
@@ -164,6 +167,7 @@ class _DottedCfg:
     [
         ({"model": {"attn_implementation": "magi"}}, False),
         (_DottedCfg({"model.attn_implementation": "magi"}), False),
+        (SimpleNamespace(model=SimpleNamespace(attn_implementation="magi")), False),  # dataclass configs
         ({"model": {"backend": {"attn": "magi"}}}, True),
         (_DottedCfg({"model.backend.attn": "magi"}), True),
     ],
