@@ -115,7 +115,11 @@ def test_varlen_matches_dense(lens, is_causal):
 def test_sliding_window_causal_rectangles():
     # rows 0-2 see the doc start (causal), rows 3-4 a full band of 3, row 5 the band clipped at the doc end
     spec = sliding_window([6], 3)
-    assert slices_of(spec) == [((0, 3), (0, 3), "causal"), ((3, 5), (1, 5), "bi_causal"), ((5, 6), (3, 6), "inv_causal")]
+    assert slices_of(spec) == [
+        ((0, 3), (0, 3), "causal"),
+        ((3, 5), (1, 5), "bi_causal"),
+        ((5, 6), (3, 6), "inv_causal"),
+    ]
     assert_cells(spec, dense_window([6], 3))
 
 
@@ -130,7 +134,11 @@ def test_sliding_window_of_one_is_the_diagonal():
         spec = sliding_window([4, 1], 1, causal=is_causal)
         assert_cells(spec, np.eye(5, dtype=bool))
         assert spec.area() == 5
-    assert slices_of(sliding_window([4], 1)) == [((0, 1), (0, 1), "causal"), ((1, 3), (1, 3), "bi_causal"), ((3, 4), (3, 4), "inv_causal")]
+    assert slices_of(sliding_window([4], 1)) == [
+        ((0, 1), (0, 1), "causal"),
+        ((1, 3), (1, 3), "bi_causal"),
+        ((3, 4), (3, 4), "inv_causal"),
+    ]
 
 
 @pytest.mark.parametrize("window", [5, 6, 100])
@@ -343,7 +351,9 @@ def test_from_position_ids_empty():
 
 
 @settings(max_examples=30, deadline=None)
-@given(rows=st.lists(st.lists(st.integers(1, 5), min_size=1, max_size=4), min_size=1, max_size=3), offset=st.integers(0, 3))
+@given(
+    rows=st.lists(st.lists(st.integers(1, 5), min_size=1, max_size=4), min_size=1, max_size=3), offset=st.integers(0, 3)
+)
 def test_from_position_ids_matches_dense(rows, offset):
     """Rows of documents (lengths); the first document of each row may start at position ``offset``."""
     width = max(sum(r) for r in rows) + 1

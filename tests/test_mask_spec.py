@@ -29,7 +29,9 @@ def test_mask_type_parse(value):
 
 @pytest.mark.parametrize("value", ["diagonal", 4, -1, True, 1.0, None])
 def test_mask_type_parse_rejects(value):
-    with pytest.raises(ValueError, match=r"unknown mask type .* use one of \['full', 'causal', 'inv_causal', 'bi_causal'\]"):
+    with pytest.raises(
+        ValueError, match=r"unknown mask type .* use one of \['full', 'causal', 'inv_causal', 'bi_causal'\]"
+    ):
         AttnMaskType.parse(value)
 
 
@@ -124,7 +126,10 @@ def test_dense_area_and_row_counts_match_independent_dense(spec):
     np.testing.assert_array_equal(counts, dense.sum(axis=1))
     np.testing.assert_array_equal(
         slice_areas(spec.table),
-        [slice_cells(t, qe - qs, ke - ks).sum() for (qs, qe), (ks, ke), t in zip(spec.q_ranges, spec.k_ranges, spec.mask_types)],
+        [
+            slice_cells(t, qe - qs, ke - ks).sum()
+            for (qs, qe), (ks, ke), t in zip(spec.q_ranges, spec.k_ranges, spec.mask_types)
+        ],
     )
     spec.validate()
 
@@ -152,8 +157,16 @@ def test_clip_slices_match_dense(spec, data):
     expected[q0:q1, k0:k1] = dense_mask(spec)[q0:q1, k0:k1]
     np.testing.assert_array_equal(dense_mask(clipped), expected)
     for n, s in enumerate(src.tolist()):  # each piece lies inside the slice it came from
-        one = AttnMaskSpec([spec.q_ranges[s]], [spec.k_ranges[s]], [spec.mask_types[s]], spec.total_seqlen, spec.total_seqlen_k)
-        piece = AttnMaskSpec([clipped.q_ranges[n]], [clipped.k_ranges[n]], [clipped.mask_types[n]], spec.total_seqlen, spec.total_seqlen_k)
+        one = AttnMaskSpec(
+            [spec.q_ranges[s]], [spec.k_ranges[s]], [spec.mask_types[s]], spec.total_seqlen, spec.total_seqlen_k
+        )
+        piece = AttnMaskSpec(
+            [clipped.q_ranges[n]],
+            [clipped.k_ranges[n]],
+            [clipped.mask_types[n]],
+            spec.total_seqlen,
+            spec.total_seqlen_k,
+        )
         assert not (dense_mask(piece) & ~dense_mask(one)).any()
     clipped.validate()
 
@@ -161,12 +174,16 @@ def test_clip_slices_match_dense(spec, data):
 @settings(max_examples=40, deadline=None)
 @given(
     bands=st.lists(
-        st.tuples(*[st.integers(0, 20)] * 4, st.one_of(st.integers(-20, 20), st.just(-BIG)), st.one_of(st.integers(-20, 20), st.just(BIG))),
+        st.tuples(
+            *[st.integers(0, 20)] * 4,
+            st.one_of(st.integers(-20, 20), st.just(-BIG)),
+            st.one_of(st.integers(-20, 20), st.just(BIG)),
+        ),
         max_size=4,
     )
 )
 def test_clip_band_matches_definition(bands):
-    """Each band {q0<=i<q1, k0<=j<k1, lo<=j-i<=hi} (any order of bounds, empty bands too) becomes <= 3 exact, non-empty slices."""
+    """Each band {q0<=i<q1, k0<=j<k1, lo<=j-i<=hi} (empty bands too) becomes <= 3 exact, non-empty slices."""
     arrays = [np.array([b[n] for b in bands], dtype=np.int64) for n in range(6)]
     pieces, band = clip_band(*arrays)
     assert (pieces.qs < pieces.qe).all() and (pieces.ks < pieces.ke).all() and (slice_areas(pieces) > 0).all()

@@ -73,9 +73,17 @@ OVERLAPPING = {
     "diagonal_causal_inv": [((0, 4), (0, 4), "causal"), ((0, 4), (0, 4), "inv_causal")],
     "offset_diagonal": [((0, 4), (0, 6), "causal"), ((0, 4), (2, 6), "inv_causal")],  # share j = i + 2 only
     "diagonal_bi_in_causal": [((0, 6), (0, 6), "causal"), ((2, 4), (2, 4), "bi_causal")],
-    "diagonal_crosses_rectangle_interior": [((0, 10), (0, 10), "bi_causal"), ((0, 10), (3, 6), "full")],  # not at rows 0 or 9
+    "diagonal_crosses_rectangle_interior": [
+        ((0, 10), (0, 10), "bi_causal"),
+        ((0, 10), (3, 6), "full"),
+    ],  # not at rows 0 or 9
     "one_cell_of_inv": [((5, 9), (1, 9), "full"), ((0, 6), (3, 9), "inv_causal")],  # only cell (5, 8)
-    "staircase_and_causal_column": [((0, 1), (0, 1), "full"), ((1, 2), (0, 2), "full"), ((2, 3), (0, 3), "full"), ((0, 3), (2, 3), "causal")],
+    "staircase_and_causal_column": [
+        ((0, 1), (0, 1), "full"),
+        ((1, 2), (0, 2), "full"),
+        ((2, 3), (0, 3), "full"),
+        ((0, 3), (2, 3), "causal"),
+    ],
 }
 
 
@@ -83,7 +91,10 @@ OVERLAPPING = {
 def test_overlapping_cells_are_rejected(name):
     spec = _spec(OVERLAPPING[name], 16)
     assert coverage(spec).max() == 2, "the case really overlaps"
-    with pytest.raises(ValueError, match=r"slices \d+ and \d+ cover the same \(q, k\) cells: slice \d+ = q\(.*\) x k\(.*\) \w+, .*split them"):
+    with pytest.raises(
+        ValueError,
+        match=r"slices \d+ and \d+ cover the same \(q, k\) cells: slice \d+ = q\(.*\) x k\(.*\) \w+, .*split them",
+    ):
         spec.validate()
 
 
@@ -98,10 +109,21 @@ def test_overlap_message_names_the_two_slices():
 
 TOUCHING = {
     "diagonal_complement": [((0, 4), (0, 4), "causal"), ((0, 4), (1, 4), "inv_causal")],
-    "bi_between_causal_and_inv": [((0, 6), (0, 4), "causal"), ((0, 6), (3, 7), "bi_causal"), ((0, 6), (6, 12), "inv_causal")],
+    "bi_between_causal_and_inv": [
+        ((0, 6), (0, 4), "causal"),
+        ((0, 6), (3, 7), "bi_causal"),
+        ((0, 6), (6, 12), "inv_causal"),
+    ],
     "adjacent_rectangles": [((0, 4), (0, 3), "full"), ((0, 4), (3, 6), "full"), ((4, 8), (0, 6), "full")],
-    "zero_area_slice_inside_another": [((0, 6), (0, 6), "full"), ((0, 6), (0, 3), "bi_causal"), ((2, 4), (0, 0), "full")],
-    "causal_rows_above_other_slice": [((0, 6), (0, 2), "causal"), ((0, 4), (0, 2), "full")],  # causal sees nothing on rows 0-3
+    "zero_area_slice_inside_another": [
+        ((0, 6), (0, 6), "full"),
+        ((0, 6), (0, 3), "bi_causal"),
+        ((2, 4), (0, 0), "full"),
+    ],
+    "causal_rows_above_other_slice": [
+        ((0, 6), (0, 2), "causal"),
+        ((0, 4), (0, 2), "full"),
+    ],  # causal sees nothing on rows 0-3
 }
 
 
@@ -144,7 +166,11 @@ def test_validate_is_cached_and_chains():
 
 # ------------------------------------------------------------------ 10,000 slices (must complete; no timing assert)
 def _grid(n_blocks: int, block: int):
-    cells = [((i * block, (i + 1) * block), (j * block, (j + 1) * block), "full") for i in range(n_blocks) for j in range(n_blocks)]
+    cells = [
+        ((i * block, (i + 1) * block), (j * block, (j + 1) * block), "full")
+        for i in range(n_blocks)
+        for j in range(n_blocks)
+    ]
     return _spec(cells, n_blocks * block)
 
 
@@ -155,7 +181,9 @@ def _grid(n_blocks: int, block: int):
         lambda: sliding_window([50] * 3_334, 10),  # 3 slices per document
         lambda: _grid(100, 10),  # every q range shared by 100 slices, every k range too
         lambda: _spec([((0, 20_000), (2 * n, 2 * n + 2), "full") for n in range(10_000)], 20_000),
-        lambda: prefix_tree([8] + [4] * 100 + [2] * 3200, [[0, 1 + c, 101 + 32 * c + g] for c in range(100) for g in range(32)])[0],
+        lambda: prefix_tree(
+            [8] + [4] * 100 + [2] * 3200, [[0, 1 + c, 101 + 32 * c + g] for c in range(100) for g in range(32)]
+        )[0],
     ],
     ids=["varlen", "sliding_window", "grid", "shared_q_range", "prefix_tree"],
 )
@@ -168,7 +196,8 @@ def test_validate_10k_slices(make):
 def test_validate_10k_slices_finds_one_overlap():
     cells = _grid(100, 10)
     bad = _spec(
-        [(q, k, t) for q, k, t in zip(cells.q_ranges, cells.k_ranges, cells.mask_types)] + [((995, 996), (5, 6), "full")],
+        [(q, k, t) for q, k, t in zip(cells.q_ranges, cells.k_ranges, cells.mask_types)]
+        + [((995, 996), (5, 6), "full")],
         1000,
     )
     with pytest.raises(ValueError, match=r"slices 9900 and 10000 cover the same"):

@@ -75,6 +75,8 @@ def check_against_dense(
     assert (out[empty] == 0).all(), "out is 0 on rows without keys"
     rows_without_keys = empty.all(dim=1)
     assert (dq[rows_without_keys] == 0).all(), "dq is 0 on rows without keys"
+    keys_unseen = ~spec.to_dense().any(dim=0)
+    assert (dk[keys_unseen] == 0).all() and (dv[keys_unseen] == 0).all(), "dk, dv are 0 on keys no row sees"
     tol = TOL[dtype]
     pairs = [("out", out, ref_out), ("lse", lse[~empty], ref_lse[~empty])]
     pairs += list(zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads))
@@ -116,13 +118,23 @@ def _spec(slices, tq, tk=None):
 HARD_CASES = {
     "empty_rows": _spec([((3, 9), (0, 6), "full"), ((12, 20), (2, 5), "causal"), ((20, 21), (0, 1), "full")], 24),
     "no_slices": AttnMaskSpec([], [], [], 7, 5),
-    "zero_area_slices": _spec([((0, 6), (0, 0), "full"), ((0, 6), (0, 3), "bi_causal"), ((6, 9), (3, 5), "inv_causal")], 9),
+    "zero_area_slices": _spec(
+        [((0, 6), (0, 0), "full"), ((0, 6), (0, 3), "bi_causal"), ((6, 9), (3, 5), "inv_causal")], 9
+    ),
     "one_token_docs": varlen([1, 1, 3, 1, 2, 1]),
-    "one_token_q_and_k": _spec([((0, 1), (4, 5), "causal"), ((1, 2), (0, 1), "inv_causal"), ((2, 3), (2, 3), "bi_causal")], 3, 5),
+    "one_token_q_and_k": _spec(
+        [((0, 1), (4, 5), "causal"), ((1, 2), (0, 1), "inv_causal"), ((2, 3), (2, 3), "bi_causal")], 3, 5
+    ),
     "overlapping_q_ranges": _spec(
-        [((0, 20), (0, 7), "full"), ((5, 20), (7, 19), "causal"), ((0, 12), (19, 30), "inv_causal"),
-         ((10, 33), (30, 33), "bi_causal"), ((2, 3), (33, 40), "full")],
-        33, 40,
+        [
+            ((0, 20), (0, 7), "full"),
+            ((5, 20), (7, 19), "causal"),
+            ((0, 12), (19, 30), "inv_causal"),
+            ((10, 33), (30, 33), "bi_causal"),
+            ((2, 3), (33, 40), "full"),
+        ],
+        33,
+        40,
     ),
     "diagonal_complement": _spec([((0, 37), (0, 37), "causal"), ((0, 37), (1, 37), "inv_causal")], 37),
     "uneven_lengths_q_gt_k": _spec([((0, 37), (0, 19), "causal"), ((37, 53), (5, 19), "bi_causal")], 53, 19),
@@ -134,8 +146,14 @@ HARD_CASES = {
 }
 for _kind in ("full", "causal", "inv_causal", "bi_causal"):  # sq != sk in both directions, every type
     HARD_CASES[f"sq_ne_sk_{_kind}"] = _spec(
-        [((0, 21), (0, 8), _kind), ((21, 27), (8, 40), _kind), ((27, 50), (40, 41), _kind), ((50, 51), (41, 60), _kind)],
-        51, 60,
+        [
+            ((0, 21), (0, 8), _kind),
+            ((21, 27), (8, 40), _kind),
+            ((27, 50), (40, 41), _kind),
+            ((50, 51), (41, 60), _kind),
+        ],
+        51,
+        60,
     )
 
 
