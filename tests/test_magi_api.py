@@ -402,6 +402,8 @@ def test_refusals() -> None:
         plain(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7]]), use_cache=False)
     with pytest.raises(ValueError, match="padding mask"):
         plain(input_ids=ids, attention_mask=torch.tensor([[0] + [1] * 11]), use_cache=False)
+    with pytest.raises(ValueError, match="would ignore the key"):
+        plain(input_ids=ids, magi_key=mau.build_flex_key(causal(12), 4, 2, 16, None), use_cache=False)
     ref = make_model("llama", "sdpa")
     assert torch.allclose(plain(input_ids=ids, use_cache=False).logits, ref(input_ids=ids, use_cache=False).logits, atol=1e-5)
 

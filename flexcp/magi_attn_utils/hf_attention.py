@@ -138,6 +138,11 @@ def _sdpa_fallback(module, query, key, value, attention_mask, dropout=0.0, scali
                 "padding mask without an O(S^2) mask; stamp the cp_group (magi_prepare_batch) to use magi attention"
             )
         attention_mask = attention_mask[:, None, None, :].to(torch.bool)
+    if causal and kwargs.get("magi_key") is not None:
+        raise ValueError(
+            f"{type(module).__name__} got a magi_key but has no cp_group, so it would ignore the key; stamp the "
+            "cp_group on the attention modules (magi_prepare_batch or _set_cp_group_on_attention)"
+        )
     pos = kwargs.get("position_ids")
     if causal and attention_mask is None and isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.shape[-1] > 1:
         if bool((pos[:, 1:] != pos[:, :-1] + 1).any()):
