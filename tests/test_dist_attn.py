@@ -165,3 +165,17 @@ def _too_short(rank, world_size):
 def test_sequence_shorter_than_group_is_an_error():
     messages = run_spawned(_too_short, 3)
     assert all(m is not None for m in messages)
+
+
+def test_key_cache_is_bounded_and_keeps_the_latest(monkeypatch):
+    from flexcp.runtime import key as key_module
+
+    monkeypatch.setattr(key_module, "MAX_KEYS", 3)
+    clear_cache()
+    keys = [build_key(AttnMaskSpec.varlen([n, 20 - n]), None, num_heads_q=2, num_heads_kv=2, head_dim=8)
+            for n in range(1, 7)]
+    assert len(key_module._ENTRIES) == 3
+    lookup(keys[-1])
+    with pytest.raises(ValueError, match="build_key again"):
+        lookup(keys[0])
+    clear_cache()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -47,7 +48,10 @@ class KeyEntry:
     group: dist.ProcessGroup | None
 
 
-_ENTRIES: dict[DistAttnKey, KeyEntry] = {}
+MAX_KEYS = 64
+"""Keys kept per process; the least recently built/used are dropped (each step of packed data is a new mask)."""
+
+_ENTRIES: "OrderedDict[DistAttnKey, KeyEntry]" = OrderedDict()
 _MOST_RECENT: dict[str, DistAttnKey] = {}
 
 
@@ -81,15 +85,26 @@ def check_agreement(key: DistAttnKey, group: dist.ProcessGroup) -> None:
 
 
 def remember(key: DistAttnKey, entry: KeyEntry) -> None:
+    """Store (or refresh) a key; evict the least recently used beyond MAX_KEYS, never a group's latest."""
     _ENTRIES[key] = entry
+    _ENTRIES.move_to_end(key)
     _MOST_RECENT[key.group_id] = key
+    latest = set(_MOST_RECENT.values())
+    for old in list(_ENTRIES):
+        if len(_ENTRIES) <= MAX_KEYS:
+            break
+        if old not in latest:
+            del _ENTRIES[old]
 
 
 def lookup(key: DistAttnKey) -> KeyEntry:
+    """The entry of a key built on this process (a clear error if it was never built or was evicted)."""
     try:
         return _ENTRIES[key]
     except KeyError:
-        raise ValueError("this DistAttnKey is not built on this process (or the cache was cleared); call build_key") from None
+        raise ValueError(
+            "this DistAttnKey is not built on this process (or was evicted/cleared); call build_key again"
+        ) from None
 
 
 def most_recent(group: dist.ProcessGroup | None) -> DistAttnKey | None:
