@@ -119,6 +119,13 @@ class _Flex:
         return self._fn(q4, k4, v4, block_mask=bm, enable_gqa=q4.shape[1] != k4.shape[1])
 
 
+def _inputs(seqlen: int, hq: int, hkv: int, d: int) -> list[torch.Tensor]:
+    """Random bf16 THD ``q, k, v, dout`` on the GPU (never zeros: they time faster than real data)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(seqlen, hq, d), (seqlen, hkv, d), (seqlen, hkv, d), (seqlen, hq, d)]
+    return [torch.randn(s, device="cuda", generator=gen, dtype=torch.bfloat16) for s in shapes]
+
+
 def _bhsd(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(0, 1).unsqueeze(0).contiguous()
 
@@ -129,14 +136,11 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def run_case(mask: str, seqlen: int, hq: int, hkv: int, d: int, contenders: list[str], rep_ms: int, flex: _Flex | None) -> Row:
-    dev = torch.device("cuda")
     spec, fm = build_mask(mask, seqlen)
     area = spec.area()
     row = Row(mask, seqlen, hq, hkv, area / seqlen**2)
-    gen = torch.Generator(device=dev).manual_seed(0)
-    q = torch.randn(seqlen, hq, d, device=dev, generator=gen, dtype=torch.bfloat16)
-    k, v = (torch.randn(seqlen, hkv, d, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(2))
-    do = torch.randn_like(q)
+    q, k, v, do = _inputs(seqlen, hq, hkv, d)
+    dev = q.device
     scale = d**-0.5
     fwd_flops = 4.0 * area * hq * d
 
@@ -212,39 +216,35 @@ BWD_CANDIDATES = [  # (dK/dV tiles, dQ tiles)
 
 
 def sweep(masks: list[str], seqlen: int, hq: int, hkv: int, d: int, rep_ms: int) -> list[dict]:
-    """Time candidate tile configs: the forward kernel, and the whole backward per mode."""
-    dev = torch.device("cuda")
+    """Time candidate tile configs: the forward kernel alone, and the whole backward."""
     base = default_configs(torch.bfloat16, d)
+    trials = [("fwd", LaunchConfigs(KernelConfig(*f), base.dkdv, base.dq)) for f in FWD_CANDIDATES]
+    trials += [("bwd", LaunchConfigs(base.fwd, KernelConfig(*a), KernelConfig(*b))) for a, b in BWD_CANDIDATES]
+    return [res for mask in masks for res in _sweep_mask(mask, seqlen, hq, hkv, d, rep_ms, trials)]
+
+
+def _sweep_mask(mask: str, seqlen: int, hq: int, hkv: int, d: int, rep_ms: int, trials) -> list[dict]:
+    spec, _ = build_mask(mask, seqlen)
+    flops = 4.0 * spec.area() * hq * d
+    q, k, v, do = _inputs(seqlen, hq, hkv, d)
+    prep = TritonBackend().prepare(spec.table, seqlen, seqlen, q.device)
+    o, lse = TritonBackend().forward(q, k, v, prep, d**-0.5, 0.0)
     out = []
-    for mask in masks:
-        spec, _ = build_mask(mask, seqlen)
-        flops = 4.0 * spec.area() * hq * d
-        gen = torch.Generator(device=dev).manual_seed(0)
-        q = torch.randn(seqlen, hq, d, device=dev, generator=gen, dtype=torch.bfloat16)
-        k, v = (torch.randn(seqlen, hkv, d, device=dev, generator=gen, dtype=torch.bfloat16) for _ in range(2))
-        do = torch.randn_like(q)
-        trials = [("fwd", KernelConfig(*f), base.dkdv, base.dq) for f in FWD_CANDIDATES]
-        trials += [("bwd", base.fwd, KernelConfig(*a), KernelConfig(*b)) for a, b in BWD_CANDIDATES]
-        prep = TritonBackend().prepare(spec.table, seqlen, seqlen, dev)
-        o, lse = TritonBackend().forward(q, k, v, prep, d**-0.5, 0.0)
-        for what, fwd_cfg, dkdv_cfg, dq_cfg in trials:
-            cfgs = LaunchConfigs(fwd_cfg, dkdv_cfg, dq_cfg)
-            be = TritonBackend(configs=lambda dtype, hd, cfgs=cfgs: cfgs)
-            if what == "fwd":
-                fn, work = (lambda: be.forward(q, k, v, prep, d**-0.5, 0.0)), flops  # noqa: E731
-                shape = asdict(fwd_cfg)
-            else:
-                fn, work = (lambda: be.backward(do, q, k, v, o, lse, prep, d**-0.5, 0.0)), 2.5 * flops  # noqa: E731
-                shape = {"dkdv": asdict(dkdv_cfg), "dq": asdict(dq_cfg)}
-            res = {"mask": mask, "what": what, "cfg": shape}
-            try:
-                ms = _bench_ms(fn, rep_ms)
-                res.update(ms=ms, tflops=work / ms * 1e-9)
-            except Exception as e:  # noqa: BLE001 - a config may not fit shared memory
-                res.update(error=str(e).splitlines()[0][:160])
-            out.append(res)
-            print(json.dumps(res), flush=True)
-        del q, k, v, do, o, lse
+    for what, cfgs in trials:
+        be = TritonBackend(configs=lambda dtype, hd, cfgs=cfgs: cfgs)
+        if what == "fwd":
+            fn, work, shape = (lambda: be.forward(q, k, v, prep, d**-0.5, 0.0)), flops, asdict(cfgs.fwd)  # noqa: E731
+        else:
+            fn, work = (lambda: be.backward(do, q, k, v, o, lse, prep, d**-0.5, 0.0)), 2.5 * flops  # noqa: E731
+            shape = {"dkdv": asdict(cfgs.dkdv), "dq": asdict(cfgs.dq)}
+        res = {"mask": mask, "what": what, "cfg": shape}
+        try:
+            ms = _bench_ms(fn, rep_ms)
+            res.update(ms=ms, tflops=work / ms * 1e-9)
+        except Exception as e:  # noqa: BLE001 - a config may not fit shared memory
+            res.update(error=str(e).splitlines()[0][:160])
+        out.append(res)
+        print(json.dumps(res), flush=True)
     return out
 
 

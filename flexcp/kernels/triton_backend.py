@@ -9,8 +9,6 @@ nor a GPU; the kernels are imported on first use.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-
 import numpy as np
 import torch
 

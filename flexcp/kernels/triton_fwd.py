@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from .triton_lang import jit, tl, triton
+from .triton_lang import jit, tl
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 
 @jit
@@ -143,4 +142,4 @@ def launch_forward(q, k, v, out, lse, sched, softmax_scale: float, softcap: floa
     )  # fmt: skip
 
 
-__all__ = ["launch_forward", "logits2", "softmax_consts", "dot_precision", "LOG2E", "triton"]
+__all__ = ["launch_forward", "logits2", "softmax_consts", "dot_precision", "LOG2E"]
