@@ -50,7 +50,7 @@ def resolve_scale(head_dim: int, softmax_scale: float | None, softcap: float) ->
 
 
 def select_backend(name: str, q: torch.Tensor, k: torch.Tensor, softcap: float) -> AttnBackend:
-    """Resolve ``backend=`` ('auto' picks triton on CUDA when it can run, else the reference)."""
+    """Resolve ``backend=`` ('auto': cuDNN/Triton on CUDA when they can run, else the reference)."""
     if name != "auto":
         backend = get_backend(name)
         reason = backend.unsupported(q, k, softcap)
@@ -68,8 +68,11 @@ def select_backend(name: str, q: torch.Tensor, k: torch.Tensor, softcap: float) 
     return get_backend("reference")
 
 
-AUTO_CUDA_ORDER: list[str] = ["triton"]
-"""Backends 'auto' tries on CUDA, in order, before falling back to the reference."""
+AUTO_CUDA_ORDER: list[str] = ["sdpa", "triton"]
+"""Backends 'auto' tries on CUDA, in order, before falling back to the reference.
+
+``sdpa`` runs a mask that is one full or square causal rectangle on cuDNN (measured faster
+than the Triton kernel there) and hands every other mask to Triton."""
 
 
 def prepared(backend: AttnBackend, spec: AttnMaskSpec, device: torch.device) -> Any:
