@@ -46,6 +46,7 @@ from ..kernels import select_backend
 from ..kernels.backend import AttnBackend
 from ..mask import AttnMaskSpec, causal, prefix_tree, sliding_window, varlen
 from ..runtime import DEFAULT_NUM_STAGES, build_key, calc_attn, clear_cache
+from ..runtime.placement import choose_plan
 from ..runtime.key import lookup
 from .cp_baselines import AllGatherScheme, CpScheme, RingScheme
 from .docdist import sample_pack
@@ -119,8 +120,10 @@ def make_scheme(name: str, spec: AttnMaskSpec, group, args, dtype, backend: Attn
     if name == "flexcp":
         return FlexcpScheme(spec, group, args, dtype)
     cp = 1 if group is None else dist.get_world_size(group)
-    solver = args.solver if name == "allgather" else "zigzag"  # allgather shards exactly like flexcp
-    plan = build_plan(spec, cp, args.chunk_size, solver=solver)
+    if name == "allgather":  # shards exactly like flexcp (same solver, 'auto' resolved the same way)
+        plan = choose_plan(spec, cp, args.chunk_size, args.solver, args.num_stages, args.heads, args.kv_heads)[0]
+    else:
+        plan = build_plan(spec, cp, args.chunk_size, solver="zigzag")
     cls = AllGatherScheme if name == "allgather" else RingScheme
     return cls(spec.table, plan, group, backend, args.kv_heads, args.head_dim, dtype, device)
 
@@ -317,7 +320,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--prompt-frac", type=float, default=0.25, help="prefix tree: prompt share of the tokens")
     p.add_argument("--completions", type=int, default=8, help="prefix tree: completions sharing the prompt")
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
-    p.add_argument("--solver", choices=sorted(SOLVERS), default="greedy", help="flexcp's (and allgather's) sharding")
+    p.add_argument("--solver", choices=["auto", *sorted(SOLVERS)], default="auto",
+                   help="flexcp's (and allgather's) sharding; 'auto' as in build_key")
     p.add_argument("--num-stages", type=int, default=DEFAULT_NUM_STAGES, help="flexcp remote stages")
     p.add_argument("--kernel", default="auto", help="single-device backend for every scheme")
     p.add_argument("--warmup", type=int, default=2)
