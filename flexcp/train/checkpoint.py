@@ -1,0 +1,121 @@
+"""Resumable checkpoints with torch.distributed.checkpoint, and the final HF export.
+
+A checkpoint ``<out_dir>/checkpoints/step_<N>/`` holds the sharded model and optimizer
+(DTensors, written by every rank in parallel), the LR scheduler, the data position and
+the RNG states; loading it gives bit-identical continuation. Directories are written
+under a temporary name and renamed when complete, so a crash never leaves a half
+checkpoint that looks valid.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.checkpoint.stateful import Stateful
+
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+@dataclass
+class TrainProgress:
+    """Where training stands: optimizer steps done and the next global micro-batch index."""
+
+    step: int = 0
+    data_index: int = 0
+
+
+class _RunState(Stateful):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                 progress: TrainProgress) -> None:
+        self.model, self.optimizer, self.scheduler, self.progress = model, optimizer, scheduler, progress
+
+    def state_dict(self) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        return {"model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict(),
+                "progress": {"step": self.progress.step, "data_index": self.progress.data_index}, "rng": rng}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        set_state_dict(self.model, self.optimizer, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        self.scheduler.load_state_dict(sd["scheduler"])
+        self.progress.step = int(sd["progress"]["step"])
+        self.progress.data_index = int(sd["progress"]["data_index"])
+        torch.set_rng_state(sd["rng"]["cpu"])
+        if "cuda" in sd["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state(sd["rng"]["cuda"])
+
+
+def checkpoint_dir(out_dir: str) -> str:
+    return os.path.join(out_dir, "checkpoints")
+
+
+def latest_checkpoint(out_dir: str) -> str | None:
+    """The newest complete ``step_<N>`` directory under ``out_dir/checkpoints``, or None."""
+    root = checkpoint_dir(out_dir)
+    if not os.path.isdir(root):
+        return None
+    steps = [(int(m.group(1)), name) for name in os.listdir(root) if (m := _STEP_DIR.match(name))]
+    return os.path.join(root, max(steps)[1]) if steps else None
+
+
+def save_checkpoint(out_dir: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    progress: TrainProgress, keep: int) -> str:
+    """Write ``step_<progress.step>`` (collective: every rank calls it); keep the newest ``keep``."""
+    root = checkpoint_dir(out_dir)
+    final = os.path.join(root, f"step_{progress.step:08d}")
+    tmp = final + ".tmp"
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    dcp.save({"run": _RunState(model, optimizer, scheduler, progress)}, checkpoint_id=tmp)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(final, ignore_errors=True)
+        os.rename(tmp, final)
+        done = sorted(n for n in os.listdir(root) if _STEP_DIR.match(n))
+        for old in done[:-keep]:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    progress: TrainProgress) -> None:
+    """Restore everything :func:`save_checkpoint` wrote (collective)."""
+    if not os.path.isdir(path):
+        raise ValueError(f"checkpoint {path!r} does not exist")
+    dcp.load({"run": _RunState(model, optimizer, scheduler, progress)}, checkpoint_id=path)
+
+
+def export_hf(model: nn.Module, lm: nn.Module, prefix: str, tokenizer: Any, out_dir: str) -> str | None:
+    """Gather the full weights and write an HF safetensors directory (collective; rank 0 writes).
+
+    ``prefix`` is where the HF model sits inside ``model`` (e.g. ``"lm."``). The result
+    loads with ``AutoModelForCausalLM.from_pretrained(out_dir)``.
+    """
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.get_rank() != 0:
+        dist.barrier()
+        return None
+    sd = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+    os.makedirs(out_dir, exist_ok=True)
+    lm.save_pretrained(out_dir, state_dict=sd, safe_serialization=True)
+    tokenizer.save(out_dir)
+    dist.barrier()
+    return out_dir

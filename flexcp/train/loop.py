@@ -1,0 +1,219 @@
+"""The training loop: build everything from the config, then step.
+
+One optimizer step = ``grad_accum`` packed sequences per dp rank. Each sequence is the
+same on every rank of its CP group; flexcp dispatches it (input ids, pre-shifted labels,
+position ids) with the step's key, each rank runs the model on its shard, and the
+per-shard loss sum is divided by the step's global label count before backward, so
+gradients summed by FSDP over dp x cp are those of the plain mean loss.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from .checkpoint import TrainProgress, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import FinetuneConfig, to_dict, validate
+from .data import PackedSequence, build_source
+from .loss import CausalLMLoss
+from .metrics import MetricsLogger, StepMetrics, model_flops
+from .model import build_model, count_params
+from .parallel import ParallelDims, apply_fsdp, build_parallel, init_distributed
+from .tokenizer import load_tokenizer
+
+EVAL_INDEX_BASE = 1 << 40
+"""Held-out micro-batch indices (synthetic sources) start here, far from any training index."""
+
+
+class WarmupCosine:
+    """LR multiplier: linear warm-up to 1, then cosine decay to ``min_ratio`` at ``total`` steps."""
+
+    def __init__(self, warmup: int, total: int, min_ratio: float) -> None:
+        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / (self.warmup + 1)
+        frac = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Decay matrices only (norm weights and biases are 1-D)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+class Trainer:
+    """Owns the mesh, model, optimizer, scheduler, data and logger of one run (every rank builds one)."""
+
+    def __init__(self, cfg: FinetuneConfig) -> None:
+        self.device = init_distributed()
+        self.cfg = validate(cfg, dist.get_world_size())
+        self.rank = dist.get_rank()
+        p, t = cfg.parallel, cfg.train
+        self.dims: ParallelDims = build_parallel(p.dp, p.cp, self.device)
+        self.magi = self._setup_attention()
+        self.tokenizer = load_tokenizer(cfg.model.tokenizer)
+        self.lm = build_model(cfg.model, self.tokenizer.vocab_size, self.device, t.seed)
+        self.bf16 = t.dtype == "bf16" or (t.dtype == "auto" and self.device.type == "cuda")
+        self.model = apply_fsdp(CausalLMLoss(self.lm, t.loss_chunk_tokens), self.lm, self.dims, self.bf16)
+        self.optimizer = torch.optim.AdamW(_param_groups(self.model, t.weight_decay), lr=t.lr,
+                                           betas=tuple(t.betas), eps=t.eps, foreach=True)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, WarmupCosine(t.warmup_steps, t.steps, t.min_lr_ratio))
+        self.source = build_source(cfg, self.tokenizer)
+        self.progress = TrainProgress()
+        c = self.lm.config
+        self.arch = dict(layers=c.num_hidden_layers, heads=c.num_attention_heads,
+                         head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+        self.num_params, self.matmul_params = count_params(self.lm)
+        self.resumed_from: str | None = None
+        self.metrics: MetricsLogger | None = None
+        if cfg.checkpoint.resume and (path := latest_checkpoint(cfg.out_dir)):
+            load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.progress)
+            self.resumed_from = path
+
+    # ------------------------------------------------------------------------------ attention wiring
+
+    def _setup_attention(self):
+        """``setup_magi`` for ``attn_implementation="magi"`` (registers the HF backend, resolves the CP group)."""
+        if self.cfg.model.attn_implementation != "magi":
+            return None
+        from ..magi_attn_utils import setup_magi
+
+        state = setup_magi(self.cfg, self.dims.mesh)
+        if not state.enabled:
+            raise RuntimeError("setup_magi did not enable magi for model.attn_implementation='magi'")
+        return state
+
+    def _local_batch(self, seq: PackedSequence) -> dict[str, Any]:
+        """This rank's shard of a global sequence: ``input_ids``, ``position_ids``, ``labels`` (+ ``magi_key``).
+
+        With magi, flexcp builds the step's key from the sequence's mask and dispatches the
+        three fields with it (identity plus chunk padding at cp = 1).
+        """
+        batch = {
+            "input_ids": seq.input_ids[None].to(self.device),
+            "labels": seq.labels[None].to(self.device),
+            "position_ids": seq.position_ids[None].to(self.device),
+        }
+        if self.magi is None:
+            return batch
+        from ..magi_attn_utils import magi_prepare_batch
+
+        batch["attn_spec"] = seq.spec
+        local, _ = magi_prepare_batch(self.lm, batch, self.magi.cp_group, chunk_size=self.cfg.parallel.chunk_size)
+        return local
+
+    def _run(self, seq: PackedSequence) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self._local_batch(seq)
+        extra = {"magi_key": batch["magi_key"]} if "magi_key" in batch else {}
+        return self.model(batch["input_ids"], batch["position_ids"], batch["labels"], **extra)
+
+    # ----------------------------------------------------------------------------------- stepping
+
+    def _indices(self, data_index: int, count: int) -> list[int]:
+        """This dp rank's micro-batches: global indices ``data_index + a * dp + dp_rank``."""
+        dp, r = self.dims.dp, self.dims.dp_rank
+        return [data_index + a * dp + r for a in range(count)]
+
+    def _global_sum(self, values: list[float], group: dist.ProcessGroup | None = None) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, group=group)
+        return t.tolist()
+
+    def train_step(self) -> StepMetrics:
+        """One optimizer step over ``grad_accum`` micro-batches per dp rank."""
+        t0 = time.perf_counter()
+        t = self.cfg.train
+        seqs = [self.source.get(i) for i in self._indices(self.progress.data_index, t.grad_accum)]
+        local_labels = sum(s.num_label_tokens for s in seqs)
+        area = sum(s.spec.area() for s in seqs)
+        n_labels, area = self._global_sum([local_labels, area], self.dims.dp_group)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        hits = torch.zeros((), dtype=torch.float64, device=self.device)
+        for seq in seqs:
+            part, correct = self._run(seq)
+            (part / max(n_labels, 1.0)).backward()
+            loss_sum += part.detach()
+            hits += correct
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.max_grad_norm or float("inf"))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        total_loss, total_hits = self._global_sum([loss_sum.item(), hits.item()])
+        self.progress.step += 1
+        self.progress.data_index += t.grad_accum * self.dims.dp
+        tokens = len(seqs) * self.cfg.data.seq_len * self.dims.dp
+        return StepMetrics(
+            step=self.progress.step, loss=total_loss / max(n_labels, 1.0), acc=total_hits / max(n_labels, 1.0),
+            lr=lr, grad_norm=float(grad_norm), tokens=tokens, label_tokens=int(n_labels),
+            flops=model_flops(self.matmul_params, tokens, int(area), **self.arch), seconds=time.perf_counter() - t0,
+        )
+
+    @torch.no_grad()
+    def evaluate(self, num_batches: int, start: int = EVAL_INDEX_BASE) -> tuple[float, float]:
+        """``(mean loss, accuracy)`` over label tokens of micro-batches ``start ..``, split over dp ranks."""
+        loss_sum = hits = labels = 0.0
+        for i in self._indices(start, -(-num_batches // self.dims.dp)):
+            seq = self.source.get(i)
+            part, correct = self._run(seq)
+            loss_sum, hits = loss_sum + part.item(), hits + correct.item()
+            labels += seq.num_label_tokens / self.dims.cp  # every CP rank holds the same sequence
+        loss_sum, hits, labels = self._global_sum([loss_sum, hits, labels])
+        return loss_sum / max(labels, 1.0), hits / max(labels, 1.0)
+
+    # ------------------------------------------------------------------------------------ the run
+
+    def fit(self, steps: int | None = None) -> dict[str, Any]:
+        """Train until ``train.steps`` (or ``steps`` more); checkpoint, export, and return the summary."""
+        cfg = self.cfg
+        end = cfg.train.steps if steps is None else min(cfg.train.steps, self.progress.step + steps)
+        main = self.rank == 0
+        if main:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
+                yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+        log = self.metrics = MetricsLogger(cfg.out_dir, cfg.train.steps, self.progress.step, cfg.logging.log_every,
+                                           cfg.logging.progress, cfg.logging.tensorboard, main, self.device,
+                                           dist.get_world_size())
+        log.write(self.describe())
+        while self.progress.step < end:
+            log.log(self.train_step())
+            every = cfg.checkpoint.every
+            if every and self.progress.step % every == 0 and self.progress.step < cfg.train.steps:
+                save_checkpoint(cfg.out_dir, self.model, self.optimizer, self.scheduler, self.progress,
+                                cfg.checkpoint.keep)
+        extra: dict[str, Any] = {}
+        if self.progress.step >= cfg.train.steps:
+            extra["checkpoint"] = save_checkpoint(cfg.out_dir, self.model, self.optimizer, self.scheduler,
+                                                  self.progress, cfg.checkpoint.keep)
+            if cfg.checkpoint.export_hf:
+                extra["hf_export"] = export_hf(self.model, self.lm, "lm.", self.tokenizer,
+                                               os.path.join(cfg.out_dir, "hf"))
+        return log.close(extra)
+
+    def describe(self) -> str:
+        """One paragraph on what this run is."""
+        c = self.cfg
+        src = c.model.path or f"preset {c.model.preset!r} (random init)"
+        return (f"flexcp finetune: {src}, {self.num_params / 1e6:.1f}M params, attention {c.model.attn_implementation!r}; "
+                f"mesh dp={self.dims.dp} x cp={self.dims.cp} on {self.device.type} "
+                f"({'bf16' if self.bf16 else 'fp32'}); data {c.data.kind!r}, seq_len {c.data.seq_len}, "
+                f"{c.train.grad_accum * self.dims.dp} sequences/step; steps {self.progress.step}->{c.train.steps}"
+                + (f"; resumed from {self.resumed_from}" if self.resumed_from else ""))
+
+
+def close_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

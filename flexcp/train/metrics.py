@@ -1,0 +1,193 @@
+"""What a run shows and records: a rank-0 progress bar, metrics.jsonl, TensorBoard, a final summary.
+
+Throughput counts every token of every packed sequence (padding included: it is
+computed). Model FLOPs per step = 6 * N * tokens (N: parameters used in matmuls) plus
+attention 12 * layers * heads * head_dim * area, where area is the number of (q, k)
+cells the step's masks keep (3x the 4 * area * heads * d forward cost, the usual
+fwd + bwd convention; activation recomputation is not counted).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class StepMetrics:
+    step: int
+    loss: float
+    acc: float
+    lr: float
+    grad_norm: float
+    tokens: int
+    """Tokens processed by the whole world this step."""
+    label_tokens: int
+    flops: float
+    """Model FLOPs of the whole world this step."""
+    seconds: float
+
+
+def model_flops(num_matmul_params: int, tokens: int, area: int, layers: int, heads: int, head_dim: int) -> float:
+    """Training FLOPs of ``tokens`` tokens whose attention keeps ``area`` cells (see the module doc)."""
+    return 6.0 * num_matmul_params * tokens + 12.0 * layers * heads * head_dim * area
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak allocated GPU memory of this rank, or the process's peak RSS on CPU (GiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class _Plain:
+    def __init__(self, total: int, initial: int) -> None:
+        self.n = initial
+
+    def update(self, n: int, text: str) -> None:
+        self.n = n
+
+    def write(self, line: str) -> None:
+        print(line, flush=True)
+
+    def close(self) -> None:
+        pass
+
+
+class _Tqdm(_Plain):
+    def __init__(self, total: int, initial: int) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+
+    def update(self, n: int, text: str) -> None:
+        self.bar.update(n - self.bar.n)
+        self.bar.set_postfix_str(text, refresh=True)
+
+    def write(self, line: str) -> None:
+        self.bar.write(line)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+class _Rich(_Plain):
+    def __init__(self, total: int, initial: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                 TextColumn("{task.fields[text]}"))
+        self.task = self.progress.add_task("train", total=total, completed=initial, text="")
+        self.progress.start()
+
+    def update(self, n: int, text: str) -> None:
+        self.progress.update(self.task, completed=n, text=text)
+
+    def write(self, line: str) -> None:
+        self.progress.console.print(line, highlight=False)
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def _make_bar(kind: str, total: int, initial: int) -> _Plain | None:
+    if kind == "none":
+        return None
+    if kind == "auto":
+        kind = next((k for k in ("tqdm", "rich") if importlib.util.find_spec(k)), "plain")
+    return {"tqdm": _Tqdm, "rich": _Rich, "plain": _Plain}[kind](total, initial)
+
+
+class MetricsLogger:
+    """Rank 0 shows and writes; other ranks only keep the numbers (so every rank can return a summary)."""
+
+    def __init__(self, out_dir: str, total_steps: int, start_step: int, log_every: int, progress: str,
+                 tensorboard: bool, is_main: bool, device: torch.device, world_size: int) -> None:
+        self.log_every, self.is_main, self.device, self.world = log_every, is_main, device, world_size
+        self.history: list[StepMetrics] = []
+        self.start_step = start_step
+        self.bar = self.jsonl = self.tb = None
+        if is_main:
+            os.makedirs(out_dir, exist_ok=True)
+            self.bar = _make_bar(progress, total_steps, start_step)
+            self.jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "a" if start_step else "w")
+            if tensorboard and importlib.util.find_spec("tensorboard"):
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
+
+    def derived(self, m: StepMetrics) -> dict[str, float]:
+        """Per-second and per-device numbers of one step."""
+        return {
+            "tokens_per_s": m.tokens / m.seconds,
+            "tokens_per_s_per_device": m.tokens / m.seconds / self.world,
+            "tflops_per_device": m.flops / m.seconds / self.world / 1e12,
+            "memory_gb": peak_memory_gb(self.device),
+        }
+
+    def log(self, m: StepMetrics) -> None:
+        self.history.append(m)
+        if not self.is_main:
+            return
+        d = self.derived(m)
+        if self.bar is not None:
+            self.bar.update(m.step, f"loss {m.loss:.4f} acc {m.acc:.3f} {d['tokens_per_s']:,.0f} tok/s "
+                                    f"{d['tflops_per_device']:.3g} TFLOP/s {d['memory_gb']:.2f} GB")
+        if m.step % self.log_every == 0 or m.step == self.start_step + 1:
+            record = {**asdict(m), **d}
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+            self.write(f"step {m.step:>6} | loss {m.loss:.4f} | acc {m.acc:.3f} | lr {m.lr:.2e} | "
+                       f"grad {m.grad_norm:.3f} | {d['tokens_per_s']:,.0f} tok/s | "
+                       f"{d['tflops_per_device']:.3g} TFLOP/s/dev | {d['memory_gb']:.2f} GB")
+            if self.tb is not None:
+                for k, v in {"loss": m.loss, "acc": m.acc, "lr": m.lr, "grad_norm": m.grad_norm, **d}.items():
+                    self.tb.add_scalar(f"train/{k}", v, m.step)
+
+    def write(self, line: str) -> None:
+        """Print a line on rank 0 without breaking the progress bar."""
+        if not self.is_main:
+            return
+        if self.bar is None:
+            print(line, flush=True)
+        else:
+            self.bar.write(line)
+
+    def summary(self) -> dict[str, Any]:
+        """Numbers of the run so far; throughput skips the first step (warm-up) when there are more."""
+        timed = self.history[1:] if len(self.history) > 1 else self.history
+        seconds = sum(m.seconds for m in timed) or float("nan")
+        last = self.history[-min(len(self.history), self.log_every):]
+        return {
+            "steps": len(self.history),
+            "final_step": self.history[-1].step if self.history else self.start_step,
+            "loss": sum(m.loss for m in last) / max(1, len(last)),
+            "acc": sum(m.acc for m in last) / max(1, len(last)),
+            "tokens_per_s": sum(m.tokens for m in timed) / seconds,
+            "tokens_per_s_per_device": sum(m.tokens for m in timed) / seconds / self.world,
+            "tflops_per_device": sum(m.flops for m in timed) / seconds / self.world / 1e12,
+            "peak_memory_gb": peak_memory_gb(self.device),
+            "train_seconds": sum(m.seconds for m in self.history),
+        }
+
+    def close(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Close the outputs; rank 0 prints the summary (plus ``extra``) and returns it."""
+        s = {**self.summary(), **(extra or {})}
+        if self.bar is not None:
+            self.bar.close()
+        if self.is_main:
+            if self.jsonl is not None:
+                self.jsonl.close()
+            if self.tb is not None:
+                self.tb.close()
+            print("\nsummary:", flush=True)
+            for k, v in s.items():
+                print(f"  {k:<24} {v:,.4g}" if isinstance(v, float) else f"  {k:<24} {v}", flush=True)
+        return s

@@ -1,0 +1,77 @@
+"""Model building: a local HF checkpoint (``from_pretrained``, no network) or a built-in Llama preset."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import ConfigError, ModelConfig
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # the demo's model: a 2-layer Llama that learns the recall task on two CPU cores in a minute
+    "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2),
+    # about 1.1B parameters (Llama-3.2-1B shapes with a 32k vocabulary): the GPU benchmark's model
+    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                     num_key_value_heads=8, vocab_size=32000, rope_theta=500000.0),
+}
+_PRESET_DEFAULTS = dict(max_position_embeddings=1 << 20, tie_word_embeddings=False, use_cache=False)
+
+
+def preset_config(name: str, vocab_size: int, overrides: dict[str, Any] | None = None):
+    """The ``LlamaConfig`` of a preset; ``vocab_size`` is the tokenizer's unless the preset fixes a larger one."""
+    from transformers import LlamaConfig
+
+    fields = {**_PRESET_DEFAULTS, **PRESETS[name], **(overrides or {})}
+    fields["vocab_size"] = max(vocab_size, fields.get("vocab_size", 0))
+    try:
+        return LlamaConfig(**fields)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"model.overrides {overrides} do not make a valid LlamaConfig: {exc}") from None
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, device: torch.device, seed: int) -> nn.Module:
+    """The HF causal LM in float32 on ``device`` (same initial weights on every rank), ready to train.
+
+    ``attn_implementation="magi"`` must be registered first (``flexcp.magi_attn_utils.setup_magi``).
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    if cfg.path is not None:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.path, attn_implementation=cfg.attn_implementation, dtype=torch.float32, local_files_only=True
+        ).to(device)
+    else:
+        config = preset_config(cfg.preset, vocab_size, cfg.overrides)
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation,
+                                                     dtype=torch.float32)
+    model.config.use_cache = False
+    emb = model.get_input_embeddings().num_embeddings
+    if emb < vocab_size:
+        raise ConfigError(f"the model has {emb} token embeddings but the tokenizer {vocab_size} ids; "
+                          "use the checkpoint's own tokenizer (model.tokenizer)")
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    return model
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks of an HF decoder-only model (the FSDP and checkpointing units)."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: cannot find the decoder layers (model.get_decoder().layers)")
+    return list(layers)
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """``(all parameters, parameters used in matmuls)``: the input embedding table is a lookup."""
+    total = sum(p.numel() for p in model.parameters())
+    emb = model.get_input_embeddings().weight
+    out = model.get_output_embeddings()
+    tied = out is not None and out.weight is emb
+    return total, total - (0 if tied else emb.numel())

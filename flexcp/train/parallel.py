@@ -1,0 +1,98 @@
+"""Process group, the (dp, cp) DeviceMesh, and FSDP2 over all dp x cp ranks."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from .model import decoder_layers
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """Where this rank sits: ``mesh`` is 2-D ``("dp", "cp")``; ``fsdp_mesh`` flattens it."""
+
+    mesh: DeviceMesh
+    fsdp_mesh: DeviceMesh
+    device: torch.device
+
+    @property
+    def dp(self) -> int:
+        return self.mesh["dp"].size()
+
+    @property
+    def cp(self) -> int:
+        return self.mesh["cp"].size()
+
+    @property
+    def dp_rank(self) -> int:
+        return self.mesh["dp"].get_local_rank()
+
+    @property
+    def cp_group(self) -> dist.ProcessGroup:
+        return self.mesh["cp"].get_group()
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup:
+        return self.mesh["dp"].get_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> torch.device:
+    """Join (or create) the default process group: NCCL with one GPU per rank, else gloo.
+
+    Under torchrun the env:// variables are used; a plain ``python`` launch becomes a
+    world of one. Returns this rank's device.
+    """
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(_free_port()))
+        if device.type == "cuda":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
+    return device
+
+
+def build_parallel(dp: int, cp: int, device: torch.device) -> ParallelDims:
+    """The ``(dp, cp)`` mesh over the default group; CP groups are consecutive ranks (fast links first)."""
+    if dp * cp != dist.get_world_size():
+        raise ValueError(f"dp ({dp}) x cp ({cp}) must equal the world size ({dist.get_world_size()})")
+    mesh = init_device_mesh(device.type, (dp, cp), mesh_dim_names=("dp", "cp"))
+    return ParallelDims(mesh, mesh["dp", "cp"]._flatten("dp_cp"), device)
+
+
+def apply_fsdp(model: nn.Module, lm: nn.Module, dims: ParallelDims, bf16: bool) -> nn.Module:
+    """FSDP2 ``fully_shard`` per decoder layer, then the root, sharded over all dp x cp ranks.
+
+    Gradients are SUMMED over the ranks (divide factor 1): the per-rank losses are
+    already normalized by the global label count, and dispatched inputs need the sum over
+    the CP group.
+    """
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    for layer in decoder_layers(lm):
+        fully_shard(layer, mesh=dims.fsdp_mesh, mp_policy=mp)
+    fully_shard(model, mesh=dims.fsdp_mesh, mp_policy=mp)
+    for module in model.modules():
+        if hasattr(module, "set_gradient_divide_factor"):
+            module.set_gradient_divide_factor(1.0)
+            module.set_force_sum_reduction_for_comms(True)  # plain SUM (gloo has no PREMUL_SUM)
+    return model
