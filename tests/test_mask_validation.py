@@ -178,7 +178,7 @@ def _grid(n_blocks: int, block: int):
     "make",
     [
         lambda: varlen([7] * 10_000),
-        lambda: sliding_window([50] * 3_334, 10),  # 3 slices per document
+        lambda: sliding_window([50] * 5_000, 10),  # 2 slices per document
         lambda: _grid(100, 10),  # every q range shared by 100 slices, every k range too
         lambda: _spec([((0, 20_000), (2 * n, 2 * n + 2), "full") for n in range(10_000)], 20_000),
         lambda: prefix_tree(

@@ -137,7 +137,7 @@ def clip_band(q0, q1, k0, k1, lo, hi) -> tuple[SliceTable, np.ndarray]:
 
     Arguments are equal-length integer arrays, one band per element (use +-BIG for an
     absent bound). Rows are cut where a diagonal bound starts or stops binding, so each
-    band becomes at most 3 non-empty pieces, each exactly FULL, CAUSAL (bottom-right),
+    band becomes at most 3 non-empty pieces (1 when it is already a typed slice), each exactly FULL, CAUSAL (bottom-right),
     INV_CAUSAL (top-left) or BI_CAUSAL. Returns the pieces (ordered by band, then row)
     and the band index of each piece. This is how masks are restricted to chunks,
     windows and receive buffers.
@@ -146,8 +146,10 @@ def clip_band(q0, q1, k0, k1, lo, hi) -> tuple[SliceTable, np.ndarray]:
     r0 = np.maximum(q0, k0 - hi)
     r1 = np.maximum(r0, np.minimum(q1, k1 - lo))
     r1 = np.where((k0 < k1) & (lo <= hi), r1, r0)  # empty key range or crossed diagonals: no rows
-    lower_from = k0 - lo + 1  # rows >= this have their lower bound binding
-    upper_until = k1 - 1 - hi  # rows < this have their upper bound binding
+    # A row whose diagonal bound lands exactly on the rectangle's edge may join either side;
+    # it joins the diagonal piece, so a whole causal square stays one CAUSAL slice.
+    lower_from = k0 - lo  # rows >= this start at i + lo (>= k0)
+    upper_until = k1 - hi  # rows < this end at i + hi (<= k1 - 1)
     c1 = np.clip(np.minimum(lower_from, upper_until), r0, r1)
     c2 = np.clip(np.maximum(lower_from, upper_until), c1, r1)
     band = np.tile(np.arange(len(q0)), 3)
