@@ -9,6 +9,8 @@ import sys
 # subcommand -> (module with main(argv) -> int, help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "example": ("flexcp.example", "build a prefix-tree mask and run attention on it (CPU-friendly)"),
+    "finetune": ("flexcp.train.cli", "fine-tune an HF model with FSDP2 x context parallelism (YAML config; torchrun)"),
+    "demo": ("flexcp.train.demo", "2 local CPU processes learn long-range recall with cp=2 (a minute or two)"),
 }
 BENCHES: dict[str, tuple[str, str]] = {
     "cp": ("flexcp.bench.cp_bench", "distributed attention per GPU: flexcp vs all-gather and ring (torchrun)"),
