@@ -52,7 +52,9 @@ class DistAttnFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, state: DistAttnState, backend: AttnBackend, scale: float, softcap: float):
         host, stage_preps = state.preps(backend, q.device)
         handles = state.cast_kv(k, v)
-        out, lse = backend.forward(q, k, v, host, scale, softcap, out_dtype=torch.float32)
+        # partials merge in float32; with no remote stage the host result is final (and may take a fast path)
+        partial_dtype = torch.float32 if state.plan.stages else None
+        out, lse = backend.forward(q, k, v, host, scale, softcap, out_dtype=partial_dtype)
         for stage, prep, handle in zip(state.plan.stages, stage_preps, handles):
             k_r, v_r = (t.contiguous() for t in handle.wait())
             if len(stage.table):
