@@ -3,7 +3,9 @@
 Each (tokens, mask) row runs in a fresh spawned process, so memory numbers do not leak
 between rows. Time: one warm-up run, then the fastest of ``--repeats`` runs (the least disturbed
 by other work on a shared machine); a row whose warm-up already takes longer than
-``--single-run-s`` reports that one run instead.
+``--single-run-s`` reports that one run instead. CPU share = process CPU time / wall
+time of that run: about the thread count when the row had the cores to itself, lower
+when other work competed (so the row's times are pessimistic).
 Memory: the process's peak resident set size (``ru_maxrss``) minus its RSS right after
 q, k, v were built, i.e. what attention adds at its high-water mark (scores of one tile,
 autograd's saved tensors, gradients; freed-but-kept heap pages count too). Forward rows
@@ -67,19 +69,19 @@ def _load_average() -> float:
         return -1.0
 
 
-def _timed(fn, repeats: int, single_run_s: float) -> tuple[float, int]:
-    """(seconds, number of timed runs): fastest run after a warm-up, or the warm-up alone if it is slow."""
-    start = time.perf_counter()
+def _run_once(fn) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    first = time.perf_counter() - start
-    if first > single_run_s:
-        return first, 1
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times), repeats
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _timed(fn, repeats: int, single_run_s: float) -> tuple[float, float, int]:
+    """(wall s, CPU share, timed runs): the fastest run after a warm-up, or the warm-up alone if it is slow."""
+    first = _run_once(fn)
+    runs = [first] if first[0] > single_run_s else [_run_once(fn) for _ in range(repeats)]
+    wall, cpu = min(runs)
+    return wall, cpu / wall, len(runs)
 
 
 def measure(cfg: dict) -> dict:
@@ -103,9 +105,9 @@ def measure(cfg: dict) -> dict:
         out, _ = attention(q, k, v, spec, backend="reference")
         torch.autograd.grad(out, (q, k, v), dout)
 
-    fwd_s, fwd_runs = _timed(forward, cfg["repeats"], cfg["single_run_s"])
+    fwd_s, fwd_cpu, fwd_runs = _timed(forward, cfg["repeats"], cfg["single_run_s"])
     fwd_peak = _peak_rss_bytes() - base
-    both_s, both_runs = _timed(forward_backward, cfg["repeats"], cfg["single_run_s"])
+    both_s, both_cpu, both_runs = _timed(forward_backward, cfg["repeats"], cfg["single_run_s"])
     both_peak = _peak_rss_bytes() - base  # >= the forward's peak: fwd+bwd runs a forward too
     flops = 4.0 * spec.area() * hq * d
     return {
@@ -115,10 +117,12 @@ def measure(cfg: dict) -> dict:
         "input_bytes": sum(x.numel() * x.element_size() for x in (q, k, v, dout)),
         "fwd_s": fwd_s,
         "fwd_runs": fwd_runs,
+        "fwd_cpu_share": fwd_cpu,
         "fwd_peak_bytes": max(fwd_peak, 0),
         "fwd_gflops": flops / fwd_s / 1e9,
         "fwdbwd_s": both_s,
         "fwdbwd_runs": both_runs,
+        "fwdbwd_cpu_share": both_cpu,
         "fwdbwd_peak_bytes": max(both_peak, 0),
         "fwdbwd_gflops": 3.5 * flops / both_s / 1e9,
     }
@@ -137,22 +141,35 @@ def format_report(meta: dict, rows: list[dict]) -> str:
         f"Load average (1 min) before/after: {meta['load_before']:.1f} / {meta['load_after']:.1f}.",
         "",
         f"Reference backend (tiles {meta['block']}x{meta['block']}), float32, hq={meta['heads']}, "
-        f"hkv={meta['kv_heads']}, d={meta['head_dim']}; time = fastest of {meta['repeats']} runs after a warm-up (a run over "
-        f"{meta['single_run_s']:g} s is timed once: runs column). Peak MiB = peak RSS above the RSS after the inputs; "
+        f"hkv={meta['kv_heads']}, d={meta['head_dim']}. Time: fastest of {meta['repeats']} runs after a warm-up "
+        f"(a warm-up over {meta['single_run_s']:g} s is the one timed run; runs column, fwd / fwd+bwd). "
+        f"CPU share: CPU time / wall time of that run, fwd / fwd+bwd (about {meta['threads']} when the row had "
+        "the cores to itself). Peak MiB: peak RSS above the RSS after the inputs were built. "
         "dense MiB = one float32 score matrix [hq, S, S], for scale.",
         "",
-        "| tokens | mask | docs | fwd tok/s | fwd GFLOP/s | fwd peak MiB | fwd+bwd tok/s | fwd+bwd GFLOP/s "
-        "| fwd+bwd peak MiB | runs | inputs MiB | dense MiB |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| tokens | mask | docs | fwd s | fwd tok/s | fwd GFLOP/s | fwd peak MiB | fwd+bwd s | fwd+bwd tok/s "
+        "| fwd+bwd GFLOP/s | fwd+bwd peak MiB | CPU share | runs | dense MiB |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         dense = r["heads"] * r["tokens"] ** 2 * 4 / mib
-        lines.append(
-            f"| {_tokens_label(r['tokens'])} | {r['mask']} | {r['docs']} | {r['tokens'] / r['fwd_s']:,.0f} "
-            f"| {r['fwd_gflops']:.1f} | {r['fwd_peak_bytes'] / mib:,.0f} | {r['tokens'] / r['fwdbwd_s']:,.0f} "
-            f"| {r['fwdbwd_gflops']:.1f} | {r['fwdbwd_peak_bytes'] / mib:,.0f} | {r['fwd_runs']}/{r['fwdbwd_runs']} "
-            f"| {r['input_bytes'] / mib:,.0f} | {dense:,.0f} |"
-        )
+        cells = [
+            _tokens_label(r["tokens"]),
+            r["mask"],
+            str(r["docs"]),
+            f"{r['fwd_s']:.2f}",
+            f"{r['tokens'] / r['fwd_s']:,.0f}",
+            f"{r['fwd_gflops']:.1f}",
+            f"{r['fwd_peak_bytes'] / mib:,.0f}",
+            f"{r['fwdbwd_s']:.2f}",
+            f"{r['tokens'] / r['fwdbwd_s']:,.0f}",
+            f"{r['fwdbwd_gflops']:.1f}",
+            f"{r['fwdbwd_peak_bytes'] / mib:,.0f}",
+            f"{r['fwd_cpu_share']:.1f} / {r['fwdbwd_cpu_share']:.1f}",
+            f"{r['fwd_runs']} / {r['fwdbwd_runs']}",
+            f"{dense:,.0f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

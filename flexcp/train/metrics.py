@@ -144,7 +144,9 @@ class MetricsLogger:
             record = {**asdict(m), **d}
             self.jsonl.write(json.dumps(record) + "\n")
             self.jsonl.flush()
-            self.write(f"step {m.step:>6} | loss {m.loss:.4f} | acc {m.acc:.3f} | lr {m.lr:.2e} | "
+            window = self.history[-self.log_every:]
+            loss, acc = (sum(getattr(w, k) for w in window) / len(window) for k in ("loss", "acc"))
+            self.write(f"step {m.step:>6} | loss {loss:.4f} | acc {acc:.3f} (mean of {len(window)}) | lr {m.lr:.2e} | "
                        f"grad {m.grad_norm:.3f} | {d['tokens_per_s']:,.0f} tok/s | "
                        f"{d['tflops_per_device']:.3g} TFLOP/s/dev | {d['memory_gb']:.2f} GB")
             if self.tb is not None:
