@@ -233,13 +233,14 @@ def test_backward_uses_final_merged_stats(backend):
     ],
     ids=["full", "causal", "causal_partial_rows", "full_sq_ne_sk"],
 )
-def test_sdpa_fast_path(spec):
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2)], ids=["mha", "gqa"])
+def test_sdpa_fast_path(spec, heads):
     if DEVICE != "cuda":
         pytest.skip("cuDNN needs CUDA")
     prep = SDPA.prepare(spec.table, spec.total_seqlen, spec.total_seqlen_k, torch.device(DEVICE))
-    q, k, _, _ = make_inputs(spec, 4, 4, 128, torch.bfloat16)
+    q, k, _, _ = make_inputs(spec, *heads, 128, torch.bfloat16)
     assert SdpaBackend.fast_path_ok(prep, q, k, 0.0)
-    check(spec, 4, 4, d=128, dtype=torch.bfloat16, backend=SDPA)
+    check(spec, *heads, d=128, dtype=torch.bfloat16, backend=SDPA)
 
 
 def test_sdpa_falls_back_for_other_masks():

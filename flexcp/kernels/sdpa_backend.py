@@ -4,8 +4,8 @@ PyTorch's cuDNN attention returns the log-sum-exp and its backward takes ``out``
 ``lse`` as inputs, so it honours the backend contract (the backward uses the rows'
 *final* statistics, merged across calls by the distributed layer). It applies where the
 whole mask is a single slice that is FULL, or CAUSAL with as many query as key rows
-(then bottom-right and top-left alignment agree), with 16-bit inputs, equal q/kv heads,
-head dim <= 128 (multiple of 8) and no softcap; anything else goes to the fallback
+(then bottom-right and top-left alignment agree), with 16-bit inputs (GQA by
+repeating k/v heads), head dim <= 128 (multiple of 8) and no softcap; anything else goes to the fallback
 (Triton by default). Measured, not assumed: see docs/benchmarks.md.
 """
 
@@ -80,7 +80,6 @@ class SdpaBackend(AttnBackend):
             and q.is_cuda
             and q.dtype in (torch.bfloat16, torch.float16)
             and out_dtype in (None, q.dtype)
-            and q.shape[1] == k.shape[1]
             and q.shape[2] <= 128
             and q.shape[2] % 8 == 0
             and softcap == 0
@@ -90,8 +89,9 @@ class SdpaBackend(AttnBackend):
         if not self.fast_path_ok(prep, q, k, softcap, out_dtype):
             return self.fallback.forward(q, k, v, prep.fallback, softmax_scale, softcap, out_dtype)
         r = prep.rect
+        groups = q.shape[1] // k.shape[1]
         res = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            _bhsd(q[r.qs : r.qe]), _bhsd(k[r.ks : r.ke]), _bhsd(v[r.ks : r.ke]),
+            _bhsd(q[r.qs : r.qe]), _bhsd(_heads(k[r.ks : r.ke], groups)), _bhsd(_heads(v[r.ks : r.ke], groups)),
             None, True, 0.0, r.causal, False, scale=float(softmax_scale),
         )  # fmt: skip
         o, lse_r = res[0][0].permute(1, 0, 2), res[1].reshape(q.shape[1], r.qe - r.qs).t()
@@ -112,8 +112,10 @@ class SdpaBackend(AttnBackend):
         lse_r = lse[rows].t().contiguous().view(1, q.shape[1], sq, 1)
         # every row of a full or square-causal rectangle has keys, so lse is finite here
         unused = torch.empty((), dtype=torch.long, device=q.device)
+        groups = q.shape[1] // k.shape[1]
         grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            _bhsd(do[rows].to(q.dtype).contiguous()), _bhsd(q[rows]), _bhsd(k[r.ks : r.ke]), _bhsd(v[r.ks : r.ke]),
+            _bhsd(do[rows].to(q.dtype).contiguous()), _bhsd(q[rows]),
+            _bhsd(_heads(k[r.ks : r.ke], groups)), _bhsd(_heads(v[r.ks : r.ke], groups)),
             _bhsd(out[rows].to(q.dtype).contiguous()), lse_r, unused, unused, None, None, None, sq, sk, 0.0, r.causal,
             scale=float(softmax_scale),
         )  # fmt: skip
@@ -121,9 +123,19 @@ class SdpaBackend(AttnBackend):
         return dq, _placed(grads[1], r.ks, k.shape), _placed(grads[2], r.ks, v.shape)
 
 
+def _heads(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """GQA for cuDNN: each k/v head repeated for the ``groups`` q heads that share it (q head h uses h // groups)."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
 def _placed(g: torch.Tensor, start: int, shape: torch.Size) -> torch.Tensor:
-    """A ``[1, h, s, d]`` SDPA gradient as float32 THD rows ``[start, start + s)`` of a zero tensor of ``shape``."""
+    """A ``[1, h, s, d]`` SDPA gradient as float32 THD rows ``[start, start + s)`` of a zero tensor of ``shape``.
+
+    With GQA (``h`` a multiple of ``shape[1]``) the repeated heads' gradients are summed back.
+    """
     g = g[0].permute(1, 0, 2)
+    if g.shape[1] != shape[1]:
+        g = g.float().reshape(g.shape[0], shape[1], g.shape[1] // shape[1], g.shape[2]).sum(2)
     if g.shape[0] == shape[0]:
         return g.float().contiguous()
     full = torch.zeros(shape, dtype=torch.float32, device=g.device)
