@@ -6,7 +6,9 @@ per GPU: tokens/s, model TFLOP/s (6 N T + causal attention area, see
 ``flexcp.train.metrics``) and peak allocated memory (max over ranks). Setups:
 
 - ``sdpa cp=1``: Hugging Face's SDPA attention, each GPU trains its own sequence (dp = world);
-- ``magi cp=1|2|4``: flexcp's attention, each sequence sharded over cp GPUs (dp = world / cp).
+- ``magi cp=1|2|4``: flexcp's attention, each sequence sharded over cp GPUs (dp = world / cp);
+- ``native cp=2|4``: torch's ``context_parallel`` (ring attention over causal SDPA, head-tail
+  load balancing, see ``flexcp.bench.native_cp``), same sharding of each sequence over cp GPUs.
 
 A step that runs out of memory ends that setup. After the table lengths, ``--probe``
 lengths (one untimed-warm-up step each) look for the longest sequence each setup can
@@ -36,6 +38,7 @@ from ..train.config import from_dict
 from ..train.data import build_source
 from ..train.loop import Trainer, close_distributed
 from ..train.metrics import peak_memory_gb
+from .native_cp import NativeCPTrainer
 
 
 def _cfg(impl: str, cp: int, seq_len: int, args: argparse.Namespace) -> dict:
@@ -98,6 +101,12 @@ def _skip(seq_len: int, args, deadline: float, last: dict | None, probing: bool)
     return None
 
 
+def _build_trainer(impl: str, cp: int, seq_len: int, args) -> Trainer:
+    if impl == "native":  # an sdpa cp=1 config, sharded by torch's context_parallel
+        return NativeCPTrainer(from_dict(_cfg("sdpa", 1, seq_len, args)), cp)
+    return Trainer(from_dict(_cfg(impl, cp, seq_len, args)))
+
+
 def run_setup(impl: str, cp: int, lengths: list[int], args, deadline: float, log) -> None:
     """Measure one setup over ``lengths`` (table lengths, then probes), ``log`` each row; stop at the first OOM."""
     trainer, last = None, None
@@ -109,7 +118,7 @@ def run_setup(impl: str, cp: int, lengths: list[int], args, deadline: float, log
             continue
         try:
             if trainer is None:
-                trainer = Trainer(from_dict(_cfg(impl, cp, seq_len, args)))
+                trainer = _build_trainer(impl, cp, seq_len, args)
             _set_seq_len(trainer, seq_len)
             res = measure(trainer, 1 if probing else args.steps, 0 if probing else args.warmup)
         except torch.OutOfMemoryError:  # building the model itself
@@ -151,6 +160,9 @@ def format_table(meta: dict, rows: list[dict]) -> str:
             longest[key] = max(longest.get(key, 0), r["seq_len"])
     lines += ["", "Longest sequence trained (OOM or time limits the rest, see rows): " + ", ".join(
         f"{impl} cp={cp}: {_k(n)}" for (impl, cp), n in sorted(longest.items()))]
+    if any(r["impl"] == "native" for r in rows):
+        lines += ["", "native: torch's context_parallel (ring attention over causal SDPA, head-tail load balancing, "
+                      "K/V heads repeated for GQA), flexcp.bench.native_cp"]
     return "\n".join(lines) + "\n"
 
 
@@ -160,8 +172,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seq-lens", type=int, nargs="+", default=[32768, 65536, 131072])
     p.add_argument("--probe", type=int, nargs="*", default=[262144, 524288],
                    help="longer lengths tried with one step each, to find each setup's longest sequence")
-    p.add_argument("--cp", type=int, nargs="+", default=[1, 2, 4], help="magi CP sizes")
+    p.add_argument("--cp", type=int, nargs="+", default=[1, 2, 4], help="CP sizes (magi; native too where > 1)")
     p.add_argument("--no-sdpa", action="store_true", help="skip the HF SDPA cp=1 baseline")
+    p.add_argument("--native-cp", dest="native_cp", action="store_true", default=True,
+                   help="also run torch's native context parallelism at each --cp size > 1 (default)")
+    p.add_argument("--no-native", dest="native_cp", action="store_false", help="skip the native CP setups")
     p.add_argument("--preset", default="llama-1b")
     p.add_argument("--chunk-size", type=int, default=512)
     p.add_argument("--steps", type=int, default=1, help="timed steps per table length")
@@ -203,7 +218,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row), flush=True)
             (args.out / "e2e.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 
-    setups = ([] if args.no_sdpa else [("sdpa", 1)]) + [("magi", cp) for cp in args.cp if world % cp == 0]
+    if args.native_cp and args.cpu and rank == 0:
+        print("native CP skipped on --cpu: torch's context_parallel runs only the CUDA SDPA kernels", flush=True)
+    native = args.native_cp and not args.cpu
+    setups = [] if args.no_sdpa else [("sdpa", 1)]
+    for cp in (cp for cp in args.cp if world % cp == 0):  # magi cp=N next to native cp=N
+        setups += [("magi", cp)] + ([("native", cp)] if native and cp > 1 else [])
     lengths = sorted(args.seq_lens) + sorted(args.probe)
     deadline = start + args.budget_s
     try:
