@@ -43,7 +43,7 @@ def test_yaml_then_overrides(tmp_path):
         (["data.kind=jsonl"], 1, "set data.path"),
         (["data.kind=jsonl", "data.path=/nonexistent.jsonl"], 1, "no such file"),
         (["data.kind=rollouts", "data.path=/dev/null", "model.attn_implementation=sdpa"], 1, "prefix-tree mask"),
-        (["data.seq_len=64", "data.recall.num_pairs=4"], 1, "use data.seq_len >= 80"),
+        (["data.seq_len=64", "data.recall.num_pairs=4"], 1, "use data.seq_len >= 84"),
     ],
 )
 def test_bad_configs_fail_clearly(overrides, world, message):

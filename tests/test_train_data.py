@@ -127,7 +127,8 @@ def test_recall_needs_attention_across_shards(pairs):
         queries = np.nonzero(labels != IGNORE_INDEX)[0]
         assert len(queries) == pairs
         for q in queries:
-            (k,) = np.nonzero(ids[: s // 8] == ids[q])[0]
+            (k,) = np.nonzero(ids[: s // 2] == ids[q])[0]
+            assert s // 4 <= k < s // 2
             assert ids[k + 1] == labels[q] and chr(labels[q]) in "0123456789#$%&*+/"
             assert q - (k + 1) > s // 2  # further back than one shard at cp = 2
         assert seq.spec == AttnMaskSpec.causal(s)

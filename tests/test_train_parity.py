@@ -1,5 +1,8 @@
 """cp = 2 and dp = 2 give the loss and gradients of cp = 1, step after step (gloo, CPU).
 
+Activation checkpointing (recomputing each layer, its distributed attention included, in
+backward) must not change them either.
+
 The recipe normalizes each rank's loss sum by the step's global label count and FSDP2 sums
 gradients over dp x cp, so every layout of the same global batch must agree: one process
 with 2 accumulated micro-batches, cp = 2 with 2 accumulated micro-batches, and dp = 2.
@@ -48,10 +51,10 @@ def _data(tmp_path, kind: str) -> str:
     return str(path)
 
 
-def _cfg(tmp_path, kind: str, cp: int, dp: int) -> dict:
+def _cfg(tmp_path, kind: str, cp: int, dp: int, ac: bool = False) -> dict:
     return {
-        "out_dir": str(tmp_path / f"run_{kind}_{cp}_{dp}"),
-        "model": {"preset": "tiny", "attn_implementation": "magi"},
+        "out_dir": str(tmp_path / f"run_{kind}_{cp}_{dp}_{ac}"),
+        "model": {"preset": "tiny", "attn_implementation": "magi", "activation_checkpointing": ac},
         "data": {"kind": kind, "path": _data(tmp_path, kind), "seq_len": 256},
         "parallel": {"cp": cp, "dp": dp, "chunk_size": 32},
         "train": {"steps": 10, "grad_accum": 2 // dp, "lr": 1e-3, "warmup_steps": 0, "loss_chunk_tokens": 64},
@@ -63,8 +66,9 @@ def _cfg(tmp_path, kind: str, cp: int, dp: int) -> dict:
 @pytest.mark.parametrize("kind", ["jsonl", "rollouts"])
 def test_cp2_and_dp2_match_cp1(tmp_path, kind):
     ref = run_spawned(_train, 1, _cfg(tmp_path, kind, cp=1, dp=1), timeout=300)[0]
-    for cp, dp in [(2, 1), (1, 2)]:
-        got = run_spawned(_train, 2, _cfg(tmp_path, kind, cp=cp, dp=dp), timeout=300)[0]
+    layouts = [(2, 1, False), (1, 2, False)] + ([(2, 1, True)] if kind == "jsonl" else [])  # + activation ckpt
+    for cp, dp, ac in layouts:
+        got = run_spawned(_train, 2, _cfg(tmp_path, kind, cp=cp, dp=dp, ac=ac), timeout=300)[0]
         np.testing.assert_allclose(got["loss"], ref["loss"], rtol=2e-6, err_msg=f"loss, cp={cp} dp={dp}")
         np.testing.assert_allclose(got["norm"], ref["norm"], rtol=2e-5, err_msg=f"grad norm, cp={cp} dp={dp}")
         for step, (g, r) in enumerate(zip(got["grads"], ref["grads"])):

@@ -40,9 +40,11 @@ class ModelConfig:
 @dataclass
 class RecallConfig:
     num_pairs: int = 1
-    """Key/value pairs per sequence, all in its first eighth; each is queried once at the end."""
+    """Key/value pairs per sequence, all in its second quarter; each is queried once at the end."""
     num_values: int = 16
     """Size of the value alphabet (chance accuracy = 1 / num_values)."""
+    filler: str = "repeat"
+    """Haystack between pairs and queries: "repeat" (one token, passkey-style) or "random" (lowercase letters; harder)."""
 
 
 @dataclass
@@ -124,6 +126,7 @@ class FinetuneConfig:
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.attn_implementation": ("magi", "sdpa", "eager"),
     "data.kind": ("recall", "jsonl", "rollouts"),
+    "data.recall.filler": ("repeat", "random"),
     "train.dtype": ("auto", "bf16", "fp32"),
     "logging.progress": ("auto", "tqdm", "rich", "plain", "none"),
 }
@@ -239,8 +242,7 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
 def validate(cfg: FinetuneConfig, world_size: int) -> FinetuneConfig:
     """Check ``cfg`` for a run on ``world_size`` ranks; return it with ``parallel.dp`` resolved."""
     for dotted, allowed in CHOICES.items():
-        section, key = dotted.split(".")
-        value = getattr(getattr(cfg, section), key)
+        value = _get(cfg, dotted)
         if value not in allowed:
             raise ConfigError(f"{dotted}={value!r} is not one of {', '.join(map(repr, allowed))}")
     _positive(cfg, "data.seq_len", "parallel.cp", "parallel.chunk_size", "train.steps", "train.grad_accum",
@@ -351,5 +353,5 @@ def _check_data(cfg: FinetuneConfig) -> None:
         if d.seq_len < need:
             raise ConfigError(
                 f"data.seq_len={d.seq_len} is too short for data.recall.num_pairs={d.recall.num_pairs}: the pairs "
-                f"must fit in the first eighth of the sequence; use data.seq_len >= {need}"
+                f"must fit in the second quarter of the sequence; use data.seq_len >= {need}"
             )

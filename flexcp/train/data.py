@@ -10,8 +10,8 @@ exactly the batch it would have seen):
   once as a prefix tree (the prompt shared by its completions) and packed; loss on the
   completions.
 - ``recall``: a synthetic task only learnable when attention crosses CP shards: key/value
-  pairs sit in the first eighth of the sequence and are queried at its end, more than one
-  shard's length (seq_len / cp, cp >= 2) later.
+  pairs sit in the second quarter of the sequence and are queried at its end, more than
+  one shard's length (seq_len / cp, cp >= 2) later.
 
 Labels are pre-shifted (``labels[t]`` is the target of position ``t``; -100 = no loss)
 because dispatch permutes tokens across ranks.
@@ -256,31 +256,38 @@ class RolloutSource:
 
 RECALL_KEYS = string.ascii_uppercase
 RECALL_VALUES = string.digits + "#$%&*+/<=>@^~"
-RECALL_FILLER = string.ascii_lowercase
+RECALL_FILLER = {"repeat": ".", "random": string.ascii_lowercase}
 RECALL_QUERY = "?"
 
 
 def recall_min_seq_len(num_pairs: int) -> int:
-    """Shortest sequence whose first eighth holds ``num_pairs`` pairs after the bos token."""
-    return 8 * (2 * num_pairs + 2)
+    """Shortest sequence whose second quarter holds ``num_pairs`` two-token pairs more than S/2 before the queries."""
+    return 20 * num_pairs + 4
 
 
 class RecallSource:
-    """``bos filler.. K v .. filler .. ? K v``: recall the value of each key seen in the first eighth.
+    """``bos filler.. K v .. filler .. ? K v``: recall the value of each key, asked at the end.
 
-    Tokens are the ASCII codes of the characters above (readable with the byte tokenizer,
-    arbitrary but valid ids with any vocabulary of 128+ tokens). Labels: the value after
-    each queried key. Chance accuracy is ``1 / num_values``.
+    The pairs sit in the second quarter (``[S/4, S/2 - 3P)``), so a query is more than
+    ``S/2`` tokens after its value: further than one CP shard for any cp >= 2, and on another
+    rank under contiguous or zigzag sharding (zigzag puts the first and last chunks
+    together, which is why the pairs are not at the very start). Tokens are the ASCII
+    codes of the characters below (readable with the byte tokenizer, arbitrary but valid
+    ids with any vocabulary of 128+ tokens). Labels: the value after each queried key.
+    Chance accuracy is ``1 / num_values``. The haystack is one repeated token
+    (``filler="repeat"``, like passkey retrieval: the tiny demo model learns it in ~100
+    steps) or random letters (``"random"``: the value must be told from noise; slower).
     """
 
-    def __init__(self, seq_len: int, num_pairs: int, num_values: int, seed: int, bos_id: int | None) -> None:
+    def __init__(self, seq_len: int, num_pairs: int, num_values: int, seed: int, bos_id: int | None,
+                 filler: str = "repeat") -> None:
         if seq_len < recall_min_seq_len(num_pairs) or num_pairs > len(RECALL_KEYS):
             raise ValueError(f"recall: seq_len={seq_len} / num_pairs={num_pairs} leave no room for the pairs")
         self.seq_len, self.num_pairs, self.seed = seq_len, num_pairs, seed
         self.bos = ord(" ") if bos_id is None else bos_id
         self.keys = np.array([ord(c) for c in RECALL_KEYS])
         self.values = np.array([ord(c) for c in RECALL_VALUES[:num_values]])
-        self.filler = np.array([ord(c) for c in RECALL_FILLER])
+        self.filler = np.array([ord(c) for c in RECALL_FILLER[filler]])
         self.spec = AttnMaskSpec.causal(seq_len)
 
     def get(self, index: int) -> PackedSequence:
@@ -290,8 +297,8 @@ class RecallSource:
         ids[0] = self.bos
         keys = rng.choice(self.keys, size=p, replace=False)
         values = rng.choice(self.values, size=p)
-        slots = np.sort(rng.choice((s // 8 - 1) // 2, size=p, replace=False))
-        ids[1 + 2 * slots], ids[2 + 2 * slots] = keys, values
+        slots = s // 4 + 2 * np.sort(rng.choice((s // 4 - 3 * p) // 2, size=p, replace=False))
+        ids[slots], ids[slots + 1] = keys, values
         order = rng.permutation(p)
         tail = s - 3 * p
         labels = np.full(s, IGNORE_INDEX)
@@ -309,6 +316,7 @@ def build_source(cfg: FinetuneConfig, tok: Tokenizer) -> DataSource:
     if d.kind == "recall":
         if tok.vocab_size < 128:
             raise ConfigError(f"data.kind='recall' uses ASCII token ids; the tokenizer has only {tok.vocab_size}")
-        return RecallSource(d.seq_len, d.recall.num_pairs, d.recall.num_values, cfg.train.seed, tok.bos_id)
+        r = d.recall
+        return RecallSource(d.seq_len, r.num_pairs, r.num_values, cfg.train.seed, tok.bos_id, r.filler)
     cls = JsonlSource if d.kind == "jsonl" else RolloutSource
     return cls(d.path, tok, d.seq_len, cfg.train.seed, d.shuffle)

@@ -1,8 +1,8 @@
 """``flexcp demo``: two local CPU processes train a tiny Llama with cp = 2 on long-range recall.
 
-Each sequence hides key/value pairs in its first eighth and asks for the values at its
-end, more than one CP shard (seq_len / 2 tokens) later: the answer is only reachable
-through attention across ranks. The demo prints held-out recall accuracy before and
+Each sequence hides key/value pairs in its second quarter and asks for the values at its
+end, more than one CP shard (seq_len / 2 tokens) later and on the other rank: the answer
+is only reachable through attention across ranks. The demo prints held-out recall accuracy before and
 after training against chance (1 / num_values) and exits non-zero if it did not learn.
 """
 
@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from contextlib import contextmanager
 from importlib import resources
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -33,21 +35,25 @@ def demo_config(overrides: list[str] | tuple[str, ...] = ()) -> FinetuneConfig:
 
 
 def cross_rank_fraction(cfg: FinetuneConfig, batches: int = EVAL_BATCHES) -> float:
-    """Share of recall queries whose value token is dispatched to another rank than the query."""
-    from ..dispatch import build_plan
+    """Share of recall queries whose value token the step's dispatch plan puts on another rank than the query."""
     from ..mask import AttnMaskSpec
+    from ..runtime.api import DEFAULT_NUM_STAGES
+    from ..runtime.placement import choose_plan
     from .data import IGNORE_INDEX, RecallSource
+    from .model import preset_config
 
-    s = cfg.data.seq_len
-    plan = build_plan(AttnMaskSpec.causal(s), cfg.parallel.cp, cfg.parallel.chunk_size)
+    s, r = cfg.data.seq_len, cfg.data.recall
+    c = preset_config(cfg.model.preset, 256, cfg.model.overrides)
+    plan, _ = choose_plan(AttnMaskSpec.causal(s), cfg.parallel.cp, cfg.parallel.chunk_size, "auto",
+                          DEFAULT_NUM_STAGES, c.num_attention_heads, c.num_key_value_heads)  # as build_key plans it
     owner = plan.owner_of_chunk
-    src = RecallSource(s, cfg.data.recall.num_pairs, cfg.data.recall.num_values, cfg.train.seed, None)
+    src = RecallSource(s, r.num_pairs, r.num_values, cfg.train.seed, None, r.filler)
     crossed = total = 0
     for i in range(batches):
         seq = src.get(i)
         ids = seq.input_ids.numpy()
         for q in np.nonzero(seq.labels.numpy() != IGNORE_INDEX)[0]:
-            v = int(np.nonzero(ids[: s // 8] == ids[q])[0][0]) + 1
+            v = s // 4 + int(np.nonzero(ids[s // 4 : s // 2] == ids[q])[0][0]) + 1
             crossed += owner[v // plan.chunk_size] != owner[q // plan.chunk_size]
             total += 1
     return crossed / max(total, 1)
@@ -73,6 +79,21 @@ def _worker(rank: int, world: int, port: int, cfg_dict: dict, result_path: str) 
         close_distributed()
 
 
+@contextmanager
+def _environ(**values: str) -> Iterator[None]:
+    """Set environment variables for the spawned workers only."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="flexcp demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,17 +112,16 @@ def main(argv: list[str] | None = None) -> int:
     chance = 1 / cfg.data.recall.num_values
     s, cp = cfg.data.seq_len, cfg.parallel.cp
     print(f"flexcp demo: {args.nproc} CPU processes, dp={cfg.parallel.dp} x cp={cp}, tiny Llama on synthetic recall.\n"
-          f"  {s}-token sequences, {s // cp} tokens per CP shard; every value sits in the first {s // 8} tokens and "
-          f"is asked for in the last {3 * cfg.data.recall.num_pairs},\n"
+          f"  {s}-token sequences, {s // cp} tokens per CP shard; every value sits in tokens {s // 4}..{s // 2 - 1} "
+          f"and is asked for in the last {3 * cfg.data.recall.num_pairs},\n"
           f"  more than one shard away; the dispatch plan puts value and query on different ranks in "
           f"{cross_rank_fraction(cfg):.0%} of queries. Chance accuracy: {chance:.1%}.", flush=True)
     os.makedirs(cfg.out_dir, exist_ok=True)
     result_path = os.path.join(cfg.out_dir, "demo_result.json")
     if os.path.exists(result_path):
         os.remove(result_path)
-    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the demo is the CPU try-out, even on a GPU machine
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(args.nproc, _free_port(), to_dict(cfg), result_path), nprocs=args.nproc, join=True)
+    with _environ(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"):  # the CPU try-out, even on a GPU machine
+        mp.spawn(_worker, args=(args.nproc, _free_port(), to_dict(cfg), result_path), nprocs=args.nproc, join=True)
     with open(result_path) as f:
         result = json.load(f)
     learned = result["acc_after"] > LEARNED_FACTOR * chance

@@ -62,7 +62,9 @@ class Trainer:
         self.dims: ParallelDims = build_parallel(p.dp, p.cp, self.device)
         self.magi = self._setup_attention()
         self.tokenizer = load_tokenizer(cfg.model.tokenizer)
-        self.lm = build_model(cfg.model, self.tokenizer.vocab_size, self.device, t.seed)
+        tok = self.tokenizer
+        special = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+        self.lm = build_model(cfg.model, tok.vocab_size, self.device, t.seed, special)
         self.bf16 = t.dtype == "bf16" or (t.dtype == "auto" and self.device.type == "cuda")
         self.model = apply_fsdp(CausalLMLoss(self.lm, t.loss_chunk_tokens), self.lm, self.dims, self.bf16)
         self.optimizer = torch.optim.AdamW(_param_groups(self.model, t.weight_decay), lr=t.lr,

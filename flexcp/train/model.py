@@ -21,11 +21,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 _PRESET_DEFAULTS = dict(max_position_embeddings=1 << 20, tie_word_embeddings=False, use_cache=False)
 
 
-def preset_config(name: str, vocab_size: int, overrides: dict[str, Any] | None = None):
-    """The ``LlamaConfig`` of a preset; ``vocab_size`` is the tokenizer's unless the preset fixes a larger one."""
+def preset_config(name: str, vocab_size: int, overrides: dict[str, Any] | None = None,
+                  special_ids: dict[str, int | None] | None = None):
+    """The ``LlamaConfig`` of a preset; ``vocab_size`` is the tokenizer's unless the preset fixes a larger one.
+
+    ``special_ids`` (``bos_token_id``, ``eos_token_id``, ``pad_token_id``) come from the tokenizer.
+    """
     from transformers import LlamaConfig
 
-    fields = {**_PRESET_DEFAULTS, **PRESETS[name], **(overrides or {})}
+    fields = {**_PRESET_DEFAULTS, **(special_ids or {}), **PRESETS[name], **(overrides or {})}
     fields["vocab_size"] = max(vocab_size, fields.get("vocab_size", 0))
     try:
         return LlamaConfig(**fields)
@@ -33,8 +37,11 @@ def preset_config(name: str, vocab_size: int, overrides: dict[str, Any] | None =
         raise ConfigError(f"model.overrides {overrides} do not make a valid LlamaConfig: {exc}") from None
 
 
-def build_model(cfg: ModelConfig, vocab_size: int, device: torch.device, seed: int) -> nn.Module:
+def build_model(cfg: ModelConfig, vocab_size: int, device: torch.device, seed: int,
+                special_ids: dict[str, int | None] | None = None) -> nn.Module:
     """The HF causal LM in float32 on ``device`` (same initial weights on every rank), ready to train.
+
+    ``special_ids``: the tokenizer's ``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` for a preset.
 
     ``attn_implementation="magi"`` must be registered first (``flexcp.magi_attn_utils.setup_magi``).
     """
@@ -46,7 +53,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, device: torch.device, seed: i
             cfg.path, attn_implementation=cfg.attn_implementation, dtype=torch.float32, local_files_only=True
         ).to(device)
     else:
-        config = preset_config(cfg.preset, vocab_size, cfg.overrides)
+        config = preset_config(cfg.preset, vocab_size, cfg.overrides, special_ids)
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation,
                                                      dtype=torch.float32)
