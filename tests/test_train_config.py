@@ -40,6 +40,7 @@ def test_yaml_then_overrides(tmp_path):
         (["model.attn_implementation=flash"], 1, "model.attn_implementation='flash' is not one of"),
         (["model.path=/nonexistent/ckpt"], 1, "is not a Hugging Face checkpoint directory"),
         (["model.preset=huge"], 1, "model.preset='huge' is not one of"),
+        (["model.tokenizer=/tmp"], 1, "holds no tokenizer"),
         (["data.kind=jsonl"], 1, "set data.path"),
         (["data.kind=jsonl", "data.path=/nonexistent.jsonl"], 1, "no such file"),
         (["data.kind=rollouts", "data.path=/dev/null", "model.attn_implementation=sdpa"], 1, "prefix-tree mask"),

@@ -47,6 +47,18 @@ def _interrupted(rank: int, world: int, out_dir: str) -> dict:
     return {"resumed": resumed, "losses": _losses(second), "params": full if rank == 0 else None}
 
 
+def _from_checkpoint_dir(rank: int, world: int, hf_dir: str, out_dir: str) -> dict:
+    """Fine-tune the exported model (model.path: from_pretrained + its saved tokenizer) at cp = 2."""
+    from flexcp.train.config import from_dict
+    from flexcp.train.loop import Trainer
+
+    cfg = _cfg(out_dir)
+    cfg["model"] = {"path": hf_dir, "attn_implementation": "magi"}
+    trainer = Trainer(from_dict(cfg))
+    weights = {n: p.full_tensor() for n, p in trainer.model.named_parameters()}
+    return {"tokenizer": type(trainer.tokenizer).__name__, "weights": weights, "loss": trainer.train_step().loss}
+
+
 def test_resume_continues_exactly_and_exports(tmp_path):
     straight = run_spawned(_straight, 2, str(tmp_path / "straight"), timeout=300)[0]
     got = run_spawned(_interrupted, 2, str(tmp_path / "resumed"), timeout=300)[0]
@@ -62,3 +74,8 @@ def test_resume_continues_exactly_and_exports(tmp_path):
     exported = hf.state_dict()
     for name, value in got["params"].items():
         torch.testing.assert_close(exported[name.removeprefix("lm.")], value, rtol=0, atol=0)
+
+    again = run_spawned(_from_checkpoint_dir, 2, str(tmp_path / "resumed" / "hf"), str(tmp_path / "again"))[0]
+    assert again["tokenizer"] == "ByteTokenizer" and np.isfinite(again["loss"])
+    for name, value in got["params"].items():
+        torch.testing.assert_close(again["weights"][name], value, rtol=0, atol=0)

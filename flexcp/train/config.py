@@ -123,6 +123,8 @@ class FinetuneConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "flexcp_tokenizer.json")
+
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.attn_implementation": ("magi", "sdpa", "eager"),
     "data.kind": ("recall", "jsonl", "rollouts"),
@@ -323,13 +325,14 @@ def _check_model(cfg: FinetuneConfig) -> None:
 
         if m.preset not in PRESETS:
             raise ConfigError(f"model.preset={m.preset!r} is not one of {', '.join(map(repr, PRESETS))}")
+    if m.tokenizer is None:
+        m.tokenizer = "byte" if m.path is None else m.path
     tok = m.tokenizer
-    if tok not in (None, "byte") and not os.path.isdir(tok):
-        raise ConfigError(f"model.tokenizer={tok!r} is not a directory; give a tokenizer directory or 'byte'")
-    if tok is None and m.path is None:
-        m.tokenizer = "byte"
-    elif tok is None:
-        m.tokenizer = m.path
+    if tok != "byte" and not any(os.path.isfile(os.path.join(tok, f)) for f in _TOKENIZER_FILES):
+        raise ConfigError(
+            f"model.tokenizer={tok!r} holds no tokenizer ({', '.join(_TOKENIZER_FILES)}); set model.tokenizer to "
+            "a tokenizer directory, or 'byte' for the built-in byte-level tokenizer"
+        )
 
 
 def _check_data(cfg: FinetuneConfig) -> None:
