@@ -13,7 +13,10 @@ per GPU: tokens/s, model TFLOP/s (6 N T + causal attention area, see
 A step that runs out of memory ends that setup. After the table lengths, ``--probe``
 lengths (one untimed-warm-up step each) look for the longest sequence each setup can
 train; a probe whose predicted step time (quadratic in length) exceeds ``--probe-max-s``
-or the remaining ``--budget-s`` is reported as not run. One launch measures everything:
+or the remaining ``--budget-s`` is reported as not run. Setups run largest cp first (the
+budget, if anything, cuts the slow cp = 1 runs); the summary adds, per setup, the length
+at which peak memory would reach 95% of the card (linear in length from its two longest
+runs). One launch measures everything:
 
     torchrun --nproc_per_node 4 -m flexcp.bench.e2e_bench --out results/e2e
 
@@ -139,11 +142,30 @@ def _k(n: int) -> str:
     return f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
 
+IMPL_ORDER = {"sdpa": 0, "magi": 1, "native": 2}
+
+
+def memory_projection(rows: list[dict], capacity_gb: float | None) -> dict[tuple[str, int], int]:
+    """Per setup, the length whose peak memory reaches 95% of the card (linear through its two longest runs)."""
+    if not capacity_gb:
+        return {}
+    out = {}
+    for key in {(r["impl"], r["cp"]) for r in rows}:
+        ok = sorted((r["seq_len"], r["peak_gb"]) for r in rows
+                    if (r["impl"], r["cp"]) == key and not r.get("skipped") and not r["oom"])
+        if len(ok) < 2 or ok[-1][0] == ok[-2][0] or ok[-1][1] <= ok[-2][1]:
+            continue
+        (s0, m0), (s1, m1) = ok[-2], ok[-1]
+        out[key] = int(s1 + (0.95 * capacity_gb - m1) * (s1 - s0) / (m1 - m0)) // 1024 * 1024
+    return out
+
+
 def format_table(meta: dict, rows: list[dict]) -> str:
     lines = [f"End-to-end training, {meta['model']}, {meta['world']} x {meta['device']}, {meta['dtype']}, activation checkpointing, "
              f"torch {meta['torch']}, {meta['date']}", "",
              "| attention | cp | dp | seq len | tokens/s per GPU | TFLOP/s per GPU | peak GiB | step s |",
              "|---|---|---|---|---|---|---|---|"]
+    rows = sorted(rows, key=lambda r: (r["cp"], IMPL_ORDER.get(r["impl"], 9), r["seq_len"]))
     for r in rows:
         if r.get("skipped"):
             cells = [f"not run ({r['skipped']})", "-", "-", "-"]
@@ -160,6 +182,11 @@ def format_table(meta: dict, rows: list[dict]) -> str:
             longest[key] = max(longest.get(key, 0), r["seq_len"])
     lines += ["", "Longest sequence trained (OOM or time limits the rest, see rows): " + ", ".join(
         f"{impl} cp={cp}: {_k(n)}" for (impl, cp), n in sorted(longest.items()))]
+    projected = memory_projection(rows, meta.get("gpu_memory_gb"))
+    if projected:
+        lines += ["", f"Memory-projected longest sequence (peak memory linear in length from the two longest runs, "
+                      f"to 95% of {meta['gpu_memory_gb']:.0f} GiB): " + ", ".join(
+                          f"{impl} cp={cp}: ~{_k(n)}" for (impl, cp), n in sorted(projected.items()))]
     if any(r["impl"] == "native" for r in rows):
         lines += ["", "native: torch's context_parallel (ring attention over causal SDPA, head-tail load balancing, "
                       "K/V heads repeated for GQA), flexcp.bench.native_cp"]
@@ -207,8 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         dist.init_process_group("nccl", device_id=device, timeout=timeout)
     world, rank = dist.get_world_size(), dist.get_rank()
     name = "CPU" if args.cpu else torch.cuda.get_device_name(device)
-    meta = {"model": f"preset {args.preset}", "world": world, "device": name,
-            "dtype": "fp32" if args.cpu else "bf16", "torch": torch.__version__, "date": datetime.date.today().isoformat(), "argv": argv}
+    capacity = None if args.cpu else torch.cuda.get_device_properties(device).total_memory / 2**30
+    meta = {"model": f"preset {args.preset}", "world": world, "device": name, "gpu_memory_gb": capacity,
+            "dtype": "fp32" if args.cpu else "bf16", "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(), "argv": argv}
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
 
@@ -224,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     setups = [] if args.no_sdpa else [("sdpa", 1)]
     for cp in (cp for cp in args.cp if world % cp == 0):  # magi cp=N next to native cp=N
         setups += [("magi", cp)] + ([("native", cp)] if native and cp > 1 else [])
+    setups.sort(key=lambda s: (-s[1], s[0] == "sdpa"))  # largest cp first: the budget cuts the cp = 1 runs
     lengths = sorted(args.seq_lens) + sorted(args.probe)
     deadline = start + args.budget_s
     try:
