@@ -54,9 +54,36 @@ def test_chat_loss_only_on_assistant_turns():
     trained = [TOK.decode([i]) if i < 256 else i for i, m in zip(ids, mask) if m]
     assert trained == ["y", "o", TOK.eos_id, "o", "k", TOK.eos_id]  # content + end of turn, no headers
     labels = shifted_labels(ids, mask)
-    assert [lab for lab in labels if lab != IGNORE_INDEX] == [ord("y"), ord("o"), TOK.eos_id, ord("o"), ord("k"), TOK.eos_id]
+    want = [ord("y"), ord("o"), TOK.eos_id, ord("o"), ord("k"), TOK.eos_id]
+    assert [lab for lab in labels if lab != IGNORE_INDEX] == want
     with pytest.raises(ValueError, match="role"):
         TOK.encode_chat([{"content": "x"}])
+
+
+def test_hf_tokenizer_chat_masks(tmp_path):
+    """A checkpoint's tokenizer (here a small one saved with save_pretrained) and its own chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from flexcp.train.tokenizer import HFTokenizer, load_tokenizer
+
+    specials = ["<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>", "<|end|>"]
+    vocab = {t: i for i, t in enumerate([chr(c) for c in range(32, 127)] + specials)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="?"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   additional_special_tokens=specials[3:])
+    fast.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    fast.save_pretrained(tmp_path)
+    tok = load_tokenizer(str(tmp_path))
+    assert isinstance(tok, HFTokenizer) and (tok.bos_id, tok.eos_id, tok.pad_id) == (95, 96, 97)
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+            {"role": "user", "content": "?"}, {"role": "assistant", "content": "ok"}]
+    ids, mask = tok.encode_chat(msgs)
+    assert ids == tok.render_chat(msgs)
+    trained = [tok.tok.convert_ids_to_tokens(i) for i, m in zip(ids, mask) if m]
+    assert trained == ["y", "o", "<|end|>", "o", "k", "<|end|>"]  # assistant content and end of turn only
 
 
 def _write_jsonl(path, records):

@@ -161,8 +161,8 @@ def memory_projection(rows: list[dict], capacity_gb: float | None) -> dict[tuple
 
 
 def format_table(meta: dict, rows: list[dict]) -> str:
-    lines = [f"End-to-end training, {meta['model']}, {meta['world']} x {meta['device']}, {meta['dtype']}, activation checkpointing, "
-             f"torch {meta['torch']}, {meta['date']}", "",
+    lines = [f"End-to-end training, {meta['model']}, {meta['world']} x {meta['device']}, {meta['dtype']}, "
+             f"activation checkpointing, torch {meta['torch']}, {meta['date']}", "",
              "| attention | cp | dp | seq len | tokens/s per GPU | TFLOP/s per GPU | peak GiB | step s |",
              "|---|---|---|---|---|---|---|---|"]
     rows = sorted(rows, key=lambda r: (r["cp"], IMPL_ORDER.get(r["impl"], 9), r["seq_len"]))
@@ -174,7 +174,8 @@ def format_table(meta: dict, rows: list[dict]) -> str:
         else:
             cells = [f"{r['tokens_per_s_per_gpu']:,.0f}", f"{r['tflops_per_gpu']:.3g}", f"{r['peak_gb']:.1f}",
                      f"{r['step_s']:.2f}"]
-        lines.append(f"| {r['impl']} | {r['cp']} | {r.get('dp', '-')} | {_k(r['seq_len'])} | " + " | ".join(cells) + " |")
+        head = [r["impl"], str(r["cp"]), str(r.get("dp", "-")), _k(r["seq_len"])]
+        lines.append("| " + " | ".join(head + cells) + " |")
     longest: dict[tuple[str, int], int] = {}
     for r in rows:
         if not r.get("skipped") and not r["oom"]:
@@ -211,7 +212,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=240.0, help="no new measurement starts after this")
     p.add_argument("--probe-max-s", type=float, default=30.0, help="skip a probe whose predicted step is longer")
     p.add_argument("--out", type=Path, default=Path("results/e2e"))
-    p.add_argument("--cpu", action="store_true", help="smoke run on CPU with gloo (use --preset tiny and short lengths)")
+    p.add_argument("--cpu", action="store_true",
+                   help="smoke run on CPU with gloo (use --preset tiny and short lengths)")
     args = p.parse_args(argv)
     args.table_lengths = len(args.seq_lens)
     return args

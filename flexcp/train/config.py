@@ -44,7 +44,7 @@ class RecallConfig:
     num_values: int = 16
     """Size of the value alphabet (chance accuracy = 1 / num_values)."""
     filler: str = "repeat"
-    """Haystack between pairs and queries: "repeat" (one token, passkey-style) or "random" (lowercase letters; harder)."""
+    """Haystack around pairs and queries: "repeat" (one token, passkey-style) or "random" (letters; harder)."""
 
 
 @dataclass
@@ -84,7 +84,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this (0 disables clipping)."""
     dtype: str = "auto"
-    """"bf16" (FSDP2 mixed precision: bf16 compute, fp32 master weights and reductions), "fp32", or "auto" (bf16 on GPU)."""
+    """"bf16" (FSDP2 mixed precision: bf16 compute, fp32 weights and reductions), "fp32", "auto" (bf16 on GPU)."""
     seed: int = 0
     loss_chunk_tokens: int = 8192
     """The LM head and cross-entropy run over this many tokens at a time (full logits are never stored)."""

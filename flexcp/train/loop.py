@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from ..magi_attn_utils import MagiState, magi_prepare_batch, setup_magi
 from .checkpoint import TrainProgress, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import FinetuneConfig, to_dict, validate
 from .data import PackedSequence, build_source
@@ -85,12 +86,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ attention wiring
 
-    def _setup_attention(self):
+    def _setup_attention(self) -> MagiState | None:
         """``setup_magi`` for ``attn_implementation="magi"`` (registers the HF backend, resolves the CP group)."""
         if self.cfg.model.attn_implementation != "magi":
             return None
-        from ..magi_attn_utils import setup_magi
-
         state = setup_magi(self.cfg, self.dims.mesh)
         if not state.enabled:
             raise RuntimeError("setup_magi did not enable magi for model.attn_implementation='magi'")
@@ -109,8 +108,6 @@ class Trainer:
         }
         if self.magi is None:
             return batch
-        from ..magi_attn_utils import magi_prepare_batch
-
         batch["attn_spec"] = seq.spec
         local, _ = magi_prepare_batch(self.lm, batch, self.magi.cp_group, chunk_size=self.cfg.parallel.chunk_size)
         return local
@@ -170,9 +167,9 @@ class Trainer:
         for i in self._indices(start, -(-num_batches // self.dims.dp)):
             seq = self.source.get(i)
             part, correct = self._run(seq)
-            loss_sum, hits = loss_sum + part.item(), hits + correct.item()
-            labels += seq.num_label_tokens / self.dims.cp  # every CP rank holds the same sequence
-        loss_sum, hits, labels = self._global_sum([loss_sum, hits, labels])
+            loss_sum, hits, labels = loss_sum + part.item(), hits + correct.item(), labels + seq.num_label_tokens
+        (labels,) = self._global_sum([labels], self.dims.dp_group)  # a CP group shares its sequences
+        loss_sum, hits = self._global_sum([loss_sum, hits])  # per-shard sums: over dp and cp
         return loss_sum / max(labels, 1.0), hits / max(labels, 1.0)
 
     # ------------------------------------------------------------------------------------ the run
@@ -209,7 +206,8 @@ class Trainer:
         """One paragraph on what this run is."""
         c = self.cfg
         src = c.model.path or f"preset {c.model.preset!r} (random init)"
-        return (f"flexcp finetune: {src}, {self.num_params / 1e6:.1f}M params, attention {c.model.attn_implementation!r}; "
+        return (f"flexcp finetune: {src}, {self.num_params / 1e6:.1f}M params, "
+                f"attention {c.model.attn_implementation!r}; "
                 f"mesh dp={self.dims.dp} x cp={self.dims.cp} on {self.device.type} "
                 f"({'bf16' if self.bf16 else 'fp32'}); data {c.data.kind!r}, seq_len {c.data.seq_len}, "
                 f"{c.train.grad_accum * self.dims.dp} sequences/step; steps {self.progress.step}->{c.train.steps}"

@@ -13,7 +13,6 @@ import importlib.util
 import json
 import os
 import resource
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 

@@ -87,7 +87,8 @@ def apply_fsdp(model: nn.Module, lm: nn.Module, dims: ParallelDims, bf16: bool) 
     already normalized by the global label count, and dispatched inputs need the sum over
     the CP group.
     """
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    dtypes = {"param_dtype": torch.bfloat16, "reduce_dtype": torch.float32} if bf16 else {}
+    mp = MixedPrecisionPolicy(**dtypes)
     for layer in decoder_layers(lm):
         fully_shard(layer, mesh=dims.fsdp_mesh, mp_policy=mp)
     fully_shard(model, mesh=dims.fsdp_mesh, mp_policy=mp)
