@@ -20,6 +20,7 @@ import torch
 import torch.multiprocessing as mp
 
 from .config import ConfigError, FinetuneConfig, from_dict, load_config, to_dict, validate
+from .parallel import free_port
 
 DEMO_CONFIG = "demo.yaml"
 EVAL_BATCHES = 64
@@ -107,8 +108,6 @@ def main(argv: list[str] | None = None) -> int:
         p.exit(2, f"flexcp demo: config error: {exc}\n")
     if cfg.data.kind != "recall":
         p.exit(2, "flexcp demo: config error: the demo trains data.kind='recall'\n")
-    from .parallel import _free_port
-
     chance = 1 / cfg.data.recall.num_values
     s, cp = cfg.data.seq_len, cfg.parallel.cp
     print(f"flexcp demo: {args.nproc} CPU processes, dp={cfg.parallel.dp} x cp={cp}, tiny Llama on synthetic recall.\n"
@@ -121,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.path.exists(result_path):
         os.remove(result_path)
     with _environ(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1"):  # the CPU try-out, even on a GPU machine
-        mp.spawn(_worker, args=(args.nproc, _free_port(), to_dict(cfg), result_path), nprocs=args.nproc, join=True)
+        mp.spawn(_worker, args=(args.nproc, free_port(), to_dict(cfg), result_path), nprocs=args.nproc, join=True)
     with open(result_path) as f:
         result = json.load(f)
     learned = result["acc_after"] > LEARNED_FACTOR * chance
