@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 BENCHES: dict[str, tuple[str, str]] = {
     "cp": ("flexcp.bench.cp_bench", "distributed attention per GPU: flexcp vs all-gather and ring (torchrun)"),
+    "e2e": ("flexcp.bench.e2e_bench", "end-to-end recipe training: magi vs HF sdpa vs torch native CP (GPUs, torchrun)"),
     "kernel": ("flexcp.bench.kernel_bench", "single-device kernels vs cuDNN SDPA / FlexAttention (GPU)"),
     "reference": ("flexcp.bench.reference_bench", "pure-PyTorch reference: tokens/s and memory (CPU)"),
     "solver": ("flexcp.bench.solver_report", "dispatch solvers: imbalance and planning time"),
