@@ -206,6 +206,16 @@ def test_prepare_llm_batch_hf_path_packs_cu_seqlens_like_position_resets() -> No
     assert torch.allclose(_loss_logits(model, by_pos), _loss_logits(model, by_cu))
 
 
+def test_chunk_size_from_config_reaches_the_key() -> None:
+    assert mau.setup_magi({"model": {"attn_implementation": "magi"}}, None).chunk_size == mau.DEFAULT_CHUNK_SIZE
+    state = mau.setup_magi({"model": {"attn_implementation": "magi"}, "magi": {"chunk_size": 16}}, None)
+    assert state.chunk_size == 16
+    _, batch = state.prepare_llm_batch(make_model("llama", "magi"), dict(make_case("packed")), None, False, 0, 1)
+    assert batch["magi_key"].chunk_size == 16 and batch["input_ids"].shape[1] % 16 == 0
+    with pytest.raises(ValueError, match="chunk_size"):
+        mau.setup_magi({"model": {"attn_implementation": "magi"}, "magi": {"chunk_size": -4}}, None)
+
+
 def test_prepare_batch_padding_labels_and_other_fields() -> None:
     model = make_model("llama", "magi")
     batch = dict(make_case("batch"), loss_mask=torch.ones(3, 14))

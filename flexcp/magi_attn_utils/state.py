@@ -60,6 +60,8 @@ class MagiState:
     custom: bool = False
     cp_group: dist.ProcessGroup | None = None
     cp_size: int = 1
+    chunk_size: int = _state.DEFAULT_CHUNK_SIZE
+    """Dispatch chunk size for ``prepare_llm_batch`` (flexcp addition; config ``magi.chunk_size``)."""
 
     @property
     def hf_dispatch(self) -> bool:
@@ -82,7 +84,7 @@ class MagiState:
         padding and chunking) are accepted for the recipe's signature and not needed.
         """
         if self.hf_dispatch:
-            batch, _ = magi_prepare_batch(model, batch, self.cp_group)
+            batch, _ = magi_prepare_batch(model, batch, self.cp_group, chunk_size=self.chunk_size)
         elif is_thd:
             batch = to_thd(batch)
             if self.cp_size > 1:
@@ -107,7 +109,8 @@ def setup_magi(cfg, device_mesh, label: str = "") -> MagiState:
     Enabled when ``model.attn_implementation == "magi"`` (HF) or ``model.backend.attn``
     (or ``backend.attn``) ``== "magi"`` (custom models). ``cfg`` is a nested dict or an
     object with a dotted ``.get``. Returns ``MagiState(enabled=False)`` when magi is not
-    configured. ``label`` is an optional suffix for the log line.
+    configured. ``label`` is an optional suffix for the log line. flexcp also reads an
+    optional ``magi.chunk_size`` (default ``DEFAULT_CHUNK_SIZE``) for the HF batch path.
     """
     backend_attn = _cfg_get(cfg, "model.backend.attn") or _cfg_get(cfg, "backend.attn")
     custom = str(backend_attn or "") == "magi"
@@ -125,7 +128,10 @@ def setup_magi(cfg, device_mesh, label: str = "") -> MagiState:
         "custom-model factory" if custom else "HF backend",
         cp_size,
     )
-    return MagiState(enabled=True, custom=custom, cp_group=cp_group, cp_size=cp_size)
+    chunk_size = int(_cfg_get(cfg, "magi.chunk_size") or _state.DEFAULT_CHUNK_SIZE)
+    if chunk_size < 1:
+        raise ValueError(f"magi.chunk_size must be a positive number of tokens; got {chunk_size}")
+    return MagiState(enabled=True, custom=custom, cp_group=cp_group, cp_size=cp_size, chunk_size=chunk_size)
 
 
 __all__ = ["MagiState", "get_cp_group", "setup_magi"]
