@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from ..kernels.sdpa_backend import SdpaBackend
-from ..kernels.triton_backend import KernelConfig, LaunchConfigs, TritonBackend, default_configs
+from ..kernels.torch_sdpa import TorchSdpaBackend as SdpaBackend
+from ..kernels.triton import KernelConfig, LaunchConfigs, TritonBackend, default_configs
 from ..mask import AttnMaskSpec, prefix_tree, sliding_window, varlen
 from .docdist import sample_pack
 

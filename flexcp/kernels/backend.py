@@ -72,7 +72,7 @@ def register_backend(name: str, factory: Callable[[], AttnBackend]) -> None:
 def get_backend(name: str) -> AttnBackend:
     """The backend registered as ``name``; a clear error lists the known ones."""
     if name not in _REGISTRY:
-        raise ValueError(f"backend={name!r} is unknown; choose one of {sorted(_REGISTRY)} or 'auto'")
+        raise ValueError(f"backend={name!r} is unknown; choose one of {sorted(_REGISTRY)}")
     if name not in _INSTANCES:
         _INSTANCES[name] = _REGISTRY[name]()
     return _INSTANCES[name]
