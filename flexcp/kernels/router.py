@@ -74,9 +74,18 @@ class AutoBackend(AttnBackend):
 
     name = "auto"
 
-    def __init__(self, costs: dict[str, Cost] | None = None, gpu_backends: tuple[str, ...] = ("torch_sdpa", "cudnn", "triton")) -> None:
+    def __init__(
+        self,
+        costs: dict[str, Cost] | None = None,
+        whole: tuple[str, ...] = ("torch_sdpa", "cudnn", "triton"),
+        split: tuple[str, str] = ("cudnn", "triton"),
+        device_types: tuple[str, ...] = ("cuda",),
+    ) -> None:
+        """``whole``: backends costed for the whole mask; ``split``: (group backend, rest backend)."""
         self.costs = costs or COSTS
-        self.gpu_backends = gpu_backends
+        self.whole = whole
+        self.split = split
+        self.device_types = device_types
 
     def prepare(self, table: SliceTable, tq: int, tk: int, device: torch.device) -> AutoPrep:
         return AutoPrep(table.nonempty(), int(tq), int(tk), torch.device(device))
@@ -90,8 +99,8 @@ class AutoBackend(AttnBackend):
 
     def _runnable(self, q, k, softcap) -> dict[str, AttnBackend]:
         out = {}
-        if q.is_cuda:
-            for name in self.gpu_backends:
+        if q.device.type in self.device_types:
+            for name in dict.fromkeys(self.whole + self.split):
                 try:
                     b = get_backend(name)
                 except ValueError:
@@ -108,15 +117,19 @@ class AutoBackend(AttnBackend):
             return Route([Part(ref, table, ref.prepare(table, prep.tq, prep.tk, prep.device), 0.0)], {})
         flops = {kind: f * heads for kind, f in _kind_flops(table, hd).items()}
         options: dict[str, tuple[float, list]] = {}
-        if "torch_sdpa" in runnable:
-            from .torch_sdpa import single_rect
+        for name in self.whole:
+            if name not in runnable:
+                continue
+            if name == "torch_sdpa":
+                from .torch_sdpa import single_rect
 
-            if single_rect(table) is not None:
-                options["torch_sdpa"] = (self.costs["torch_sdpa"].seconds(flops, 1, heads), [("torch_sdpa", table)])
-        if "triton" in runnable:
-            options["triton"] = (self.costs["triton"].seconds(flops, len(table), heads), [("triton", table)])
-        if "cudnn" in runnable:
-            options.update(self._cudnn_options(runnable, table, prep, heads, hd))
+                if single_rect(table) is None:
+                    continue
+            options[name] = (self.costs[name].seconds(flops, len(table), heads), [(name, table)])
+        if self.split[0] in runnable:
+            options.update(self._split_option(runnable, table, prep, heads, hd))
+            # the group backend's whole-mask cost counts each of its launches
+            options[self.split[0]] = (options.pop("_group_whole")[0], [(self.split[0], table)])
         name = min(options, key=lambda n: options[n][0])
         parts = []
         for backend_name, sub in options[name][1]:
@@ -125,28 +138,27 @@ class AutoBackend(AttnBackend):
             parts.append(Part(b, sub, b.prepare(sub, prep.tq, prep.tk, prep.device), est))
         return Route(parts, {n: v[0] for n, v in options.items()})
 
-    def _cudnn_options(self, runnable, table, prep, heads, hd) -> dict:
-        """The whole mask on cuDNN, and (with Triton) the per-launch split."""
+    def _split_option(self, runnable, table, prep, heads, hd) -> dict:
+        """Each launch of the cuDNN plan (a slice group) on the group backend or the rest backend, whichever costs less."""
         from .cudnn.backend import launch_table
         from .cudnn.plan import plan_launches, to_entries
 
-        launches = plan_launches(to_entries(table), prep.tk)
-        c_cost, t_cost = self.costs["cudnn"], self.costs.get("triton")
-        whole = 0.0
+        group, rest = self.split
+        g_cost, r_cost = self.costs[group], self.costs.get(rest) if rest in runnable else None
         mine, theirs = [], []
-        for la in launches:
+        for la in plan_launches(to_entries(table), prep.tk):
             f = {_sig_kind(la.sig): la.area() * FLOPS_PER_CELL * hd * heads}
-            on_cudnn = c_cost.seconds(f, len(la), heads)
-            whole += on_cudnn
-            on_triton = t_cost.seconds(f, len(la), heads, launches=0) if t_cost and "triton" in runnable else float("inf")
-            (mine if on_cudnn <= on_triton else theirs).append((la, on_cudnn, on_triton))
-        options = {"cudnn": (whole, [("cudnn", table)])}
-        if mine and theirs:
-            t_part = SliceTable.concat([launch_table(la) for la, _, _ in theirs])
-            c_part = SliceTable.concat([launch_table(la) for la, _, _ in mine])
-            split = sum(c for _, c, _ in mine) + sum(t for _, _, t in theirs) + t_cost.launch_us * 1e-6
-            options["cudnn+triton"] = (split, [("cudnn", c_part), ("triton", t_part)])
-        return options
+            on_group = g_cost.seconds(f, len(la), heads)
+            on_rest = r_cost.seconds(f, len(la), heads, launches=0) if r_cost else float("inf")
+            (mine if on_group <= on_rest else theirs).append((la, on_group, on_rest))
+        out = {"_group_whole": (sum(c for _, c, _ in mine + theirs), None)}
+        if not mine or not theirs:
+            return out  # the whole-mask options cover this
+        split = sum(c for _, c, _ in mine) + sum(t for _, _, t in theirs) + r_cost.launch_us * 1e-6
+        parts = [(group, SliceTable.concat([launch_table(la) for la, _, _ in mine])),
+                 (rest, SliceTable.concat([launch_table(la) for la, _, _ in theirs]))]  # fmt: skip
+        out[f"{group}+{rest}"] = (split, parts)
+        return out
 
     # ----------------------------------------------------------------- contract
     def forward(self, q, k, v, prep: AutoPrep, softmax_scale, softcap, out_dtype=None):
@@ -155,8 +167,9 @@ class AutoBackend(AttnBackend):
             p = route.parts[0]
             return p.backend.forward(q, k, v, p.prep, softmax_scale, softcap, out_dtype)
         out = lse = None
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         for p in route.parts:
-            o, l = p.backend.forward(q, k, v, p.prep, softmax_scale, softcap, torch.float32)
+            o, l = p.backend.forward(q, k, v, p.prep, softmax_scale, softcap, acc)
             if out is None:
                 out, lse = o, l
             else:
@@ -168,7 +181,7 @@ class AutoBackend(AttnBackend):
         if len(route.parts) == 1:
             p = route.parts[0]
             return p.backend.backward(do, q, k, v, out, lse, p.prep, softmax_scale, softcap)
-        sums = [GradSum(x.shape, x.device) for x in (q, k, v)]
+        sums = [GradSum(x.shape, x.device, q.dtype) for x in (q, k, v)]
         for p in route.parts:
             for acc, g in zip(sums, p.backend.backward(do, q, k, v, out, lse, p.prep, softmax_scale, softcap)):
                 acc.add(g)

@@ -106,6 +106,7 @@ class CudnnBackend(AttnBackend):
         self._fallback = fallback
         self.graphs = graphs or GraphCache()
         self.refused: dict = {}  # signature -> cuDNN's error, for signatures it would not build
+        self.float32_grads: bool | None = None  # whether cuDNN writes float32 dQ/dK/dV (None: not tried yet)
 
     @property
     def fallback(self) -> AttnBackend:
@@ -138,18 +139,29 @@ class CudnnBackend(AttnBackend):
     # ------------------------------------------------------------------ helpers
     def _key(self, la: Launch, q: torch.Tensor, k: torch.Tensor, scale: float, backward: bool) -> GraphKey:
         batch, mq, mk = launch_bucket(la)
+        grad = (torch.float32 if self.float32_grads is not False else q.dtype) if backward else None
         return GraphKey(
-            backward, la.sig, batch, mq, mk, q.shape[1], k.shape[1], q.shape[2], q.dtype, float(scale), q.device.index or 0
-        )
+            backward, la.sig, batch, mq, mk, q.shape[1], k.shape[1], q.shape[2], q.dtype, float(scale),
+            q.device.index or 0, grad,
+        )  # fmt: skip
 
     def _runs_on_cudnn(self, la: Launch, q, k, scale: float, backward: bool) -> bool:
-        """Build (or find) the launch's graph; a refused signature is remembered and goes to the fallback."""
+        """Build (or find) the launch's graph; a refused signature is remembered and goes to the fallback.
+
+        Backward graphs first ask cuDNN for float32 dQ/dK/dV (no conversion pass); if it
+        refuses, 16-bit gradients are used from then on.
+        """
         if la.sig in self.refused:
             return False
         try:
             self.graphs.get(self._key(la, q, k, scale, backward))
+            if backward and self.float32_grads is None:
+                self.float32_grads = True
             return True
         except Exception as e:  # noqa: BLE001 - cuDNN raises its own error types for unsupported graphs
+            if backward and self.float32_grads is None:
+                self.float32_grads = False
+                return self._runs_on_cudnn(la, q, k, scale, backward)
             self.refused[la.sig] = f"{type(e).__name__}: {e}"
             return False
 
@@ -218,10 +230,12 @@ class CudnnBackend(AttnBackend):
             t = prep.tensors(i, hq, hkv, d)
             r0, r1 = la.row_span
             c0, c1 = la.key_span
-            dq_t = torch.zeros(r1 - r0, hq, d, dtype=q.dtype, device=q.device)
-            krows = la.private_rows if la.private is not None else c1 - c0
-            dk_t = torch.zeros(krows, hkv, d, dtype=q.dtype, device=q.device)
-            dv_t = torch.zeros_like(dk_t)
+            gdt = torch.float32 if self.float32_grads else q.dtype
+            # every row of a span some entry covers is written; the others must read as zero
+            dq_t = _buffer(r1 - r0, int(la.sq.sum()) == r1 - r0, hq, d, gdt, q.device)
+            private = la.private is not None
+            krows = la.private_rows if private else c1 - c0
+            dk_t, dv_t = (_buffer(krows, private or int(la.sk.sum()) == krows, hkv, d, gdt, q.device) for _ in "kv")
             self.graphs.run(
                 self._key(la, q, k, softmax_scale, True),
                 {
@@ -248,6 +262,11 @@ class CudnnBackend(AttnBackend):
         for name, x in (("q", q), ("k", k), ("v", v)):
             if not x.is_contiguous():
                 raise ValueError(f"{name} must be contiguous THD for the cudnn backend (call .contiguous())")
+
+
+def _buffer(rows: int, covered: bool, heads: int, d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A gradient buffer cuDNN writes: uninitialized when every row is written, else zeros."""
+    return (torch.empty if covered else torch.zeros)(rows, heads, d, dtype=dtype, device=device)
 
 
 def _neg_inf(t: int, h: int, device: torch.device) -> torch.Tensor:

@@ -219,7 +219,7 @@ def bucket(n: int, floor: int = 1) -> int:
     return b
 
 
-LEN_FLOOR = 256
+LEN_FLOOR = 128
 """Smallest bucketed max length: short entries share one graph."""
 
 
