@@ -106,7 +106,6 @@ class CudnnBackend(AttnBackend):
         self._fallback = fallback
         self.graphs = graphs or GraphCache()
         self.refused: dict = {}  # signature -> cuDNN's error, for signatures it would not build
-        self.float32_grads: bool | None = None  # whether cuDNN writes float32 dQ/dK/dV (None: not tried yet)
 
     @property
     def fallback(self) -> AttnBackend:
@@ -139,29 +138,18 @@ class CudnnBackend(AttnBackend):
     # ------------------------------------------------------------------ helpers
     def _key(self, la: Launch, q: torch.Tensor, k: torch.Tensor, scale: float, backward: bool) -> GraphKey:
         batch, mq, mk = launch_bucket(la)
-        grad = (torch.float32 if self.float32_grads is not False else q.dtype) if backward else None
         return GraphKey(
-            backward, la.sig, batch, mq, mk, q.shape[1], k.shape[1], q.shape[2], q.dtype, float(scale),
-            q.device.index or 0, grad,
-        )  # fmt: skip
+            backward, la.sig, batch, mq, mk, q.shape[1], k.shape[1], q.shape[2], q.dtype, float(scale), q.device.index or 0
+        )
 
     def _runs_on_cudnn(self, la: Launch, q, k, scale: float, backward: bool) -> bool:
-        """Build (or find) the launch's graph; a refused signature is remembered and goes to the fallback.
-
-        Backward graphs first ask cuDNN for float32 dQ/dK/dV (no conversion pass); if it
-        refuses, 16-bit gradients are used from then on.
-        """
+        """Build (or find) the launch's graph; a refused signature is remembered and goes to the fallback."""
         if la.sig in self.refused:
             return False
         try:
             self.graphs.get(self._key(la, q, k, scale, backward))
-            if backward and self.float32_grads is None:
-                self.float32_grads = True
             return True
         except Exception as e:  # noqa: BLE001 - cuDNN raises its own error types for unsupported graphs
-            if backward and self.float32_grads is None:
-                self.float32_grads = False
-                return self._runs_on_cudnn(la, q, k, scale, backward)
             self.refused[la.sig] = f"{type(e).__name__}: {e}"
             return False
 
@@ -184,7 +172,8 @@ class CudnnBackend(AttnBackend):
             lse = torch.empty(tq, hq, dtype=torch.float32, device=q.device) if prep.full_q else _neg_inf(tq, hq, q.device)
             self._forward_launch(prep, 0, q, k, v, out, lse, softmax_scale, span=False)
             return out.to(want), lse
-        out = torch.zeros(tq, hq, d, dtype=torch.float32, device=q.device)
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # float64 only in emulated tests
+        out = torch.zeros(tq, hq, d, dtype=acc, device=q.device)
         lse = _neg_inf(tq, hq, q.device)
         for i, la in enumerate(prep.launches):
             if on_cudnn[i]:
@@ -194,7 +183,7 @@ class CudnnBackend(AttnBackend):
                 self._forward_launch(prep, i, q, k, v, o_t, l_t, softmax_scale, span=True)
                 merge_into(out[r0:r1], lse[r0:r1], o_t, l_t)
             else:
-                o_f, l_f = self.fallback.forward(q, k, v, self._fallback_prep(prep, i), softmax_scale, softcap, torch.float32)
+                o_f, l_f = self.fallback.forward(q, k, v, self._fallback_prep(prep, i), softmax_scale, softcap, acc)
                 merge_into(out, lse, o_f, l_f)
         return out.to(want), lse
 
@@ -214,7 +203,7 @@ class CudnnBackend(AttnBackend):
     # ----------------------------------------------------------------- backward
     def backward(self, do, q, k, v, out, lse, prep: CudnnPrep, softmax_scale, softcap):
         self._check(q, k, v, softcap)
-        dq, dk, dv = (GradSum(x.shape, x.device) for x in (q, k, v))
+        dq, dk, dv = (GradSum(x.shape, x.device, q.dtype) for x in (q, k, v))
         if not prep.launches or q.shape[0] == 0:
             return dq.result(), dk.result(), dv.result()
         o16 = out.to(q.dtype).contiguous()
@@ -230,7 +219,7 @@ class CudnnBackend(AttnBackend):
             t = prep.tensors(i, hq, hkv, d)
             r0, r1 = la.row_span
             c0, c1 = la.key_span
-            gdt = torch.float32 if self.float32_grads else q.dtype
+            gdt = q.dtype  # cuDNN's dQ/dK/dV dtype (float32 outputs were measured wrong on cuDNN 9.19)
             # every row of a span some entry covers is written; the others must read as zero
             dq_t = _buffer(r1 - r0, int(la.sq.sum()) == r1 - r0, hq, d, gdt, q.device)
             private = la.private is not None

@@ -58,7 +58,6 @@ class GraphKey:
     dtype: torch.dtype
     scale: float
     device: int
-    grad_dtype: torch.dtype | None = None  # backward only: dQ/dK/dV dtype (float32 when cuDNN writes it)
 
 
 @dataclass
@@ -142,8 +141,7 @@ def mask_args(cudnn: Any, sig: Signature, max_k: int) -> dict:
 
 
 def _types(cudnn: Any, dtype: torch.dtype) -> Any:
-    dt = cudnn.data_type
-    return {torch.bfloat16: dt.BFLOAT16, torch.float16: dt.HALF, torch.float32: dt.FLOAT}[dtype]
+    return {torch.bfloat16: cudnn.data_type.BFLOAT16, torch.float16: cudnn.data_type.HALF}[dtype]
 
 
 class _Declare:
@@ -179,9 +177,9 @@ class _Declare:
         b, h, s = self.key.batch, self.key.hq, self.key.max_q
         return [b, h, s, 1], [s * h, 1, h, 1]
 
-    def output(self, name: str, t: Any, heads: int, rows: int, offsets: str, dtype: torch.dtype | None = None) -> None:
+    def output(self, name: str, t: Any, heads: int, rows: int, offsets: str) -> None:
         dim, stride = self.dims(heads, rows)
-        t.set_output(True).set_dim(dim).set_stride(stride).set_data_type(_types(self.cudnn, dtype or self.key.dtype))
+        t.set_output(True).set_dim(dim).set_stride(stride).set_data_type(_types(self.cudnn, self.key.dtype))
         t.set_ragged_offset(self.tensors[offsets] if offsets in self.tensors else self.offsets(offsets))
         self._add(name, t)
 
@@ -237,7 +235,7 @@ def _build_backward(key: GraphKey, handle: Any) -> Built:
         name="sdpa_backward", q=q, k=k, v=v, o=o, dO=do, stats=stats, attn_scale=key.scale, use_padding_mask=True,
         seq_len_q=dec.lengths("seq_q"), seq_len_kv=dec.lengths("seq_k"), **mask_args(cudnn, key.sig, key.max_k),
     )  # fmt: skip
-    dec.output("dq", dq, key.hq, key.max_q, "off_dq", key.grad_dtype)
-    dec.output("dk", dk, key.hkv, key.max_k, "off_dk", key.grad_dtype)
-    dec.output("dv", dv, key.hkv, key.max_k, "off_dv", key.grad_dtype)
+    dec.output("dq", dq, key.hq, key.max_q, "off_dq")
+    dec.output("dk", dk, key.hkv, key.max_k, "off_dk")
+    dec.output("dv", dv, key.hkv, key.max_k, "off_dv")
     return _finish(g, dec.tensors)
