@@ -73,8 +73,10 @@ def test_sliding_window_fuses_to_one_band_per_document():
     assert_exact(sliding_window([100, 20, 31, 30], 30))
 
 
-def test_shared_keys_get_private_rows():
-    spec = prefix_tree([8, 3, 3], [[0, 1], [0, 2]])[0]
+def test_full_pieces_merge_and_shared_keys_get_private_rows():
+    tree = prefix_tree([8, 3, 3], [[0, 1], [0, 2]])[0]  # the completions' FULL rows on the prompt merge into one entry
+    assert sum(sig == (None, None) for sig in to_entries(tree.table).sigs) == 1
+    spec = AttnMaskSpec([(0, 5), (7, 12), (12, 20)], [(0, 20), (0, 20), (20, 28)], ["full", "full", "causal"], 20, 28)
     launches = plan_launches(to_entries(spec.table), spec.total_seqlen_k)
     shared = [la for la in launches if la.private is not None]
     assert shared and all(la.private_rows == la.sk.sum() for la in shared)
@@ -83,8 +85,8 @@ def test_shared_keys_get_private_rows():
 
 def test_private_rows_are_capped():
     """Many q chunks over one long key range: private dK/dV rows per launch stay O(tk)."""
-    n, chunk, tk = 64, 16, 4096
-    spec = AttnMaskSpec([(i * chunk, (i + 1) * chunk) for i in range(n)], [(0, tk)] * n, ["full"] * n, n * chunk, tk)
+    n, chunk, tk = 64, 16, 4096  # q chunks one row apart, so they do not merge into one entry
+    spec = AttnMaskSpec([(i * (chunk + 1), i * (chunk + 1) + chunk) for i in range(n)], [(0, tk)] * n, ["full"] * n, n * (chunk + 1), tk)
     launches = plan_launches(to_entries(spec.table), tk)
     assert len(launches) > 1 and all(la.private_rows <= 2 * tk + 65536 for la in launches)
     assert_exact(spec)

@@ -27,6 +27,10 @@ class AttnBackend(ABC):
         """Why these inputs cannot run here (None when they can)."""
         return None
 
+    def label(self, q: torch.Tensor, k: torch.Tensor, softcap: float) -> str:
+        """What runs inputs like these, for reports (the router names the backends it may route to)."""
+        return self.name
+
     @abstractmethod
     def prepare(self, table: SliceTable, tq: int, tk: int, device: torch.device) -> Any:
         """Build the reusable schedule for ``table`` over ``tq`` query and ``tk`` key rows."""

@@ -90,6 +90,10 @@ class AutoBackend(AttnBackend):
     def prepare(self, table: SliceTable, tq: int, tk: int, device: torch.device) -> AutoPrep:
         return AutoPrep(table.nonempty(), int(tq), int(tk), torch.device(device))
 
+    def label(self, q: torch.Tensor, k: torch.Tensor, softcap: float) -> str:
+        runnable = self._runnable(q, k, softcap)
+        return f"auto ({'/'.join(runnable)})" if runnable else "reference"
+
     def route(self, prep: AutoPrep, q: torch.Tensor, k: torch.Tensor, softcap: float) -> Route:
         """The route for these inputs (decided once per dtype / heads / head dim / softcap)."""
         key = (q.dtype, q.shape[1], k.shape[1], q.shape[2], softcap > 0, q.device.type)

@@ -16,7 +16,10 @@ A slice becomes entries of one *signature* ``(L, R)``:
 * INV_CAUSAL (``j' >= i'``) -> ``(1, UNBOUNDED)`` (the right bound becomes the graph's key
   length, so it never binds);
 * a per-document sliding window (a square CAUSAL slice followed by its BI_CAUSAL band,
-  as ``mask.sliding_window`` builds it) fuses into one square entry ``(W, 0)``.
+  as ``mask.sliding_window`` builds it) fuses into one square entry ``(W, 0)``;
+* FULL entries with one query range and touching key ranges (or one key range and
+  touching query ranges) merge into one: the distributed plans cut rectangles at chunk
+  boundaries, and fewer entries sharing rows means fewer launches.
 
 Entries of one signature are packed into *launches* whose query ranges are pairwise
 disjoint, so each launch writes every output row at most once; rows shared between
@@ -125,7 +128,33 @@ def to_entries(table: SliceTable) -> Entries:
         a, e, L = fused
         add(a, e - a, a, e - a, lambda i, L=L: (int(L[i]), 0))
     cat = lambda xs: np.concatenate(xs).astype(np.int64) if xs else np.zeros(0, dtype=np.int64)  # noqa: E731
-    return Entries(cat(out_qs), cat(out_sq), cat(out_ks), cat(out_sk), sigs)
+    return _merge_full(Entries(cat(out_qs), cat(out_sq), cat(out_ks), cat(out_sk), sigs))
+
+
+def _merge_touching(a: np.ndarray, n: np.ndarray, c: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Rectangles ``[a, a+n) x [c, c+m)``: those with equal ``(a, n)`` and touching ``[c, c+m)`` become one."""
+    order = np.lexsort((c, n, a))
+    a, n, c, m = a[order], n[order], c[order], m[order]
+    start = np.ones(len(a), dtype=bool)
+    start[1:] = (a[1:] != a[:-1]) | (n[1:] != n[:-1]) | (c[1:] != c[:-1] + m[:-1])
+    group = np.cumsum(start) - 1
+    end = np.zeros(int(start.sum()), dtype=np.int64)
+    np.maximum.at(end, group, c + m)
+    return a[start], n[start], c[start], end - c[start]
+
+
+def _merge_full(e: Entries) -> Entries:
+    """Merge FULL entries along keys (same rows), then along rows (same keys); cells are unchanged."""
+    full = np.array([sig == (None, None) for sig in e.sigs], dtype=bool)
+    if full.sum() < 2:
+        return e
+    qs, sq, ks, sk = (x[full] for x in (e.qs, e.sq, e.ks, e.sk))
+    qs, sq, ks, sk = _merge_touching(qs, sq, ks, sk)
+    ks, sk, qs, sq = _merge_touching(ks, sk, qs, sq)
+    rest = ~full
+    cat = lambda x, y: np.concatenate([x, y[rest]])  # noqa: E731
+    sigs = [(None, None)] * len(qs) + [sig for sig, r in zip(e.sigs, rest) if r]
+    return Entries(cat(qs, e.qs), cat(sq, e.sq), cat(ks, e.ks), cat(sk, e.sk), sigs)
 
 
 def _fuse_windows(t: SliceTable) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
