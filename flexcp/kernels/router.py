@@ -115,6 +115,7 @@ class AutoBackend(AttnBackend):
 
     def _decide(self, prep: AutoPrep, q, k, softcap) -> Route:
         table, heads, hd = prep.table, q.shape[1], q.shape[2]
+        gqa = q.shape[1] != k.shape[1]
         runnable = self._runnable(q, k, softcap)
         if not runnable or len(table) == 0:
             ref = get_backend("reference") if not runnable else next(iter(runnable.values()))
@@ -129,36 +130,39 @@ class AutoBackend(AttnBackend):
 
                 if single_rect(table) is None:
                     continue
-            options[name] = (self.costs[name].seconds(flops, len(table), heads), [(name, table)])
+            options[name] = (self.costs[name].seconds(flops, len(table), heads, gqa=gqa), [(name, table)])
         if self.split[0] in runnable:
-            options.update(self._split_option(runnable, table, prep, heads, hd))
+            options.update(self._split_option(runnable, table, prep, heads, hd, gqa))
             # the group backend's whole-mask cost counts each of its launches
             options[self.split[0]] = (options.pop("_group_whole")[0], [(self.split[0], table)])
         name = min(options, key=lambda n: options[n][0])
         parts = []
         for backend_name, sub in options[name][1]:
             b = runnable[backend_name]
-            est = self.costs[backend_name].seconds({kk: f * heads for kk, f in _kind_flops(sub, hd).items()}, len(sub), heads)
+            est = self.costs[backend_name].seconds({kk: f * heads for kk, f in _kind_flops(sub, hd).items()}, len(sub), heads, gqa=gqa)
             parts.append(Part(b, sub, b.prepare(sub, prep.tq, prep.tk, prep.device), est))
         return Route(parts, {n: v[0] for n, v in options.items()})
 
-    def _split_option(self, runnable, table, prep, heads, hd) -> dict:
+    def _split_option(self, runnable, table, prep, heads, hd, gqa) -> dict:
         """Each launch of the cuDNN plan (a slice group) on the group backend or the rest backend, whichever costs less."""
         from .cudnn.backend import launch_table
-        from .cudnn.plan import plan_launches, to_entries
+        from .cudnn.plan import launch_rows_overlap, plan_launches, to_entries
 
         group, rest = self.split
         g_cost, r_cost = self.costs[group], self.costs.get(rest) if rest in runnable else None
         mine, theirs = [], []
-        for la in plan_launches(to_entries(table), prep.tk):
+        launches = plan_launches(to_entries(table), prep.tk)
+        for la, shared in zip(launches, launch_rows_overlap(launches, prep.tq)):
             f = {_sig_kind(la.sig): la.area() * FLOPS_PER_CELL * hd * heads}
-            on_group = g_cost.seconds(f, len(la), heads)
-            on_rest = r_cost.seconds(f, len(la), heads, launches=0) if r_cost else float("inf")
+            span = la.row_span[1] - la.row_span[0]
+            on_group = g_cost.seconds(f, len(la), heads, gqa=gqa) + shared * span * heads * g_cost.shared_row_ns * 1e-9
+            on_rest = r_cost.seconds(f, len(la), heads, launches=0, gqa=gqa) if r_cost else float("inf")
             (mine if on_group <= on_rest else theirs).append((la, on_group, on_rest))
         out = {"_group_whole": (sum(c for _, c, _ in mine + theirs), None)}
         if not mine or not theirs:
             return out  # the whole-mask options cover this
-        split = sum(c for _, c, _ in mine) + sum(t for _, _, t in theirs) + r_cost.launch_us * 1e-6
+        merge = prep.tq * heads * g_cost.shared_row_ns * 1e-9  # the two parts' outputs merge over the rows
+        split = sum(c for _, c, _ in mine) + sum(t for _, _, t in theirs) + r_cost.launch_us * 1e-6 + merge
         parts = [(group, SliceTable.concat([launch_table(la) for la, _, _ in mine])),
                  (rest, SliceTable.concat([launch_table(la) for la, _, _ in theirs]))]  # fmt: skip
         out[f"{group}+{rest}"] = (split, parts)

@@ -178,8 +178,9 @@ class CudnnBackend(AttnBackend):
         for i, la in enumerate(prep.launches):
             if on_cudnn[i]:
                 r0, r1 = la.row_span
-                o_t = torch.zeros(r1 - r0, hq, d, dtype=q.dtype, device=q.device)
-                l_t = _neg_inf(r1 - r0, hq, q.device)
+                covered = int(la.sq.sum()) == r1 - r0  # then every row of the span is written
+                o_t = (torch.empty if covered else torch.zeros)(r1 - r0, hq, d, dtype=q.dtype, device=q.device)
+                l_t = torch.empty(r1 - r0, hq, dtype=torch.float32, device=q.device) if covered else _neg_inf(r1 - r0, hq, q.device)
                 self._forward_launch(prep, i, q, k, v, o_t, l_t, softmax_scale, span=True)
                 merge_into(out[r0:r1], lse[r0:r1], o_t, l_t)
             else:
