@@ -14,7 +14,7 @@ from ..dispatch import DEFAULT_CHUNK_SIZE
 from ..dispatch import ops as _ops
 from ..dist_attn.function import DistAttnFunction, DistAttnState
 from ..dist_attn.plan import build_rank_plans
-from ..kernels import check_qkv, resolve_scale, select_backend
+from ..kernels import SCHEDULES, check_qkv, resolve_scale, select_backend
 from ..mask import AttnMaskSpec
 from .key import DistAttnKey, KeyEntry, check_agreement, clear, group_info, lookup, most_recent, remember
 from .placement import choose_plan
@@ -106,8 +106,9 @@ def get_most_recent_key(cp_group: dist.ProcessGroup | None) -> DistAttnKey | Non
 
 
 def clear_cache() -> None:
-    """Forget every built key (their plans and schedules)."""
+    """Forget every built key (their plans) and the kernels' schedules."""
     clear()
+    SCHEDULES.clear()
 
 
 def calc_attn(
