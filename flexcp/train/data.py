@@ -310,8 +310,9 @@ class RecallSource:
         return PackedSequence(t(ids), t(labels), torch.arange(s), self.spec)
 
 
-def build_source(cfg: FinetuneConfig, tok: Tokenizer) -> DataSource:
-    """The data source named by ``cfg.data.kind``."""
+def build_source(cfg: FinetuneConfig, tok: Tokenizer, path: str | None = None,
+                 shuffle: bool | None = None) -> DataSource:
+    """The data source named by ``cfg.data.kind`` (``path`` / ``shuffle``: instead of ``data.path`` / ``data.shuffle``)."""
     d = cfg.data
     if d.kind == "recall":
         if tok.vocab_size < 128:
@@ -319,4 +320,4 @@ def build_source(cfg: FinetuneConfig, tok: Tokenizer) -> DataSource:
         r = d.recall
         return RecallSource(d.seq_len, r.num_pairs, r.num_values, cfg.train.seed, tok.bos_id, r.filler)
     cls = JsonlSource if d.kind == "jsonl" else RolloutSource
-    return cls(d.path, tok, d.seq_len, cfg.train.seed, d.shuffle)
+    return cls(path or d.path, tok, d.seq_len, cfg.train.seed, d.shuffle if shuffle is None else shuffle)

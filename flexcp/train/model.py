@@ -63,9 +63,22 @@ def build_model(cfg: ModelConfig, vocab_size: int, device: torch.device, seed: i
         raise ConfigError(f"the model has {emb} token embeddings but the tokenizer {vocab_size} ids; "
                           "use the checkpoint's own tokenizer (model.tokenizer)")
     if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.train()
     return model
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute every decoder layer in backward (non-reentrant), through the API of this transformers version.
+
+    transformers 5.x renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``
+    and warns on the old name (on every rank); older versions only have the old one.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
