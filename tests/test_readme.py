@@ -128,7 +128,7 @@ def test_readme_shell_command(command, tmp_path):
         return
     out = _run(command, tmp_path, shell=True)
     if " finetune " in command and "--check" not in command:
-        assert "summary:" in out and "hf_export" in out and " nan" not in out, out[-3000:]
+        assert "summary:" in out and "final_step" in out and " nan" not in out, out[-3000:]
 
 
 @pytest.mark.parametrize("mode, code", _cases(("python", "torchrun 2")))

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from multiproc import run_spawned
 
-pytest.importorskip("peft")
 STEPS = 3
 
 

@@ -431,6 +431,6 @@ def _check_features(cfg: FinetuneConfig) -> None:
         if not lora.target_modules:
             raise ConfigError("model.lora.target_modules is empty; name the modules to adapt, e.g. [q_proj, v_proj]")
         if importlib.util.find_spec("peft") is None:
-            raise ConfigError("model.lora.r > 0 needs the peft package: pip install peft (or model.lora.r=0)")
+            raise ConfigError("model.lora.r > 0 needs the peft package: pip install 'flexcp[lora]' (or model.lora.r=0)")
     if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
         raise ConfigError("logging.wandb=true needs the wandb package: pip install wandb (or logging.wandb=false)")

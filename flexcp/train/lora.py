@@ -14,6 +14,7 @@ Export (``model.lora.export``): ``"merged"`` folds every adapter into its weight
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -36,7 +37,9 @@ def apply_lora(lm: nn.Module, cfg: LoraConfig) -> nn.Module:
     peft_cfg = PeftLoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                               task_type="CAUSAL_LM")
     try:
-        return get_peft_model(lm, peft_cfg)
+        with warnings.catch_warnings():  # peft asks transformers 5 about checkpointing by its deprecated name
+            warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.* is deprecated", category=FutureWarning)
+            return get_peft_model(lm, peft_cfg)
     except ValueError as exc:
         raise ConfigError(f"model.lora.target_modules={cfg.target_modules}: {exc}") from None
 

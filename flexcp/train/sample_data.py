@@ -1,11 +1,11 @@
-"""Small synthetic datasets for trying the JSONL recipes on a CPU: ``python -m flexcp.train.sample_data``.
+"""Small synthetic datasets for trying the JSONL recipes on a CPU: python -m flexcp.train.sample_data.
 
-Writes (deterministically, from a fixed seed) into ``flexcp/train/samples/``:
+Writes (deterministically, from a fixed seed) into `flexcp/train/samples/`:
 
-- ``sft_chat.jsonl`` / ``sft_chat_eval.jsonl``: chat records ``{"messages": [...]}`` with
+- `sft_chat.jsonl` / `sft_chat_eval.jsonl`: chat records `{"messages": [...]}` with
   small string and arithmetic tasks (reverse, sort, count, add, upper-case), some with a
   system turn, some with two user/assistant rounds; loss falls on the assistant turns.
-- ``rollouts.jsonl`` / ``rollouts_eval.jsonl``: rollout groups ``{"prompt", "completions"}``,
+- `rollouts.jsonl` / `rollouts_eval.jsonl`: rollout groups `{"prompt", "completions"}`,
   several answers to one prompt (phrasings of the right answer), laid out as prefix trees.
 
 The tasks are generated, not collected, so the files are reproducible (a test regenerates
