@@ -180,6 +180,13 @@ def test_eval_is_logged_and_a_finished_run_is_left_alone(tmp_path):
     assert before == after  # hf/ not rewritten
     assert "is already finished" in got["rerun_out"] and "summary" not in got["rerun_out"]
 
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # the export loads with plain transformers
+
+    model = AutoModelForCausalLM.from_pretrained(os.path.join(out, "hf"))
+    tok = AutoTokenizer.from_pretrained(os.path.join(out, "hf"))
+    ids = torch.tensor([tok.encode("K 7 ? K")])
+    assert model(input_ids=ids).logits.shape == (1, ids.shape[1], len(tok))
+
 
 def test_eval_on_held_out_jsonl(tmp_path):
     from flexcp.train import sample_data
