@@ -397,7 +397,9 @@ def _check_data(cfg: FinetuneConfig) -> None:
         )
     if d.kind in ("jsonl", "rollouts"):
         if d.path is None:
-            raise ConfigError(f"data.kind={d.kind!r} reads a JSONL file: set data.path")
+            sample = "sft_chat.jsonl" if d.kind == "jsonl" else "rollouts.jsonl"
+            raise ConfigError(f"data.kind={d.kind!r} reads a JSONL file: set data.path (a sample to try: "
+                              f"data.path=flexcp/train/samples/{sample})")
         if not os.path.isfile(d.path):
             raise ConfigError(f"data.path={d.path!r}: no such file")
     if d.kind == "recall":
