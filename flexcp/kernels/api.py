@@ -120,7 +120,7 @@ def attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of THD ``q [tq, hq, d]``, ``k, v [tk, hkv, d]`` under ``spec``; returns ``(out, lse)``.
 
-    ``out`` has q's dtype; ``lse`` is float32 ``[tq, hq]`` (not differentiable). Rows with
+    ``out`` has q's dtype; ``lse`` is ``[tq, hq]`` float32, float64 for float64 inputs (not differentiable). Rows with
     no keys give out 0, lse -inf and zero gradients. ``softmax_scale`` defaults to
     ``d ** -0.5``; ``softcap > 0`` applies ``cap * tanh(s / cap)`` to the scaled scores.
     """

@@ -11,12 +11,12 @@ from __future__ import annotations
 import torch
 
 from ..mask.geometry import SliceTable
-from .backend import AttnBackend
+from .backend import AttnBackend, stat_dtype
 from .tiles import TilePair, TileSchedule, build_tile_schedule
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return stat_dtype(x.dtype)
 
 
 def _tile_mask(pair: TilePair, device: torch.device) -> torch.Tensor | None:
@@ -67,7 +67,7 @@ class ReferenceBackend(AttnBackend):
         qg = self._grouped(q, hkv, cdt)
         kc, vc = k.to(cdt), v.to(cdt)
         out = torch.zeros(tq, hq, v.shape[2], dtype=out_dtype or q.dtype, device=q.device)
-        lse = torch.full((tq, hq), float("-inf"), dtype=torch.float32, device=q.device)
+        lse = torch.full((tq, hq), float("-inf"), dtype=stat_dtype(q.dtype), device=q.device)
         for row in prep.rows:
             r0, r1 = row[0].r0, row[0].r1
             m = torch.full((hkv, hq // hkv, r1 - r0, 1), float("-inf"), dtype=cdt, device=q.device)
@@ -89,7 +89,7 @@ class ReferenceBackend(AttnBackend):
             o = torch.where(empty, torch.zeros_like(acc), acc / torch.where(empty, torch.ones_like(den), den))
             l = torch.where(empty, torch.full_like(den, float("-inf")), m + torch.log(den))
             out[r0:r1] = o.permute(2, 0, 1, 3).reshape(r1 - r0, hq, -1).to(out.dtype)
-            lse[r0:r1] = l.squeeze(-1).permute(2, 0, 1).reshape(r1 - r0, hq).float()
+            lse[r0:r1] = l.squeeze(-1).permute(2, 0, 1).reshape(r1 - r0, hq).to(lse.dtype)
         return out, lse
 
     # ------------------------------------------------------------ backward
@@ -126,6 +126,6 @@ class ReferenceBackend(AttnBackend):
                 ds = ds * softmax_scale
                 dq[r0:r1] += torch.einsum("hgqk,khd->qhgd", ds, kc[c0:c1])
                 dk[c0:c1] += torch.einsum("hgqk,qhgd->khd", ds, qg[r0:r1])
-        f32 = torch.float64 if cdt == torch.float64 else torch.float32
-        return dq.reshape(tq, hq, d).to(f32), dk.to(f32), dv.to(f32)
+        gdt = stat_dtype(q.dtype)
+        return dq.reshape(tq, hq, d).to(gdt), dk.to(gdt), dv.to(gdt)
 
