@@ -26,6 +26,7 @@ from .loss import CausalLMLoss
 from .metrics import MetricsLogger, StepMetrics, model_flops
 from .model import build_model, count_params
 from .parallel import ParallelDims, apply_fsdp, build_parallel, init_distributed
+from .stall import StallWatch
 from .tokenizer import load_tokenizer
 
 EVAL_INDEX_BASE = 1 << 40
@@ -56,8 +57,9 @@ class Trainer:
     """Owns the mesh, model, optimizer, scheduler, data and logger of one run (every rank builds one)."""
 
     def __init__(self, cfg: FinetuneConfig) -> None:
-        self.device = init_distributed()
+        self.device = init_distributed(cfg.parallel.timeout_minutes)
         self.cfg = validate(cfg, dist.get_world_size())
+        self.stall = StallWatch(cfg.parallel.timeout_minutes)
         self.rank = dist.get_rank()
         p, t = cfg.parallel, cfg.train
         self.dims: ParallelDims = build_parallel(p.dp, p.cp, self.device)
@@ -188,11 +190,12 @@ class Trainer:
                                            dist.get_world_size())
         log.write(self.describe())
         while self.progress.step < end:
-            log.log(self.train_step())
-            every = cfg.checkpoint.every
-            if every and self.progress.step % every == 0 and self.progress.step < cfg.train.steps:
-                save_checkpoint(cfg.out_dir, self.model, self.optimizer, self.scheduler, self.progress,
-                                cfg.checkpoint.keep)
+            with self.stall.step(self.progress.step + 1):
+                log.log(self.train_step())
+                every = cfg.checkpoint.every
+                if every and self.progress.step % every == 0 and self.progress.step < cfg.train.steps:
+                    save_checkpoint(cfg.out_dir, self.model, self.optimizer, self.scheduler, self.progress,
+                                    cfg.checkpoint.keep)
         extra: dict[str, Any] = {}
         if self.progress.step >= cfg.train.steps:
             extra["checkpoint"] = save_checkpoint(cfg.out_dir, self.model, self.optimizer, self.scheduler,
