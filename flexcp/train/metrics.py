@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .replay import drop_records_after
+
 
 @dataclass
 class StepMetrics:
@@ -116,7 +118,10 @@ class MetricsLogger:
         if is_main:
             os.makedirs(out_dir, exist_ok=True)
             self.bar = _make_bar(progress, total_steps, start_step)
-            self.jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "a" if start_step else "w")
+            path = os.path.join(out_dir, "metrics.jsonl")
+            if start_step:  # resumed: the steps after the checkpoint run again, so their old records go
+                drop_records_after(path, start_step)
+            self.jsonl = open(path, "a" if start_step else "w")
             if tensorboard and importlib.util.find_spec("tensorboard"):
                 from torch.utils.tensorboard import SummaryWriter
 
