@@ -198,7 +198,7 @@ def test_prepare_llm_batch_hf_path_packs_cu_seqlens_like_position_resets() -> No
     packed = make_case("packed")
     ctx, by_pos = state.prepare_llm_batch(model, dict(packed), None, False, 0, 1)
     assert ctx is nullcontext and isinstance(by_pos["magi_key"], flexcp.DistAttnKey)
-    assert set(by_pos) == {"input_ids", "position_ids", "labels", "magi_key"}
+    assert set(by_pos) == {"input_ids", "position_ids", "labels", "shift_labels", "magi_key"}
     by_cu = {"input_ids": packed["input_ids"], "labels": packed["labels"],
              "cu_seqlens": torch.tensor([0, 13, 30, 40, -1000, -1000])}
     _, by_cu = state.prepare_llm_batch(model, by_cu, None, True, 0, 1)
