@@ -103,3 +103,24 @@ def test_recipe_sets_the_process_group_timeout(monkeypatch):
     assert seen["timeout"] == datetime.timedelta(minutes=10)
     with pytest.raises(ValueError, match="timeout_minutes must be > 0"):
         parallel.init_distributed(0)
+
+
+def _undispatch_mismatch(rank, world_size):
+    from flexcp.runtime import undispatch
+
+    os.environ["FLEXCP_CHECK"] = "1"
+    try:
+        key = build_key(SPEC_A, dist.group.WORLD, num_heads_q=2, num_heads_kv=2, head_dim=8, chunk_size=8)
+        x = dispatch(torch.randn(64, 2 + rank), key)
+        undispatch(x, key)
+    except ValueError as exc:
+        return str(exc)
+    finally:
+        del os.environ["FLEXCP_CHECK"]
+        clear_cache()
+    return None
+
+
+def test_undispatch_shape_mismatch_is_caught():
+    for m in run_spawned(_undispatch_mismatch, 2):
+        assert m is not None and m.startswith("undispatch (FLEXCP_CHECK=1): the ranks of cp_group disagree"), m

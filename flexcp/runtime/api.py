@@ -109,8 +109,14 @@ def dispatch(x: torch.Tensor, key: DistAttnKey, pad_value: float = 0, dim: int =
 
 
 def undispatch(x: torch.Tensor, key: DistAttnKey, dim: int = 0) -> torch.Tensor:
-    """Gather the shards of the group back into the global tensor (global order, padding dropped)."""
+    """Gather the shards of the group back into the global tensor (global order, padding dropped).
+
+    With ``FLEXCP_CHECK=1`` the ranks first verify that they pass the same key, dtype and trailing shape.
+    """
     entry = lookup(key)
+    if entry.group is not None and debug_checks():
+        check_call_agreement(key, entry.group, {"op": "undispatch", "dtype": str(x.dtype), "dim": dim,
+                                                "shape": tuple(s for i, s in enumerate(x.shape) if i != dim)})
     return _ops.undispatch(x, entry.plan, entry.group, dim=dim)
 
 

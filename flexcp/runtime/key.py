@@ -120,7 +120,7 @@ def check_call_agreement(key: DistAttnKey, group: dist.ProcessGroup, call: dict[
     dist.all_gather_object(described, mine, group=group)
     lines = "; ".join(f"rank {r}: {d}" for r, d in enumerate(described))
     raise ValueError(
-        f"calc_attn ({CHECK_ENV}=1): the ranks of cp_group disagree (ranks grouped by what they passed: "
+        f"{call.get('op', 'calc_attn')} ({CHECK_ENV}=1): the ranks of cp_group disagree (ranks grouped by what they passed: "
         f"{groups}); every rank must pass the same key (the same build_key result), q/k/v dtype, "
         f"softmax_scale, softcap and grad mode. {lines}"
     )

@@ -102,18 +102,28 @@ def verify(ckpt_dir: str) -> str | None:
     problems: list[str] = []
     if manifest is not None:
         for rel in sorted(manifest["files"])[rank::world]:
-            want = manifest["files"][rel]
-            path = os.path.join(ckpt_dir, rel)
-            if not os.path.isfile(path):
-                problems.append(f"{rel} is missing")
-            elif os.path.getsize(path) != want["size"]:
-                problems.append(f"{rel} has {os.path.getsize(path)} bytes, the manifest says {want['size']}")
-            elif _sha256(path) != want["sha256"]:
-                problems.append(f"{rel} does not match its checksum (corrupted)")
+            problem = _check_file(ckpt_dir, rel, manifest["files"][rel])
+            if problem:
+                problems.append(problem)
     problems = sorted(p for part in _gather(problems) for p in part)
     if reason is None and problems:
         reason = "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
     return reason
+
+
+def _check_file(ckpt_dir: str, rel: str, want: dict) -> str | None:
+    """Why one listed file does not match its manifest entry (None when it does)."""
+    path = os.path.join(ckpt_dir, rel)
+    try:
+        if not os.path.isfile(path):
+            return f"{rel} is missing"
+        if os.path.getsize(path) != want["size"]:
+            return f"{rel} has {os.path.getsize(path)} bytes, the manifest says {want['size']}"
+        if _sha256(path) != want["sha256"]:
+            return f"{rel} does not match its checksum (corrupted)"
+    except OSError as exc:
+        return f"{rel} cannot be read ({exc}); check the permissions of {ckpt_dir!r}"
+    return None
 
 
 def save_error(exc: BaseException, path: str) -> CheckpointError:
