@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from flexcp.mask import AttnMaskSpec
-from flexcp.runtime import build_key, calc_attn, clear_cache, dispatch
+from flexcp.runtime import build_key, calc_attn, clear_cache, dispatch, undispatch
 from multiproc import run_spawned
 
 SPEC_A = AttnMaskSpec.causal(64)
@@ -43,6 +43,9 @@ def _scenario(rank, world_size, case):
         elif case == "softcap":
             key = build_key(SPEC_A, group, **kw)
             calc_attn(*_qkv(key), key, softcap=float(rank))
+        elif case == "undispatch":
+            key = build_key(SPEC_A, group, **kw)
+            undispatch(dispatch(torch.randn(64, 2 + rank), key), key)
         elif case == "agree":
             key = build_key(SPEC_A, group, **kw)
             out, _ = calc_attn(*_qkv(key), key)
@@ -105,22 +108,7 @@ def test_recipe_sets_the_process_group_timeout(monkeypatch):
         parallel.init_distributed(0)
 
 
-def _undispatch_mismatch(rank, world_size):
-    from flexcp.runtime import undispatch
-
-    os.environ["FLEXCP_CHECK"] = "1"
-    try:
-        key = build_key(SPEC_A, dist.group.WORLD, num_heads_q=2, num_heads_kv=2, head_dim=8, chunk_size=8)
-        x = dispatch(torch.randn(64, 2 + rank), key)
-        undispatch(x, key)
-    except ValueError as exc:
-        return str(exc)
-    finally:
-        del os.environ["FLEXCP_CHECK"]
-        clear_cache()
-    return None
-
 
 def test_undispatch_shape_mismatch_is_caught():
-    for m in run_spawned(_undispatch_mismatch, 2):
+    for m in run_spawned(_scenario, 2, "undispatch"):
         assert m is not None and m.startswith("undispatch (FLEXCP_CHECK=1): the ranks of cp_group disagree"), m
