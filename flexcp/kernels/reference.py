@@ -79,10 +79,9 @@ class ReferenceBackend(AttnBackend):
         qg = self._grouped(q, hkv, cdt)
         kc, vc = k.to(cdt), v.to(cdt)
         v_bad = ~torch.isfinite(vc)
-        if bool(v_bad.any()):  # P @ V runs on a finite V; rows attending a non-finite value are set NaN
-            vc, v_bad = vc.masked_fill(v_bad, 0.0), v_bad.to(cdt)
-        else:
-            v_bad = None
+        v_bad = v_bad.to(cdt) if bool(v_bad.any()) else None  # P @ V then runs on a finite V, and
+        if v_bad is not None:  # the rows attending a non-finite value are set to NaN at the end
+            vc = vc.masked_fill(v_bad.bool(), 0.0)
         out = torch.zeros(tq, hq, v.shape[2], dtype=out_dtype or q.dtype, device=q.device)
         lse = torch.full((tq, hq), float("-inf"), dtype=stat_dtype(q.dtype), device=q.device)
         for row in prep.rows:
@@ -104,9 +103,9 @@ class ReferenceBackend(AttnBackend):
                 den = den * alpha + p.sum(dim=-1, keepdim=True)
                 acc = acc * alpha + torch.einsum("hgqk,khd->hgqd", p, vc[pair.c0 : pair.c1])
                 if poison is not None:
-                    attends = torch.ones(r1 - r0, pair.c1 - pair.c0, dtype=cdt, device=q.device) if mask is None \
-                        else mask.to(cdt)
-                    poison |= (torch.einsum("qk,khd->hqd", attends, v_bad[pair.c0 : pair.c1]) > 0)[:, None]
+                    bad = v_bad[pair.c0 : pair.c1]
+                    hits = bad.sum(0)[:, None] if mask is None else torch.einsum("qk,khd->hqd", mask.to(cdt), bad)
+                    poison |= (hits > 0)[:, None]
                 m = m_new
             empty = den == 0
             o = torch.where(empty, torch.zeros_like(acc), acc / torch.where(empty, torch.ones_like(den), den))
