@@ -65,7 +65,7 @@ def test_rollout_fields_must_be_strings(tmp_path):
 @pytest.mark.parametrize("overrides, message", [
     (["train.eps=-1"], "train.eps must be > 0"),
     (["data.recall.num_pairs=40", "data.seq_len=4096"], "data.recall.num_pairs must be <= 26"),
-    (["model.overrides.num_hidden_layer=3"], "model.overrides.num_hidden_layer is not a LlamaConfig field; "
+    (["model.overrides.num_hidden_layer=3"], "model.overrides.num_hidden_layer is not a LlamaConfig field (it would be ignored); "
                                              "did you mean 'num_hidden_layers'?"),
     (["parallel.timeout_minutes=0"], "parallel.timeout_minutes must be > 0"),
 ])
@@ -86,3 +86,8 @@ def test_overrides_with_a_model_path_are_rejected(tmp_path):
     with pytest.raises(ConfigError, match="apply only to the built-in preset"):
         validate(load_config(None, [f"model.path={tmp_path}", "model.tokenizer=byte",
                                     "model.overrides.num_hidden_layers=2"]), 1)
+
+
+def test_legacy_llama_keys_are_accepted():
+    cfg = validate(load_config(None, ["model.overrides.rope_theta=50000", "model.overrides.num_hidden_layers=2"]), 1)
+    assert cfg.model.overrides["rope_theta"] == 50000

@@ -34,11 +34,17 @@ def check_overrides(overrides: dict[str, Any], has_path: bool) -> None:
     from transformers import LlamaConfig
 
     known = set(LlamaConfig().to_dict()) | set(inspect.signature(LlamaConfig.__init__).parameters) - {"self", "kwargs"}
-    for key in overrides:
-        if key not in known:
+    for key, value in overrides.items():
+        if key in known:
+            continue
+        try:  # a legacy key LlamaConfig consumes (e.g. rope_theta) is fine; one it only stores is ignored
+            ignored = key in LlamaConfig(**{key: value}).to_dict()
+        except (TypeError, ValueError):
+            continue  # consumed, and preset_config reports the bad value
+        if ignored:
             close = difflib.get_close_matches(str(key), sorted(known), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"model.overrides.{key} is not a LlamaConfig field{hint}")
+            raise ConfigError(f"model.overrides.{key} is not a LlamaConfig field (it would be ignored){hint}")
 
 
 def preset_config(name: str, vocab_size: int, overrides: dict[str, Any] | None = None,
