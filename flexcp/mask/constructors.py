@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from .geometry import clip_band
+from .ints import as_int, as_int_array
 from .spec import AttnMaskSpec
 from .types import AttnMaskType
 
 
 def _lengths(name: str, values: Sequence[int]) -> np.ndarray:
-    arr = np.asarray(list(values), dtype=np.int64).reshape(-1)
+    if isinstance(values, Iterable) and not hasattr(values, "shape"):
+        values = list(values)  # generators
+    arr = as_int_array(name, values).reshape(-1)
     if (arr < 0).any():
         raise ValueError(f"{name} must be non-negative; got {arr.tolist()}")
     return arr
@@ -20,7 +23,7 @@ def _lengths(name: str, values: Sequence[int]) -> np.ndarray:
 
 def causal(seqlen: int) -> AttnMaskSpec:
     """A single full causal sequence of ``seqlen`` tokens."""
-    seqlen = int(seqlen)
+    seqlen = as_int("seqlen", seqlen)
     if seqlen < 0:
         raise ValueError(f"seqlen must be >= 0; got {seqlen}")
     if seqlen == 0:
@@ -58,7 +61,7 @@ def prefix_tree(
     q_ranges, k_ranges, types = [], [], []
     sample_ranges: list[list[tuple[int, int]]] = []
     for s, path in enumerate(sample_paths):
-        path = [int(p) for p in path]
+        path = [as_int(f"sample_paths[{s}]", p) for p in path]
         if len(set(path)) != len(path):
             raise ValueError(f"sample_paths[{s}] = {path} visits a node twice; a path goes root -> leaf once")
         for depth, node in enumerate(path):
@@ -89,7 +92,7 @@ def sliding_window(seqlens: Sequence[int], window: int, causal: bool = True) -> 
     convention: ``window`` counts the row's own key. Built from diagonal bands cut
     into at most three typed slices per document, never a per-element mask.
     """
-    window = int(window)
+    window = as_int("window", window)
     if window < 1:
         raise ValueError(f"window must be >= 1 (keys per row, self included); got {window}")
     lens = _lengths("seqlens", seqlens)
@@ -112,9 +115,7 @@ def block_causal(block_sizes: Sequence[int]) -> AttnMaskSpec:
 
 
 def _flat_ints(name: str, values: Any) -> np.ndarray:
-    if hasattr(values, "detach"):
-        values = values.detach().cpu().numpy()
-    arr = np.asarray(values, dtype=np.int64)
+    arr = as_int_array(name, values)
     return arr.reshape(-1) if name != "position_ids" else arr
 
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from .geometry import SliceTable, find_overlap, row_key_counts, slice_areas
+from .ints import as_int
 from .types import AttnMaskType
 
 Range = tuple[int, int]
@@ -18,13 +19,16 @@ Range = tuple[int, int]
 def _as_ranges(name: str, ranges: Any) -> tuple[Range, ...]:
     if hasattr(ranges, "tolist"):  # torch tensors and numpy arrays
         ranges = ranges.tolist()
+    if isinstance(ranges, (str, bytes)) or not isinstance(ranges, Iterable):
+        raise ValueError(f"{name} must be a list of (start, end) pairs, e.g. [(0, 8)]; got {ranges!r}")
     out = []
     for n, r in enumerate(ranges):
         try:
             start, end = r
-            out.append((int(start), int(end)))
-        except (TypeError, ValueError):
-            raise ValueError(f"{name}[{n}] = {r!r} is not a (start, end) pair of ints") from None
+            out.append((as_int("start", start), as_int("end", end)))
+        except (TypeError, ValueError) as exc:
+            why = f" ({exc})" if "integer" in str(exc) else ""
+            raise ValueError(f"{name}[{n}] = {r!r} is not a (start, end) pair of ints{why}") from None
     return tuple(out)
 
 
@@ -50,14 +54,17 @@ class AttnMaskSpec:
     def __post_init__(self) -> None:
         q = _as_ranges("q_ranges", self.q_ranges)
         k = _as_ranges("k_ranges", self.k_ranges)
+        if isinstance(self.mask_types, (str, bytes)) or not isinstance(self.mask_types, Iterable):
+            raise ValueError(f"mask_types must be a list with one type per slice, e.g. ['causal']; "
+                             f"got {self.mask_types!r}")
         types = tuple(AttnMaskType.parse(t) for t in self.mask_types)
         if not (len(q) == len(k) == len(types)):
             raise ValueError(
                 f"q_ranges, k_ranges and mask_types must have one entry per slice; "
                 f"got {len(q)}, {len(k)} and {len(types)}"
             )
-        total = int(self.total_seqlen)
-        total_k = total if self.total_seqlen_k is None else int(self.total_seqlen_k)
+        total = as_int("total_seqlen", self.total_seqlen)
+        total_k = total if self.total_seqlen_k is None else as_int("total_seqlen_k", self.total_seqlen_k)
         if total < 0 or total_k < 0:
             raise ValueError(f"total_seqlen={total} and total_seqlen_k={total_k} must be >= 0")
         object.__setattr__(self, "q_ranges", q)

@@ -83,6 +83,8 @@ class ParallelConfig:
     """Data-parallel size; 0 -> world_size // cp. FSDP2 shards over all dp x cp ranks."""
     chunk_size: int = 512
     """Dispatch chunk (tokens); with cp > 1 the sequence length must be a multiple of cp * chunk_size."""
+    timeout_minutes: float = 10.0
+    """Process-group timeout: a collective waiting longer (a rank stalled or skipped a step) raises instead of hanging."""
 
 
 @dataclass
@@ -305,8 +307,7 @@ def _check_values(cfg: FinetuneConfig) -> None:
             raise ConfigError(f"{dotted}={value!r} is not one of {', '.join(map(repr, allowed))}")
     _positive(cfg, "data.seq_len", "parallel.cp", "parallel.chunk_size", "train.steps", "train.grad_accum",
               "logging.log_every", "train.loss_chunk_tokens", "checkpoint.keep", "data.recall.num_pairs",
-              "data.recall.num_values")
-    _positive(cfg, "eval.steps")
+              "data.recall.num_values", "train.eps", "parallel.timeout_minutes", "eval.steps")
     _non_negative(cfg, "parallel.dp", "train.warmup_steps", "train.max_grad_norm", "train.weight_decay",
                   "checkpoint.every", "eval.every", "model.lora.r", "model.lora.alpha")
     t = cfg.train
@@ -378,6 +379,9 @@ def _check_model(cfg: FinetuneConfig) -> None:
 
         if m.preset not in PRESETS:
             raise ConfigError(f"model.preset={m.preset!r} is not one of {', '.join(map(repr, PRESETS))}")
+    from .model import check_overrides
+
+    check_overrides(m.overrides, m.path is not None)
     if m.tokenizer is None:
         m.tokenizer = "byte" if m.path is None else m.path
     tok = m.tokenizer
@@ -403,7 +407,11 @@ def _check_data(cfg: FinetuneConfig) -> None:
         if not os.path.isfile(d.path):
             raise ConfigError(f"data.path={d.path!r}: no such file")
     if d.kind == "recall":
-        from .data import recall_min_seq_len, RECALL_VALUES
+        from .data import RECALL_KEYS, RECALL_VALUES, recall_min_seq_len
+
+        if d.recall.num_pairs > len(RECALL_KEYS):
+            raise ConfigError(f"data.recall.num_pairs must be <= {len(RECALL_KEYS)} (one distinct key letter per "
+                              f"pair); got {d.recall.num_pairs}")
 
         if d.recall.num_values > len(RECALL_VALUES):
             raise ConfigError(f"data.recall.num_values must be <= {len(RECALL_VALUES)}; got {d.recall.num_values}")

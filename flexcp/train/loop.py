@@ -28,6 +28,7 @@ from .loss import CausalLMLoss
 from .metrics import MetricsLogger, StepMetrics, fmt_number, model_flops
 from .model import build_model, count_params
 from .parallel import ParallelDims, apply_fsdp, build_parallel, init_distributed
+from .stall import StallWatch
 from .tokenizer import load_tokenizer
 
 __all__ = ["EVAL_INDEX_BASE", "Trainer", "WarmupCosine", "close_distributed"]
@@ -58,8 +59,9 @@ class Trainer:
     """Owns the mesh, model, optimizer, scheduler, data and logger of one run (every rank builds one)."""
 
     def __init__(self, cfg: FinetuneConfig) -> None:
-        self.device = init_distributed()
+        self.device = init_distributed(cfg.parallel.timeout_minutes)
         self.cfg = validate(cfg, dist.get_world_size())
+        self.stall = StallWatch(cfg.parallel.timeout_minutes)
         self.rank = dist.get_rank()
         p, t = cfg.parallel, cfg.train
         self.dims: ParallelDims = build_parallel(p.dp, p.cp, self.device)
@@ -210,15 +212,16 @@ class Trainer:
         log.write(self.describe())
         extra: dict[str, Any] = {}
         while self.progress.step < end:
-            log.log(self.train_step())
-            step = self.progress.step
-            if eval_due(step, cfg.eval.every, cfg.train.steps):
-                extra["eval_loss"], extra["eval_acc"] = self.evaluate(cfg.eval.steps)
-                log.log_eval(step, extra["eval_loss"], extra["eval_acc"], cfg.eval.steps)
-            every = cfg.checkpoint.every
-            if every and step % every == 0 and step < cfg.train.steps:
-                save_checkpoint(cfg.out_dir, self.model, self.optimizer, self.scheduler, self.progress,
-                                cfg.checkpoint.keep)
+            with self.stall.step(self.progress.step + 1):
+                log.log(self.train_step())
+                step = self.progress.step
+                if eval_due(step, cfg.eval.every, cfg.train.steps):
+                    extra["eval_loss"], extra["eval_acc"] = self.evaluate(cfg.eval.steps)
+                    log.log_eval(step, extra["eval_loss"], extra["eval_acc"], cfg.eval.steps)
+                every = cfg.checkpoint.every
+                if every and step % every == 0 and step < cfg.train.steps:
+                    save_checkpoint(cfg.out_dir, self.model, self.optimizer, self.scheduler, self.progress,
+                                    cfg.checkpoint.keep)
         if self.progress.step >= cfg.train.steps:
             extra["checkpoint"] = save_checkpoint(cfg.out_dir, self.model, self.optimizer, self.scheduler,
                                                   self.progress, cfg.checkpoint.keep)

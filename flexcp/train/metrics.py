@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from .loggers import Sink
+from .replay import drop_records_after
 
 
 @dataclass
@@ -144,7 +145,10 @@ class MetricsLogger:
         if is_main:
             os.makedirs(out_dir, exist_ok=True)
             self.bar = _make_bar(progress, total_steps, start_step)
-            self.jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "a" if start_step else "w")
+            path = os.path.join(out_dir, "metrics.jsonl")
+            if start_step:  # resumed: the steps after the checkpoint run again, so their old records go
+                drop_records_after(path, start_step)
+            self.jsonl = open(path, "a" if start_step else "w")
 
     def derived(self, m: StepMetrics) -> dict[str, float]:
         """Per-second and per-device numbers of one step."""

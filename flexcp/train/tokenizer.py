@@ -38,9 +38,7 @@ class Tokenizer:
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[bool]]:
         """Token ids of the conversation and, per token, whether it belongs to an assistant turn."""
-        for n, m in enumerate(messages):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f"messages[{n}] = {m!r} must be a dict with 'role' and 'content'")
+        check_messages(messages)
         ids: list[int] = []
         mask: list[bool] = []
         for n, m in enumerate(messages):
@@ -60,6 +58,19 @@ class Tokenizer:
             )
         mask.extend([flag] * (len(rendered) - len(ids)))
         ids[:] = rendered
+
+
+def check_messages(messages: Any) -> list[dict[str, Any]]:
+    """``messages`` if it is a list of ``{"role": str, "content": str}`` dicts; else a ValueError saying what is wrong."""
+    if not isinstance(messages, list):
+        raise ValueError(f"'messages' must be a list of {{'role': ..., 'content': ...}} dicts; got "
+                         f"{type(messages).__name__} {str(messages)[:60]!r}")
+    for n, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"messages[{n}] = {m!r} must be a dict with 'role' and 'content'")
+        if not isinstance(m["role"], str) or not isinstance(m["content"], str):
+            raise ValueError(f"messages[{n}]: 'role' and 'content' must be strings; got {m!r}")
+    return messages
 
 
 def _byte_symbols() -> list[str]:
