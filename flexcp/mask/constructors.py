@@ -1,8 +1,13 @@
-"""Constructors for the mask families users train with (packed, prefix tree, windows, blocks)."""
+"""Constructors for the mask families users train with (packed, prefix tree, windows, blocks).
+
+Each family is one function decorated with ``@family``: that makes it a static constructor
+of ``AttnMaskSpec`` (``AttnMaskSpec.varlen(...)``) and a name exported by ``flexcp.mask``,
+so adding a family touches this file alone (and ``spec.py`` never imports this module).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 
@@ -10,6 +15,17 @@ from .geometry import clip_band
 from .ints import as_int, as_int_array
 from .spec import AttnMaskSpec
 from .types import AttnMaskType
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+FAMILIES: dict[str, Callable[..., Any]] = {}
+
+
+def family(fn: F) -> F:
+    """Register ``fn`` as a mask family: ``AttnMaskSpec.<name>`` and ``flexcp.mask.<name>``."""
+    FAMILIES[fn.__name__] = fn
+    setattr(AttnMaskSpec, fn.__name__, staticmethod(fn))
+    return fn
 
 
 def _lengths(name: str, values: Sequence[int]) -> np.ndarray:
@@ -21,6 +37,7 @@ def _lengths(name: str, values: Sequence[int]) -> np.ndarray:
     return arr
 
 
+@family
 def causal(seqlen: int) -> AttnMaskSpec:
     """A single full causal sequence of ``seqlen`` tokens."""
     seqlen = as_int("seqlen", seqlen)
@@ -31,6 +48,7 @@ def causal(seqlen: int) -> AttnMaskSpec:
     return AttnMaskSpec([(0, seqlen)], [(0, seqlen)], [AttnMaskType.CAUSAL], seqlen)
 
 
+@family
 def varlen(seqlens: Sequence[int], causal: bool = True) -> AttnMaskSpec:
     """Block-diagonal mask for packed documents; empty documents are skipped."""
     lens = _lengths("seqlens", seqlens)
@@ -42,6 +60,7 @@ def varlen(seqlens: Sequence[int], causal: bool = True) -> AttnMaskSpec:
     return AttnMaskSpec(ranges, ranges, [kind] * len(ranges), int(ends[-1]) if len(ends) else 0)
 
 
+@family
 def prefix_tree(
     node_lengths: Sequence[int], sample_paths: Sequence[Sequence[int]]
 ) -> tuple[AttnMaskSpec, list[list[tuple[int, int]]]]:
@@ -85,6 +104,7 @@ def prefix_tree(
     return AttnMaskSpec(q_ranges, k_ranges, types, int(offs[-1])), sample_ranges
 
 
+@family
 def sliding_window(seqlens: Sequence[int], window: int, causal: bool = True) -> AttnMaskSpec:
     """Per-document sliding window: row ``i`` sees keys ``j`` with ``i - window < j <= i``.
 
@@ -103,6 +123,7 @@ def sliding_window(seqlens: Sequence[int], window: int, causal: bool = True) -> 
     return AttnMaskSpec.from_table(table, int(ends[-1]) if len(ends) else 0)
 
 
+@family
 def block_causal(block_sizes: Sequence[int]) -> AttnMaskSpec:
     """Blocks attend FULL to themselves and every earlier block (chunked/video generation)."""
     lens = _lengths("block_sizes", block_sizes)
@@ -119,6 +140,7 @@ def _flat_ints(name: str, values: Any) -> np.ndarray:
     return arr.reshape(-1) if name != "position_ids" else arr
 
 
+@family
 def from_cu_seqlens(cu_seqlens: Any, cu_seqlens_padded: Any = None) -> AttnMaskSpec:
     """Causal packed documents from cumulative lengths ``[0, l0, l0+l1, ...]``.
 
@@ -144,6 +166,7 @@ def from_cu_seqlens(cu_seqlens: Any, cu_seqlens_padded: Any = None) -> AttnMaskS
     return AttnMaskSpec(ranges, ranges, [AttnMaskType.CAUSAL] * len(ranges), int(cup[-1]))
 
 
+@family
 def from_position_ids(position_ids: Any) -> AttnMaskSpec:
     """Causal packed documents from HF-style ``position_ids`` (``[S]`` or ``[B, S]``).
 
@@ -163,12 +186,4 @@ def from_position_ids(position_ids: Any) -> AttnMaskSpec:
     return varlen(np.diff(bounds).tolist())
 
 
-__all__ = [
-    "block_causal",
-    "causal",
-    "from_cu_seqlens",
-    "from_position_ids",
-    "prefix_tree",
-    "sliding_window",
-    "varlen",
-]
+__all__ = sorted(FAMILIES)
