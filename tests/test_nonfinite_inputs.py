@@ -76,3 +76,34 @@ def test_non_finite_value_stays_in_its_document_across_ranks():
     clean = _run(q, k, v, w)
     for a, b in zip(run_spawned(_distributed, 2, float("nan"), timeout=120)[0], clean):
         torch.testing.assert_close(a[REST], b[REST], rtol=1e-12, atol=1e-12)
+
+
+def _gpu_backends():
+    """The CUDA backends that run here (marks skip them without a GPU or the cuDNN frontend)."""
+    from flexcp.kernels.cudnn.graphs import why_unavailable
+
+    no_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+    no_cudnn = pytest.mark.skipif(why_unavailable() is not None, reason="needs nvidia-cudnn-frontend")
+    return [
+        pytest.param("triton", marks=[pytest.mark.gpu, no_gpu]),
+        pytest.param("cudnn", marks=[pytest.mark.gpu, no_gpu, no_cudnn]),
+    ]
+
+
+@pytest.mark.parametrize("backend", _gpu_backends())
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_value_stays_in_its_rows_on_gpu(which, bad, backend):
+    """GPU backends in bf16: the other documents are bitwise unchanged; for V, earlier rows of its
+    own causal document (which do not attend token 5) stay finite too."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v, w = (torch.randn(64, h, 64, generator=g).to("cuda", torch.bfloat16) for h in (4, 2, 2, 4))
+    clean = _run(q, k, v, w, backend)
+    tensors = {"q": q.clone(), "k": k.clone(), "v": v.clone()}
+    tensors[which][5, 1, 3] = bad
+    got = _run(tensors["q"], tensors["k"], tensors["v"], w, backend)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, clean):
+        assert torch.isfinite(a[REST]).all(), f"{backend} {which}={bad}: {name} of other documents is not finite"
+        assert torch.equal(a[REST], b[REST]), f"{backend} {which}={bad}: {name} of other documents changed"
+    if which == "v":
+        assert torch.isfinite(got[0][:5]).all(), f"{backend}: rows before the bad key became non-finite"

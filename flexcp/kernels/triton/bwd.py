@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import block_prologue, dot_precision, full_run, load_rows, logits2, masked_run, masked_tile, softmax_consts
+from .common import block_prologue, dot_precision, finite_or_zero, full_run, load_rows, logits2, masked_run, masked_tile, softmax_consts
 from .lang import jit, tl, triton
 
 
@@ -51,6 +51,9 @@ def _dkdv_step(k, v, q, do, lse2, delta, dk, dv, keep, c1, c2, SOFTCAP: tl.const
     dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PREC)
     dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
     dst = pt * (dpt - delta[None, :])
+    if MASKED:  # exactly 0 off the mask, also where dO.V or delta is not finite
+        dst = tl.where(keep, dst, 0.0)
+        q = finite_or_zero(q)  # a NaN query row adds only to the keys it attends (0 * NaN)
     if SOFTCAP:
         dst = dst * (1.0 - t * t)
     dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=DOT_PREC)
@@ -113,6 +116,9 @@ def _dq_step(q, do, k, v, lse2, delta, dq, keep, c1, c2, SOFTCAP: tl.constexpr, 
     p = tl.math.exp2(s - lse2[:, None])
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
     ds = p * (dp - delta[:, None])
+    if MASKED:  # exactly 0 off the mask, also where dO.V or delta is not finite
+        ds = tl.where(keep, ds, 0.0)
+        k = finite_or_zero(k)  # a NaN key adds only to the rows that attend it (0 * NaN)
     if SOFTCAP:
         ds = ds * (1.0 - t * t)
     return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)

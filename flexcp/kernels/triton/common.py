@@ -66,6 +66,12 @@ def load_rows(ptrs, n0, stride, ok, MASKED: tl.constexpr):
 
 
 @jit
+def finite_or_zero(x):
+    """``x`` with NaN and +-inf replaced by 0 (masked tiles: 0 * NaN must stay 0)."""
+    return tl.where(tl.abs(x.to(tl.float32)) < float("inf"), x, tl.zeros_like(x))
+
+
+@jit
 def logits2(s, c1, c2, SOFTCAP: tl.constexpr):
     """Log2-domain logits of raw ``q.k`` and, with softcap, ``t = tanh(scale*qk/cap)``.
 

@@ -9,7 +9,7 @@ live in the log2 domain (``exp2``); softcap applies ``cap * tanh(scale * qk / ca
 
 from __future__ import annotations
 
-from .common import block_prologue, dot_precision, full_run, load_rows, logits2, masked_run, masked_tile, softmax_consts
+from .common import block_prologue, dot_precision, finite_or_zero, full_run, load_rows, logits2, masked_run, masked_tile, softmax_consts
 from .lang import jit, tl
 
 
@@ -32,6 +32,12 @@ def _fwd_step(q, k, v, acc, l_i, m_i, keep, c1, c2, SOFTCAP: tl.constexpr, MASKE
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
+    if MASKED:  # a masked-out key's NaN/inf must not reach rows that do not attend it (0 * NaN)
+        bad = ~(tl.abs(v.to(tl.float32)) < float("inf"))
+        if tl.sum(tl.sum(bad.to(tl.int32), 1), 0) > 0:
+            v = finite_or_zero(v)
+            hit = tl.dot(keep.to(v.dtype), bad.to(v.dtype), input_precision=DOT_PREC)
+            acc = tl.where(hit > 0, float("nan"), acc)  # the rows and columns that do attend it
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
     return acc, l_i, m_new
 
