@@ -14,6 +14,7 @@ import flexcp.magi_attn_utils as _state
 from ..mask import AttnMaskSpec
 from ..runtime import calc_attn
 from ..runtime.key import group_info
+from .amp import autocast_qkv
 from .keys import resolve_key, window_key
 from .masks import as_numpy, cu_seqlens_layout, documents
 
@@ -85,7 +86,7 @@ def make_magi_attn_func(softmax_scale: float | None = None) -> Callable[..., tor
         if q.dim() not in (3, 4) or k.dim() != q.dim() or v.dim() != q.dim():
             raise ValueError(f"q/k/v must all be THD [t, h, d] or BSHD [b, s, h, d]; got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
         b, s = q.shape[:2] if q.dim() == 4 else (1, q.shape[0])
-        qf, kf, vf = (x.reshape(b * s, x.shape[-2], x.shape[-1]) for x in (q, k, v))
+        qf, kf, vf = autocast_qkv(*(x.reshape(b * s, x.shape[-2], x.shape[-1]) for x in (q, k, v)))
         layout, binding = _call_layout(b, s, group_info(cp_group)[0], call_kwargs)
         heads = (qf.shape[1], kf.shape[1], qf.shape[2])
         key = resolve_key(cp_group, b * s, heads, explicit=call_kwargs.get("magi_key"), local=layout, binding=binding)
