@@ -72,14 +72,20 @@ def _join_dist(rank: int, world: int) -> None:
 
 
 def _trainable(model) -> dict:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """Trainable parameters as full plain tensors (FSDP2 shards are gathered)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            p = p.detach()
+            out[name] = (p.full_tensor() if hasattr(p, "full_tensor") else p).clone()
+    return out
 
 
 def train_run(rank: int, world: int, arch: str = "llama", kind: str = "trainer", cp: int | None = None,
               steps: int = 5, lora: bool = False, packing: bool = False, completion_only: bool = False,
               grad_accum: int = 1, batch: int = 2, extra_args: dict | None = None, out_dir: str | None = None,
               resume: str | None = None, evaluate: bool = False) -> dict:
-    """Train and return ``{"losses": [...], "weights": {...}, "eval_loss": ...}``."""
+    """Train; return the logged ``losses``, ``initial`` and final trainable ``weights``, ``tokens`` per forward, maybe ``eval_loss``."""
     if world > 1:
         _join_dist(rank, world)
     import datasets
@@ -92,6 +98,9 @@ def train_run(rank: int, world: int, arch: str = "llama", kind: str = "trainer",
 
         model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
                                                  lora_dropout=0.0, init_lora_weights=False))
+    initial = _trainable(model)
+    seen: list[int] = []  # tokens per forward on this rank: a shard of the batch at cp > 1
+    model.get_input_embeddings().register_forward_pre_hook(lambda _, args: seen.append(int(args[0].numel())))
     docs = documents(steps * batch * grad_accum * 2 + 8)
     prompt = [max(1, len(d) // 3) for d in docs]
     out_dir = out_dir or tempfile.mkdtemp(prefix="flexcp_trainer_")
@@ -126,8 +135,10 @@ def train_run(rank: int, world: int, arch: str = "llama", kind: str = "trainer",
         trainer = cls(model=model, args=cfg, train_dataset=ds, eval_dataset=ds.select(range(4)),
                       processing_class=_tokenizer(), **cp_kwargs)
     trainer.train(resume_from_checkpoint=resume)
+    seen_in_training = len(seen)
     result = {"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
-              "weights": _trainable(trainer.accelerator.unwrap_model(trainer.model))}
+              "weights": _trainable(trainer.accelerator.unwrap_model(trainer.model)),
+              "tokens": seen[:seen_in_training], "initial": initial}
     if evaluate:
         result["eval_loss"] = trainer.evaluate()["eval_loss"]
     return result
