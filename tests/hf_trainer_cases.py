@@ -142,3 +142,36 @@ def train_run(rank: int, world: int, arch: str = "llama", kind: str = "trainer",
     if evaluate:
         result["eval_loss"] = trainer.evaluate()["eval_loss"]
     return result
+
+
+def _error(fn) -> str:
+    try:
+        fn()
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def refusals(rank: int, world: int, out_dir: str) -> dict:
+    """The errors cp > 1 raises on this rank, by case (``"no error"`` where none was raised)."""
+    _join_dist(rank, world)
+    from transformers import TrainingArguments
+
+    import flexcp.hf
+
+    args = TrainingArguments(output_dir=out_dir, use_cpu=True, report_to=[], max_steps=1, disable_tqdm=True)
+    rows = [{"input_ids": d, "labels": d} for d in documents(8)]
+    errors = {
+        "not_magi": _error(lambda: flexcp.hf.FlexCPTrainer(model=make_model("llama", impl="sdpa"), args=args,
+                                                           train_dataset=rows, data_collator=pad_collate, cp_size=2)),
+        "cp_does_not_divide": _error(lambda: flexcp.hf.FlexCPTrainer(model=make_model("llama"), args=args,
+                                                                     train_dataset=rows, data_collator=pad_collate,
+                                                                     cp_size=3)),
+    }
+    trainer = flexcp.hf.FlexCPTrainer(model=make_model("llama"), args=args, train_dataset=rows, eval_dataset=rows,
+                                      data_collator=pad_collate, cp_size=2, cp_chunk_size=8)
+    errors["predict_logits"] = _error(lambda: trainer.predict(rows))
+    mine = pad_collate(rows[:2] if rank == 0 else rows[2:4])
+    errors["different_batches"] = _error(lambda: flexcp.hf.check_same_batch(mine, trainer.cp_mesh.cp_group))
+    errors["same_batches"] = _error(lambda: flexcp.hf.check_same_batch(pad_collate(rows[:2]), trainer.cp_mesh.cp_group))
+    return errors

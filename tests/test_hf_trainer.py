@@ -88,3 +88,12 @@ def test_cp2_checkpoint_resume_continues_the_same_run(kind: str, tmp_path) -> No
     assert len(resumed[0]["tokens"]) == 3  # only steps 4..6 ran again
     for name, w in full[0]["weights"].items():
         torch.testing.assert_close(resumed[0]["weights"][name], w, atol=1e-6, rtol=0)
+
+
+def test_cp2_refusals_are_clear_on_every_rank(tmp_path) -> None:
+    for errors in run_spawned(cases.refusals, 2, str(tmp_path), timeout=TIMEOUT):
+        assert "attn_implementation='magi'" in errors["not_magi"]
+        assert "cp_size=3 must divide the number of processes (2)" in errors["cp_does_not_divide"]
+        assert "evaluation computes the loss only" in errors["predict_logits"]
+        assert "received different batches" in errors["different_batches"]
+        assert errors["same_batches"] == "no error"

@@ -1,22 +1,28 @@
-"""Mixed precision at the attention boundary: q/k/v in the autocast dtype."""
+"""Mixed precision at the attention boundary: q/k/v in the autocast dtype, the kernel outside autocast."""
 
 from __future__ import annotations
+
+from typing import Any, Callable
 
 import torch
 
 
-def autocast_qkv(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """``tensors`` in the autocast dtype of their device when autocast is on there, else unchanged.
+def attend_in_autocast_dtype(fn: Callable[..., Any], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             **kwargs: Any) -> Any:
+    """``fn(q, k, v, **kwargs)``; under autocast, with q/k/v cast to the autocast dtype and autocast off inside.
 
     Under autocast, HF's RoPE promotes q and k to float32 while v stays in the autocast
-    dtype; attention runs in the autocast dtype (as SDPA does), and the casts are
-    differentiable, so every input's gradient comes back in that input's own dtype.
+    dtype. Attention then runs in the autocast dtype (as SDPA does) and exactly as it
+    would on inputs of that dtype (autocast does not reach into the kernel's float32
+    softmax statistics); the casts are differentiable, so each input's gradient comes
+    back in that input's own dtype. Without autocast the inputs pass unchanged.
     """
-    device = tensors[0].device.type
+    device = q.device.type
     if not torch.is_autocast_enabled(device):
-        return tensors
+        return fn(q, k, v, **kwargs)
     dtype = torch.get_autocast_dtype(device)
-    return tuple(t.to(dtype) if t.is_floating_point() else t for t in tensors)
+    with torch.autocast(device, enabled=False):
+        return fn(q.to(dtype), k.to(dtype), v.to(dtype), **kwargs)
 
 
-__all__ = ["autocast_qkv"]
+__all__ = ["attend_in_autocast_dtype"]

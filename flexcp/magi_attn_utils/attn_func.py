@@ -14,7 +14,7 @@ import flexcp.magi_attn_utils as _state
 from ..mask import AttnMaskSpec
 from ..runtime import calc_attn
 from ..runtime.key import group_info
-from .amp import autocast_qkv
+from .amp import attend_in_autocast_dtype
 from .keys import resolve_key, window_key
 from .masks import as_numpy, cu_seqlens_layout, documents
 
@@ -86,14 +86,15 @@ def make_magi_attn_func(softmax_scale: float | None = None) -> Callable[..., tor
         if q.dim() not in (3, 4) or k.dim() != q.dim() or v.dim() != q.dim():
             raise ValueError(f"q/k/v must all be THD [t, h, d] or BSHD [b, s, h, d]; got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D")
         b, s = q.shape[:2] if q.dim() == 4 else (1, q.shape[0])
-        qf, kf, vf = autocast_qkv(*(x.reshape(b * s, x.shape[-2], x.shape[-1]) for x in (q, k, v)))
+        qf, kf, vf = (x.reshape(b * s, x.shape[-2], x.shape[-1]) for x in (q, k, v))
         layout, binding = _call_layout(b, s, group_info(cp_group)[0], call_kwargs)
         heads = (qf.shape[1], kf.shape[1], qf.shape[2])
         key = resolve_key(cp_group, b * s, heads, explicit=call_kwargs.get("magi_key"), local=layout, binding=binding)
         window = _window(call_kwargs.get("window_size"))
         if window is not None:
             key = window_key(key, window)
-        out, _ = calc_attn(qf, kf, vf, key, softmax_scale=softmax_scale, softcap=float(call_kwargs.get("softcap") or 0.0))
+        out, _ = attend_in_autocast_dtype(calc_attn, qf, kf, vf, key=key, softmax_scale=softmax_scale,
+                                          softcap=float(call_kwargs.get("softcap") or 0.0))
         return out.view(q.shape[:-2] + out.shape[1:])
 
     return magi_attn_func

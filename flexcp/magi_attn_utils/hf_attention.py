@@ -20,7 +20,7 @@ import flexcp.magi_attn_utils as _state
 
 from ..mask import AttnMaskSpec
 from ..runtime import calc_attn
-from .amp import autocast_qkv
+from .amp import attend_in_autocast_dtype
 from .keys import resolve_key, window_key
 from .masks import documents, row_positions
 
@@ -166,8 +166,9 @@ def magi_attention_forward(
         dist_key = window_key(dist_key, window)
     if scaling is None:
         scaling = getattr(module, "scaling", None)
-    q, k, v = autocast_qkv(*(x.transpose(1, 2).reshape(b * s, x.shape[1], d) for x in (query, key, value)))
-    out, _ = calc_attn(q, k, v, dist_key, softmax_scale=scaling, softcap=_softcap(module, kwargs))
+    q, k, v = (x.transpose(1, 2).reshape(b * s, x.shape[1], d) for x in (query, key, value))
+    out, _ = attend_in_autocast_dtype(calc_attn, q, k, v, key=dist_key, softmax_scale=scaling,
+                                      softcap=_softcap(module, kwargs))
     return out.view(b, s, hq, d), None
 
 
