@@ -175,3 +175,16 @@ def refusals(rank: int, world: int, out_dir: str) -> dict:
     errors["different_batches"] = _error(lambda: flexcp.hf.check_same_batch(mine, trainer.cp_mesh.cp_group))
     errors["same_batches"] = _error(lambda: flexcp.hf.check_same_batch(pad_collate(rows[:2]), trainer.cp_mesh.cp_group))
     return errors
+
+
+def run_example(rank: int, world: int, argv: list[str]) -> dict:
+    """``examples/sft_cp.py``'s ``main(argv)`` as shipped, on this rank."""
+    import importlib.util
+
+    if world > 1:
+        _join_dist(rank, world)
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples", "sft_cp.py")
+    spec = importlib.util.spec_from_file_location("flexcp_example_sft_cp", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)

@@ -97,3 +97,14 @@ def test_cp2_refusals_are_clear_on_every_rank(tmp_path) -> None:
         assert "evaluation computes the loss only" in errors["predict_logits"]
         assert "received different batches" in errors["different_batches"]
         assert errors["same_batches"] == "no error"
+
+
+def test_readme_example_script_gives_the_same_run_at_cp1_and_cp2(tmp_path) -> None:
+    argv = ["--max-steps", "4", "--max-length", "64"]
+    ref = run_spawned(cases.run_example, 1, argv + ["--output-dir", str(tmp_path / "cp1")], timeout=TIMEOUT)[0]
+    out = run_spawned(cases.run_example, 2, argv + ["--cp-size", "2", "--output-dir", str(tmp_path / "cp2")],
+                      timeout=TIMEOUT)
+    assert len(ref["losses"]) == 4 and ref["losses"][-1] < ref["losses"][0]
+    for rank in out:
+        torch.testing.assert_close(torch.tensor(rank["losses"]), torch.tensor(ref["losses"]), atol=2e-5, rtol=0)
+    assert (tmp_path / "cp2" / "model.safetensors").exists()

@@ -63,6 +63,13 @@ class FlexCPMixin:
 
     def _check_cp_setup(self) -> None:
         """Refuse, on every rank and before training, what would silently give other losses than cp = 1."""
+        world = self.cp_mesh.dp * self.cp_mesh.cp
+        if self.accelerator.num_processes != world:
+            raise ValueError(
+                f"torch.distributed has {world} processes but accelerate sees {self.accelerator.num_processes}, so "
+                "gradients would not be averaged across ranks; on CPU pass TrainingArguments(use_cpu=True) "
+                "(accelerate treats a CPU torchrun launch as one process otherwise)"
+            )
         model = _base_model(self.model)
         impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
         if impl != "magi":
