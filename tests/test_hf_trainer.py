@@ -108,3 +108,11 @@ def test_readme_example_script_gives_the_same_run_at_cp1_and_cp2(tmp_path) -> No
     for rank in out:
         torch.testing.assert_close(torch.tensor(rank["losses"]), torch.tensor(ref["losses"]), atol=2e-5, rtol=0)
     assert (tmp_path / "cp2" / "model.safetensors").exists()
+
+
+def test_readme_shows_the_example_script_as_shipped() -> None:
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir)
+    with open(os.path.join(root, "examples", "sft_cp.py")) as f:
+        code = f.read().split('"""\n\n', 1)[1]  # the script below its docstring
+    with open(os.path.join(root, "README.md")) as f:
+        assert f"```python\n{code}```" in f.read()
