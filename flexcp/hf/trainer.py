@@ -5,8 +5,8 @@
 a group the same batch; each micro-batch is dispatched with its own key
 (:func:`flexcp.hf.batch.shard_batch`: tokens, real positions, pre-shifted labels); the
 model's loss on a shard is its token-loss sum over the *global* label-token count
-(``num_items_in_batch``, which the Trainer gathers over all ranks and divides by
-:meth:`get_cp_size`). The Trainer's own scaling by the number of processes and the
+(``num_items_in_batch``, which the Trainer sums over all ranks and
+:meth:`get_batch_samples` divides by ``cp``). The Trainer's own scaling by the number of processes and the
 gradient averaging of DDP / FSDP2 then give the loss and gradients of cp = 1, and the
 logged loss is the global one. At cp = 1 the mixin changes nothing: the ``"magi"``
 attention runs locally.
@@ -106,9 +106,20 @@ class FlexCPMixin:
         return leaders
 
     # ------------------------------------------------------------------ Trainer extension points
-    def get_cp_size(self) -> int:
-        """flexcp's CP size: the Trainer divides the gathered label-token count and the world size by it."""
-        return self._flexcp_cp_size
+    def get_batch_samples(self, *args: Any, **kwargs: Any):
+        """The parent's micro-batches and ``num_items_in_batch``, the latter divided by ``cp``.
+
+        The parent counts label tokens on every rank and sums over all ranks; the ranks of
+        a CP group hold one batch, so each group was counted ``cp`` times.
+        """
+        batches, num_items = super().get_batch_samples(*args, **kwargs)
+        if num_items is not None and self.cp_mesh.cp > 1:
+            num_items = num_items / self.cp_mesh.cp
+        return batches, num_items
+
+    def get_total_train_batch_size(self, args) -> int:
+        """Samples per optimizer step: CP groups, not ranks, each draw a batch."""
+        return super().get_total_train_batch_size(args) // self._flexcp_cp_size
 
     def get_train_dataloader(self):
         """The Trainer's train loader, sharded over CP groups instead of ranks."""
