@@ -88,8 +88,6 @@ def train_run(rank: int, world: int, arch: str = "llama", kind: str = "trainer",
     """Train; return the logged ``losses``, ``initial`` and final trainable ``weights``, ``tokens`` per forward, maybe ``eval_loss``."""
     if world > 1:
         _join_dist(rank, world)
-    import datasets
-
     import flexcp.hf
 
     model = make_model(arch)
@@ -125,6 +123,7 @@ def train_run(rank: int, world: int, arch: str = "llama", kind: str = "trainer",
         trainer = cls(model=model, args=TrainingArguments(**common), train_dataset=rows, eval_dataset=rows[:4],
                       data_collator=collate, **cp_kwargs)
     else:
+        import datasets
         from trl import SFTConfig, SFTTrainer
 
         ds = datasets.Dataset.from_dict({"input_ids": docs, "completion_mask": [[0] * p + [1] * (len(d) - p)

@@ -30,8 +30,8 @@ SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 def magi_mask_function(
     batch_size: int,
-    q_length: int,
-    kv_length: int,
+    q_length: int | None = None,
+    kv_length: int | None = None,
     q_offset: int = 0,
     kv_offset: int = 0,
     mask_function: Any = None,
@@ -41,7 +41,9 @@ def magi_mask_function(
     """Never materializes a 4-D mask: ``None``, or the 2-D ``[b, kv]`` padding mask when a token is padding.
 
     The mask itself lives in the dist-attn key (documents, trees, windows); a padding
-    mask is handed on so the attention function can honour it (or refuse it).
+    mask is handed on so the attention function can honour it (or refuse it). Only
+    ``attention_mask`` is read, so the lengths are optional (early transformers 5 releases pass
+    ``cache_position`` instead of ``q_length``).
     """
     if attention_mask is None or bool(attention_mask.all()):
         return None
