@@ -21,11 +21,11 @@ class CPMesh:
     cp_group: "dist.ProcessGroup | None"
 
 
-def build_cp_mesh(cp_size: int) -> CPMesh:
+def build_cp_mesh(cp_size: int, device_type: str = "cpu") -> CPMesh:
     """Split the default process group into ``world // cp_size`` CP groups of ``cp_size`` consecutive ranks.
 
-    At ``cp_size == 1`` no process group is needed. Every rank must call this (it creates
-    the CP groups collectively).
+    ``device_type`` is the ranks' device (``"cuda"`` for NCCL). At ``cp_size == 1`` no
+    process group is needed. Every rank must call this (it creates the CP groups collectively).
     """
     if isinstance(cp_size, bool) or not isinstance(cp_size, int) or cp_size < 1:
         raise ValueError(f"cp_size must be a positive int; got {cp_size!r}")
@@ -41,8 +41,7 @@ def build_cp_mesh(cp_size: int) -> CPMesh:
         return CPMesh(dp=world, cp=1, dp_rank=rank, cp_rank=0, cp_group=None)
     from torch.distributed.device_mesh import init_device_mesh
 
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    mesh = init_device_mesh(device, (world // cp_size, cp_size), mesh_dim_names=("dp", "cp"))
+    mesh = init_device_mesh(device_type, (world // cp_size, cp_size), mesh_dim_names=("dp", "cp"))
     return CPMesh(dp=world // cp_size, cp=cp_size, dp_rank=rank // cp_size, cp_rank=rank % cp_size,
                   cp_group=mesh["cp"].get_group())
 

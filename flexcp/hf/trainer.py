@@ -56,7 +56,7 @@ class FlexCPMixin:
         self._flexcp_cp_size = cp_size
         self.cp_chunk_size = cp_chunk_size
         super().__init__(*args, **kwargs)
-        self.cp_mesh: CPMesh = build_cp_mesh(cp_size)
+        self.cp_mesh: CPMesh = build_cp_mesh(cp_size, self.args.device.type)
         if cp_size > 1:
             self._check_cp_setup()
             self.gather_function = self._gather_over_cp_groups
