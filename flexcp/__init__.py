@@ -4,7 +4,9 @@ Public API: the mask language (:class:`AttnMaskSpec`, :class:`AttnMaskType`),
 single-device attention over any slice mask (:func:`attention`), and the distributed
 runtime mirroring MagiAttention's names (:func:`build_key`, :func:`dispatch`,
 :func:`calc_attn`, :func:`undispatch`, :func:`get_position_ids`, ...). The Hugging Face
-backend lives in :mod:`flexcp.magi_attn_utils`.
+backend lives in :mod:`flexcp.magi_attn_utils`; the Trainer / TRL integration
+(:class:`FlexCPTrainer`, :class:`FlexCPSFTTrainer`, :class:`FlexCPMixin`) in :mod:`flexcp.hf`,
+imported on first use.
 """
 
 from .kernels import attention, available_backends
@@ -22,10 +24,25 @@ from .runtime import (
 
 __version__ = "0.1.0"
 
+_HF_TRAINERS = ("FlexCPMixin", "FlexCPSFTTrainer", "FlexCPTrainer")
+
+
+def __getattr__(name: str):
+    """The Trainer integration of :mod:`flexcp.hf`, imported on first use (it needs transformers / trl)."""
+    if name in _HF_TRAINERS:
+        from . import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module 'flexcp' has no attribute {name!r}")
+
+
 __all__ = [
     "AttnMaskSpec",
     "AttnMaskType",
     "DistAttnKey",
+    "FlexCPMixin",
+    "FlexCPSFTTrainer",
+    "FlexCPTrainer",
     "__version__",
     "attention",
     "available_backends",

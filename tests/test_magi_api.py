@@ -407,15 +407,6 @@ def test_refusals() -> None:
         mau.hf_attention.magi_attention_forward(layer, q, torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16))
     with pytest.raises(ValueError, match="dropout"):
         mau.hf_attention.magi_attention_forward(layer, q, q[:, :2], q[:, :2], dropout=0.1)
-    plain = make_model("llama", "magi")  # no cp_group stamped: SDPA, which must not drop the packing
-    with pytest.raises(ValueError, match="packed documents"):
-        plain(input_ids=ids, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7]]), use_cache=False)
-    with pytest.raises(ValueError, match="padding mask"):
-        plain(input_ids=ids, attention_mask=torch.tensor([[0] + [1] * 11]), use_cache=False)
-    with pytest.raises(ValueError, match="would ignore the key"):
-        plain(input_ids=ids, magi_key=mau.build_flex_key(causal(12), 4, 2, 16, None), use_cache=False)
-    ref = make_model("llama", "sdpa")
-    assert torch.allclose(plain(input_ids=ids, use_cache=False).logits, ref(input_ids=ids, use_cache=False).logits, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- no O(S^2)

@@ -73,7 +73,8 @@ def _workdir(tmp_path) -> str:
     """A scratch directory where the README's repository-relative paths resolve (outputs stay in it)."""
     work = tmp_path / "work"
     work.mkdir()
-    (work / "flexcp").symlink_to(os.path.join(ROOT, "flexcp"))
+    for name in ("flexcp", "examples"):
+        (work / name).symlink_to(os.path.join(ROOT, name))
     return str(work)
 
 

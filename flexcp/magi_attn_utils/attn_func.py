@@ -14,6 +14,7 @@ import flexcp.magi_attn_utils as _state
 from ..mask import AttnMaskSpec
 from ..runtime import calc_attn
 from ..runtime.key import group_info
+from .amp import attend_in_autocast_dtype
 from .keys import resolve_key, window_key
 from .masks import as_numpy, cu_seqlens_layout, documents
 
@@ -92,7 +93,8 @@ def make_magi_attn_func(softmax_scale: float | None = None) -> Callable[..., tor
         window = _window(call_kwargs.get("window_size"))
         if window is not None:
             key = window_key(key, window)
-        out, _ = calc_attn(qf, kf, vf, key, softmax_scale=softmax_scale, softcap=float(call_kwargs.get("softcap") or 0.0))
+        out, _ = attend_in_autocast_dtype(calc_attn, qf, kf, vf, key=key, softmax_scale=softmax_scale,
+                                          softcap=float(call_kwargs.get("softcap") or 0.0))
         return out.view(q.shape[:-2] + out.shape[1:])
 
     return magi_attn_func

@@ -20,6 +20,7 @@ import flexcp.magi_attn_utils as _state
 
 from ..mask import AttnMaskSpec
 from ..runtime import calc_attn
+from .amp import attend_in_autocast_dtype
 from .keys import resolve_key, window_key
 from .masks import documents, row_positions
 
@@ -29,8 +30,8 @@ SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 def magi_mask_function(
     batch_size: int,
-    q_length: int,
-    kv_length: int,
+    q_length: int | None = None,
+    kv_length: int | None = None,
     q_offset: int = 0,
     kv_offset: int = 0,
     mask_function: Any = None,
@@ -40,7 +41,9 @@ def magi_mask_function(
     """Never materializes a 4-D mask: ``None``, or the 2-D ``[b, kv]`` padding mask when a token is padding.
 
     The mask itself lives in the dist-attn key (documents, trees, windows); a padding
-    mask is handed on so the attention function can honour it (or refuse it).
+    mask is handed on so the attention function can honour it (or refuse it). Only
+    ``attention_mask`` is read, so the lengths are optional (early transformers 5 releases pass
+    ``cache_position`` instead of ``q_length``).
     """
     if attention_mask is None or bool(attention_mask.all()):
         return None
@@ -127,29 +130,11 @@ def _check_call(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
 
 
 def _sdpa_fallback(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
-    """SDPA for modules without ``cp_group`` (e.g. a VLM vision tower), for masks SDPA gets without O(S^2)."""
+    """SDPA for bidirectional modules without ``cp_group`` (e.g. a VLM vision tower); a padding mask becomes a key mask."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
-        if causal:
-            raise ValueError(
-                f"{type(module).__name__} has no cp_group, and its SDPA fallback cannot combine causality with a "
-                "padding mask without an O(S^2) mask; stamp the cp_group (magi_prepare_batch) to use magi attention"
-            )
         attention_mask = attention_mask[:, None, None, :].to(torch.bool)
-    if causal and kwargs.get("magi_key") is not None:
-        raise ValueError(
-            f"{type(module).__name__} got a magi_key but has no cp_group, so it would ignore the key; stamp the "
-            "cp_group on the attention modules (magi_prepare_batch or _set_cp_group_on_attention)"
-        )
-    pos = kwargs.get("position_ids")
-    if causal and attention_mask is None and isinstance(pos, torch.Tensor) and pos.dim() == 2 and pos.shape[-1] > 1:
-        if bool((pos[:, 1:] != pos[:, :-1] + 1).any()):
-            raise ValueError(
-                f"{type(module).__name__} has no cp_group, so it would fall back to plain causal SDPA, but "
-                "position_ids describe packed documents; stamp the cp_group (magi_prepare_batch) to use magi attention"
-            )
     kwargs.pop("magi_key", None)
     return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                   is_causal=is_causal, **kwargs)
@@ -167,14 +152,16 @@ def magi_attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """HF attention interface: ``[b, h, s, d]`` in, ``([b, s, hq, d], None)`` out, through ``calc_attn``."""
-    if not hasattr(module, "cp_group"):
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if not hasattr(module, "cp_group") and not causal:
         return _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     _check_call(module, query, key, attention_mask, dropout, kwargs)
+    cp_group = getattr(module, "cp_group", None)  # none stamped: cp = 1, local attention
     b, hq, s, d = query.shape
     heads = (hq, key.shape[1], d)
     self_key = bool(getattr(module, "_magi_self_key", False))
     local = _HFLocal(b, s, kwargs.get("position_ids"), attention_mask, use_positions=not self_key)
-    dist_key = resolve_key(module.cp_group, b * s, heads, explicit=kwargs.get("magi_key"), local=local,
+    dist_key = resolve_key(cp_group, b * s, heads, explicit=kwargs.get("magi_key"), local=local,
                            binding=attention_mask is not None or self_key)
     window = _sliding_window(module, kwargs)
     if window is not None:
@@ -182,7 +169,8 @@ def magi_attention_forward(
     if scaling is None:
         scaling = getattr(module, "scaling", None)
     q, k, v = (x.transpose(1, 2).reshape(b * s, x.shape[1], d) for x in (query, key, value))
-    out, _ = calc_attn(q, k, v, dist_key, softmax_scale=scaling, softcap=_softcap(module, kwargs))
+    out, _ = attend_in_autocast_dtype(calc_attn, q, k, v, key=dist_key, softmax_scale=scaling,
+                                      softcap=_softcap(module, kwargs))
     return out.view(b, s, hq, d), None
 
 
