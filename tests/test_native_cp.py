@@ -114,3 +114,52 @@ def test_native_cp_rejects_bad_config():
     cfg = from_dict({"model": {"preset": "tiny", "attn_implementation": "magi"}})
     with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
         NativeCPTrainer(cfg, 2)
+
+
+def _train_pack(rank: int, world: int, cp: int) -> list[float]:
+    """One step on a pack of documents: native CP as one causal sequence (cp) or magi with a causal mask (cp = 1)."""
+    import dataclasses
+
+    import torch.nn.functional as F
+    from torch.distributed.tensor.experimental._context_parallel import _attention as cpa
+
+    from flexcp.bench.e2e_workloads import FixedSource, packed_documents
+    from flexcp.bench.native_cp import NativeCPTrainer
+    from flexcp.mask import AttnMaskSpec
+    from flexcp.train.config import from_dict
+    from flexcp.train.loop import Trainer
+
+    def cfg(impl):
+        return from_dict({
+            "out_dir": "/tmp/flexcp_test_native_pack", "model": {"preset": "tiny", "attn_implementation": impl},
+            "data": {"kind": "recall", "seq_len": SEQ_LEN}, "train": {"steps": 10, "dtype": "fp32"},
+            "checkpoint": {"resume": False, "export_hf": False}, "logging": {"progress": "none"}})
+
+    pack = packed_documents(SEQ_LEN, 256, seed=2)
+    assert pack.spec.area() < SEQ_LEN * (SEQ_LEN + 1) // 2  # several documents
+    orig = (F.scaled_dot_product_attention, cpa._enable_context_parallel_dispatcher_impl,
+            cpa._disable_context_parallel_dispatcher_impl)
+    try:
+        if cp == 1:  # the same tokens and positions under one causal mask
+            trainer = Trainer(cfg("magi"))
+            trainer.source = FixedSource(dataclasses.replace(pack, spec=AttnMaskSpec.causal(SEQ_LEN)))
+        else:
+            cpa._enable_context_parallel_dispatcher_impl, cpa._disable_context_parallel_dispatcher_impl = (
+                _stand_in_dispatcher(cpa, orig[0]))
+            strict = NativeCPTrainer(cfg("sdpa"), cp)
+            strict.source = FixedSource(pack)
+            with pytest.raises(ValueError, match="packed_as_causal=True"):
+                strict.train_step()
+            trainer = NativeCPTrainer(cfg("sdpa"), cp, packed_as_causal=True)
+            trainer.source = FixedSource(pack)
+        m = trainer.train_step()
+        return [m.loss, m.grad_norm]
+    finally:
+        F.scaled_dot_product_attention = orig[0]
+        cpa._enable_context_parallel_dispatcher_impl, cpa._disable_context_parallel_dispatcher_impl = orig[1:]
+
+
+def test_native_cp_trains_a_pack_as_one_causal_sequence():
+    ref = run_spawned(_train_pack, 1, 1, timeout=300)[0]
+    got = run_spawned(_train_pack, 2, 2, timeout=300)
+    assert got[0] == pytest.approx(ref, rel=1e-4)

@@ -224,14 +224,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cp", type=int, nargs="+", default=[1], help="CP sizes (each must divide the world size)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per point (after --warmup)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--max-point-s", type=float, default=12.0, help="stop timing a point after this many seconds")
+    p.add_argument("--max-point-s", type=float, default=10.0, help="stop timing a point after this many seconds")
     p.add_argument("--budget-s", type=float, default=420.0, help="no new point starts after this")
     p.add_argument("--chunk-size", type=int, default=512)
     p.add_argument("--seed", type=int, default=0, help="pack / rollout / token seed")
     p.add_argument("--completions", type=int, default=8, help="completions per rollout prompt")
     p.add_argument("--prompt-frac", type=float, default=0.25, help="rollout prompt length / S")
     p.add_argument("--no-probe", dest="probe", action="store_false", help="skip the longest-sequence probe")
-    p.add_argument("--probe-reserve-s", type=float, default=170.0, help="seconds of --budget-s kept for the probe")
+    p.add_argument("--probe-reserve-s", type=float, default=130.0, help="seconds of --budget-s kept for the probe")
     p.add_argument("--probe-start", type=int, nargs=2, default=[131072, 262144],
                    help="two lengths whose peak memory gives the probe's linear model")
     p.add_argument("--probe-granule", type=int, default=32768, help="length resolution of the probe")
@@ -299,6 +299,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     start = time.monotonic()
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # long sequences fragment less
+    # HF compiles flex_attention; a new length compiles its own static kernel, as in a run at one fixed length
+    import torch._dynamo
+
+    torch._dynamo.config.automatic_dynamic_shapes = False
     owns_group = not dist.is_initialized()
     device = _init(args)
     rank = dist.get_rank()

@@ -10,9 +10,9 @@ length needs the same memory and a much longer step.
 
 Search: two lengths (``--probe-start``) give peak memory as a line in the length; the
 probe tries the length where that line meets the free GPU memory (rounded down to
-``--probe-granule``), then steps by one granule up while it fits and down while it does
-not, until a fitting length and the next one that does not are found (or
-``--probe-points`` steps, or the time budget, run out). With offloading, the host memory
+``--probe-granule``), then steps one granule up while it fits and down (bisecting while
+more than four granules away) while it does not, until a fitting length and the next one
+that does not are found (or ``--probe-points`` steps, or the time budget, run out). With offloading, the host memory
 the forward saves per token caps the lengths tried at ``--host-frac`` of the host's
 available memory. A step that runs out of memory is caught; the trainer is rebuilt.
 Each probe row records memory at forward start (model + optimizer state), at forward
@@ -146,27 +146,31 @@ def _predict(rows: list[dict], target_gib: float, granule: int) -> int:
     return max(b["seq_len"], int(b["seq_len"] + (target_gib - b["peak_gib"]) / slope) // granule * granule)
 
 
-def search(mode: _Mode, args, deadline: float, target_gib: float | None = None) -> None:
+def search(mode: _Mode, args, deadline: float, target_gib: float | None = None,
+           host_per_token_gib: float = 0.0) -> list[dict]:
     """Fit on ``--probe-start``, then bracket the longest fitting length (see the module doc).
 
     ``target_gib``: the memory a step may reach (default: what is free on the GPU now).
+    ``host_per_token_gib``: a lower bound on the host memory offloading needs per token
+    (what the forward saved on the GPU without offloading), in case the host's resident-set
+    count misses some. Returns the two fit rows (fewer when one did not fit).
     """
     fit = []
     for n in sorted(args.probe_start):
         if time.monotonic() > deadline:
             mode.log({"probe": True, "offload": mode.offload, "seq_len": n, "skipped": "time budget"})
-            return
+            return fit
         fit.append(mode.run(n))
         if not fit[-1]["fits"]:
-            return
+            return fit[:-1]
     target = _usable_gib(mode.device) if target_gib is None else target_gib
     if target is None:  # CPU: nothing to run out of
-        return
+        return fit
     g = args.probe_granule
     length = _predict(fit, target, g)
     host_cap = None
     if mode.offload:
-        per_token = max(fit[-1]["host_saved_gib"], 1e-9) / fit[-1]["seq_len"]
+        per_token = max(fit[-1]["host_saved_gib"] / fit[-1]["seq_len"], host_per_token_gib, 1e-12)
         host_cap = int(args.host_frac * (host_memory_gib("MemAvailable") or 0.0) / per_token) // g * g
         length = min(length, host_cap)
     best, fail = fit[-1]["seq_len"], None
@@ -185,18 +189,26 @@ def search(mode: _Mode, args, deadline: float, target_gib: float | None = None) 
             break
         row = mode.run(length)
         if row["fits"]:
-            best, length = length, length + g
+            best = length
         else:
-            fail, length = length, length - g
-        if fail is not None and best + g >= fail:
+            fail = length
+        if fail is not None and fail - best <= g:
             break
+        if fail is not None and fail - best > 4 * g:  # far off: bisect
+            length = (best + fail) // 2 // g * g
+        else:
+            length = best + g if row["fits"] else fail - g
+    return fit
 
 
 def run_probe(args, deadline: float, device: torch.device, log: Callable[[dict], None]) -> None:
     """The probe without, then with, activation offloading (``--no-offload``: without only)."""
+    host_per_token = 0.0
     for offload in ([False, True] if args.offload else [False]):
         mode = _Mode(args, offload, device, log)
         try:
-            search(mode, args, deadline)
+            fit = search(mode, args, deadline, host_per_token_gib=host_per_token)
         finally:
             mode.close()
+        if fit and not offload:
+            host_per_token = (fit[-1]["fwd_end_gib"] - fit[-1]["fwd_start_gib"]) / fit[-1]["seq_len"]

@@ -55,7 +55,9 @@ class InitialState:
 
     def __init__(self, trainer: Trainer) -> None:
         self.trainer = trainer
-        self.weights = [_local(p).to("cpu", copy=True) for p in trainer.model.parameters()]
+        pin = trainer.device.type == "cuda"  # pinned: the copy back at every point is fast
+        self.weights = [torch.empty_like(_local(p), device="cpu", pin_memory=pin).copy_(_local(p))
+                        for p in trainer.model.parameters()]
 
     @torch.no_grad()
     def restore(self) -> None:
