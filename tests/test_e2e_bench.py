@@ -275,3 +275,20 @@ def test_recipe_accepts_flex_attention_and_the_mistral_preset():
     assert preset_config("llama-1b", 300).model_type == "llama"
     with pytest.raises(ConfigError, match="valid nonexistent config"):
         preset_config("tiny", 300, {"model_type": "nonexistent"})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_tiny_gpu_contenders_agree(tmp_path):
+    """On a GPU every cp = 1 contender runs (HF flex_attention included) and the first losses agree."""
+    from flexcp.bench.e2e_bench import main
+
+    main(["--tiny", "--sizes", "1024", "--steps", "1", "--workloads", "packed", "sliding", "--no-probe",
+          "--extras", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "e2e.json").read_text())["rows"]
+    for w in ("packed", "sliding"):
+        mine = _rows(rows, workload=w)
+        assert {r["contender"] for r in mine} == {"magi", "flex_attention", "sdpa"}
+        assert all("step_s" in r for r in mine), mine
+        losses = [r["loss"] for r in mine]
+        assert max(losses) - min(losses) < 2e-2 * max(losses)  # bf16 compute

@@ -119,10 +119,13 @@ def test_native_cp_rejects_bad_config():
 def _train_pack(rank: int, world: int, cp: int) -> list[float]:
     """One step on a pack of documents: native CP as one causal sequence (cp) or magi with a causal mask (cp = 1)."""
     import dataclasses
+    import types
+    from pathlib import Path
 
     import torch.nn.functional as F
     from torch.distributed.tensor.experimental._context_parallel import _attention as cpa
 
+    from flexcp.bench.e2e_trainers import build_trainer, use_sequence
     from flexcp.bench.e2e_workloads import FixedSource, packed_documents
     from flexcp.bench.native_cp import NativeCPTrainer
     from flexcp.mask import AttnMaskSpec
@@ -150,8 +153,10 @@ def _train_pack(rank: int, world: int, cp: int) -> list[float]:
             strict.source = FixedSource(pack)
             with pytest.raises(ValueError, match="packed_as_causal=True"):
                 strict.train_step()
-            trainer = NativeCPTrainer(cfg("sdpa"), cp, packed_as_causal=True)
-            trainer.source = FixedSource(pack)
+            args = types.SimpleNamespace(out=Path("/tmp/flexcp_test_native_pack"), chunk_size=64, cpu=True)
+            trainer = build_trainer("native", cp, "tiny", {}, args)  # the e2e benchmark's native contender
+            assert isinstance(trainer, NativeCPTrainer) and trainer.packed_as_causal
+            use_sequence(trainer, pack)
         m = trainer.train_step()
         return [m.loss, m.grad_norm]
     finally:
