@@ -225,7 +225,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="timed steps per point (after --warmup)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--max-point-s", type=float, default=10.0, help="stop timing a point after this many seconds")
-    p.add_argument("--budget-s", type=float, default=420.0, help="no new point starts after this")
+    p.add_argument("--budget-s", type=float, default=400.0, help="no new point starts after this")
     p.add_argument("--chunk-size", type=int, default=512)
     p.add_argument("--seed", type=int, default=0, help="pack / rollout / token seed")
     p.add_argument("--completions", type=int, default=8, help="completions per rollout prompt")
