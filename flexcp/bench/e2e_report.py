@@ -162,6 +162,7 @@ def plot(rows: list[dict], meta: dict, path: Path) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return False
     series = defaultdict(list)
@@ -177,12 +178,17 @@ def plot(rows: list[dict], meta: dict, path: Path) -> bool:
     cols = min(3, panels)
     fig, axes = plt.subplots(-(-panels // cols), cols, figsize=(5.2 * cols, 4.0 * -(-panels // cols)), squeeze=False)
     flat = list(axes.flat)
+    colors = {label: f"C{i}" for i, label in enumerate(sorted({k[1] for k in series}))}  # one per contender
     for ax, w in zip(flat, workloads):
+        sizes = set()
         for (sw, label), pts in sorted(series.items()):
             if sw == w:
                 xs, ys = zip(*sorted(pts))
-                ax.plot(xs, ys, marker="o", label=label)
+                sizes.update(xs)
+                ax.plot(xs, ys, marker="o", label=label, color=colors[label])
         ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted(sizes), [_k(n) for n in sorted(sizes)])
+        ax.minorticks_off()
         ax.set_xlabel("sequence length (tokens)")
         ax.set_ylabel("label tokens/s per GPU" if w == "rollouts" else "tokens/s per GPU")
         ax.set_title(WORKLOAD_TITLES[w], fontsize=10)
@@ -198,6 +204,10 @@ def plot(rows: list[dict], meta: dict, path: Path) -> bool:
                 ax.plot(xs, ys, marker="o", label="offload to host" if offload else "no offload")
         if meta.get("gpu_memory_gib"):
             ax.axhline(meta["gpu_memory_gib"], color="grey", ls="--", label="GPU memory")
+            ooms = [r["seq_len"] for r in probe_rows(rows) if r.get("oom")]
+            if ooms:
+                ax.plot(ooms, [meta["gpu_memory_gib"]] * len(ooms), "rx", ms=9, label="out of memory")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: _k(int(x)) if x >= 1024 else str(int(x))))
         ax.set_xlabel("sequence length (tokens)")
         ax.set_ylabel("peak GiB")
         ax.set_title("longest sequence one GPU trains (llama-1b)", fontsize=10)
