@@ -178,19 +178,26 @@ class TrainerCache:
             free_trainer()
 
 
+def predict_point_s(last: dict, size: int, args) -> float:
+    """Seconds a point at ``size`` should take from the previous size's row: the first step once (compilation
+    and warm-up do not grow with the length), the other steps quadratic in the length (pessimistic)."""
+    steady = last["step_s"] * (size / last["size"]) ** 2
+    first = last.get("first_step_s") or steady
+    return first + steady * min(args.steps, max(1, int(args.max_point_s // steady) + 1)) + max(0, args.warmup - 1) * steady
+
+
 def run_table(setups: list[Setup], args, deadline: float, device: torch.device, log: Callable[[dict], None]) -> None:
     """Measure every setup at every size in order; a point past ``deadline`` (or after a failure) is not run."""
     cache = TrainerCache(args)
     for setup in setups:
-        last: tuple[int, float] | None = None  # (size, seconds the point took)
+        last: dict | None = None  # the previous size's row
         failed = False
         for size in sorted(args.sizes):
             head = {"workload": setup.workload, "contender": setup.contender, "cp": setup.cp, "size": size}
-            predicted = 0.0 if last is None else last[1] * (size / last[0]) ** 2
+            predicted = 0.0 if last is None else predict_point_s(last, size, args)
             if failed or time.monotonic() + predicted > deadline:
                 log({**head, "skipped": "failed at a shorter length" if failed else "time budget"})
                 continue
-            t0 = time.monotonic()
             state: dict[str, Any] = {}
 
             def point() -> dict:
@@ -201,12 +208,13 @@ def run_table(setups: list[Setup], args, deadline: float, device: torch.device, 
                 return measure(trainer, args)
 
             res = run_guarded(point, device)
-            log(point_row(setup, size, state["trainer"], state["seq"], res) if "seq" in state else {**head, **res})
+            row = point_row(setup, size, state["trainer"], state["seq"], res) if "seq" in state else {**head, **res}
+            log(row)
             state.clear()
             if "step_s" not in res:
                 cache.drop()  # a failed step can leave FSDP / autograd state behind
                 failed = True
-            last = (size, time.monotonic() - t0)
+            last = row
     cache.drop()
 
 
@@ -225,13 +233,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=3, help="timed steps per point (after --warmup)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--max-point-s", type=float, default=10.0, help="stop timing a point after this many seconds")
-    p.add_argument("--budget-s", type=float, default=400.0, help="no new point starts after this")
+    p.add_argument("--budget-s", type=float, default=1200.0, help="no new point starts after this")
     p.add_argument("--chunk-size", type=int, default=512)
     p.add_argument("--seed", type=int, default=0, help="pack / rollout / token seed")
     p.add_argument("--completions", type=int, default=8, help="completions per rollout prompt")
     p.add_argument("--prompt-frac", type=float, default=0.25, help="rollout prompt length / S")
     p.add_argument("--no-probe", dest="probe", action="store_false", help="skip the longest-sequence probe")
-    p.add_argument("--probe-reserve-s", type=float, default=130.0, help="seconds of --budget-s kept for the probe")
+    p.add_argument("--probe-reserve-s", type=float, default=400.0, help="seconds of --budget-s kept for the probe")
     p.add_argument("--probe-start", type=int, nargs=2, default=[131072, 262144],
                    help="two lengths whose peak memory gives the probe's linear model")
     p.add_argument("--probe-granule", type=int, default=32768, help="length resolution of the probe")
