@@ -59,7 +59,8 @@ def format_table(rows: list[dict]) -> str:
             "timed steps"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table_rows(rows):
-        cells = [r["workload"], r["contender"], str(r["cp"]), _k(r["size"])]
+        launch = f" (launch {r['launch']})" if r.get("launch", 1) != 1 else ""  # rows merged from another launch
+        cells = [r["workload"], r["contender"] + launch, str(r["cp"]), _k(r["size"])]
         status = _status(r)
         if "tokens" in r:
             ratio = r["attn_cells"] / max(r["useful_area"], 1)
@@ -194,7 +195,7 @@ def plot(rows: list[dict], meta: dict, path: Path) -> bool:
         ax.set_title(WORKLOAD_TITLES[w], fontsize=10)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="lower left")
     if probe:
         ax = flat[len(workloads)]
         for offload in (False, True):
@@ -207,7 +208,8 @@ def plot(rows: list[dict], meta: dict, path: Path) -> bool:
             ooms = [r["seq_len"] for r in probe_rows(rows) if r.get("oom")]
             if ooms:
                 ax.plot(ooms, [meta["gpu_memory_gib"]] * len(ooms), "rx", ms=9, label="out of memory")
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: _k(int(x)) if x >= 1024 else str(int(x))))
+        ax.xaxis.set_major_locator(matplotlib.ticker.MultipleLocator(131072))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1024:.0f}k"))
         ax.set_xlabel("sequence length (tokens)")
         ax.set_ylabel("peak GiB")
         ax.set_title("longest sequence one GPU trains (llama-1b)", fontsize=10)
