@@ -183,7 +183,8 @@ def predict_point_s(last: dict, size: int, args) -> float:
     and warm-up do not grow with the length), the other steps quadratic in the length (pessimistic)."""
     steady = last["step_s"] * (size / last["size"]) ** 2
     first = last.get("first_step_s") or steady
-    return first + steady * min(args.steps, max(1, int(args.max_point_s // steady) + 1)) + max(0, args.warmup - 1) * steady
+    timed = min(args.steps, max(1, int(args.max_point_s // steady) + 1))
+    return first + steady * (timed + max(0, args.warmup - 1))
 
 
 def run_table(setups: list[Setup], args, deadline: float, device: torch.device, log: Callable[[dict], None]) -> None:
@@ -239,6 +240,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--completions", type=int, default=8, help="completions per rollout prompt")
     p.add_argument("--prompt-frac", type=float, default=0.25, help="rollout prompt length / S")
     p.add_argument("--no-probe", dest="probe", action="store_false", help="skip the longest-sequence probe")
+    p.add_argument("--probe-only", action="store_true", help="only the longest-sequence probe (no table)")
     p.add_argument("--probe-reserve-s", type=float, default=400.0, help="seconds of --budget-s kept for the probe")
     p.add_argument("--probe-start", type=int, nargs=2, default=[131072, 262144],
                    help="two lengths whose peak memory gives the probe's linear model")
@@ -254,6 +256,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.probe_only and not args.probe:
+        p.error("--probe-only and --no-probe exclude each other")
     return args
 
 
@@ -324,14 +328,15 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(row), flush=True)
             (args.out / "e2e.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
-    setups = build_setups(args.cp, dist.get_world_size(), args.workloads, args.contenders, args.extras)
+    setups = [] if args.probe_only else build_setups(args.cp, dist.get_world_size(), args.workloads,
+                                                      args.contenders, args.extras)
     if args.cpu:  # torch's ring attention runs CUDA SDPA only; FlexAttention has no CPU backward
         dropped = sorted({s.contender for s in setups if s.impl in ("native", "flex_attention")})
         setups = [s for s in setups if s.impl not in ("native", "flex_attention")]
         if dropped and rank == 0:
             print(f"--cpu: not running {', '.join(dropped)} (CUDA only)", flush=True)
     try:
-        reserve = args.probe_reserve_s if args.probe else 0.0
+        reserve = args.probe_reserve_s if args.probe and setups else 0.0
         run_table(setups, args, start + args.budget_s - reserve, device, log)
         if args.probe:
             from .e2e_memory import run_probe
