@@ -297,7 +297,8 @@ def _meta(args, device: torch.device, argv) -> dict:
             "torch": torch.__version__, "transformers": transformers.__version__,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
-            "sizes": args.sizes, "probe_doc_len": args.probe_doc_len, "steps": args.steps, "warmup": args.warmup, "max_point_s": args.max_point_s,
+            "sizes": args.sizes, "probe_doc_len": args.probe_doc_len, "steps": args.steps, "warmup": args.warmup,
+            "max_point_s": args.max_point_s,
             "argv": argv}
 
 

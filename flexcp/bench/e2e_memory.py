@@ -2,11 +2,11 @@
 
 The recipe as users run it for long sequences (``llama-1b``, magi attention, activation
 checkpointing, the chunked loss, AdamW with its moments allocated), one step per length, with
-and without ``model.offload_activations``. Memory per token does not depend on the mask
-(attention keeps O(S) memory; the table's packed and causal rows at the same length show
-it), so the probe trains packs of corpus documents cut to ``--probe-doc-len`` tokens, which
-keeps a step's attention time linear in its length; a single causal document of the same
-length needs the same memory and a much longer step.
+and without ``model.offload_activations``. Attention keeps O(S) memory whatever the mask, so
+the probe trains packs of corpus documents cut to ``--probe-doc-len`` tokens, which keeps a
+step's attention time linear in its length (a single causal document of the same length
+takes a much longer step; on the H200 run its memory per token was lower than a pack's,
+see docs/benchmarks.md).
 
 Search: two lengths (``--probe-start``) give peak memory as a line in the length; the
 probe tries the length where that line meets the free GPU memory (rounded down to
@@ -180,7 +180,7 @@ def search(mode: _Mode, args, deadline: float, target_gib: float | None = None,
             break
         if host_cap is not None and length > host_cap:
             mode.log({"probe": True, "offload": True, "seq_len": length,
-                      "skipped": f"host memory (offloading it needs more than {args.host_frac:.0%} of the free host RAM)"})
+                      "skipped": f"host memory (offloading needs more than {args.host_frac:.0%} of the free host RAM)"})
             break
         predicted = 1.3 * sec_per_token * length + (15.0 if mode.trainer is None else 0.0)
         if time.monotonic() + predicted > deadline:

@@ -233,7 +233,8 @@ def write_outputs(meta: dict, rows: list[dict], out: Path) -> str:
              format_table(rows), "", *speedups(rows), *(f"- {NOTES[c]}" for c in NOTES if c in used)]
     probe = format_probe(rows, meta)
     if probe:
-        parts += ["", f"Longest sequence one GPU trains (llama-1b, magi, packs of documents cut to {meta.get('probe_doc_len', '?')} tokens):", "",
+        cut = meta.get("probe_doc_len", "?")
+        parts += ["", f"Longest sequence one GPU trains (llama-1b, magi, packs of documents cut to {cut} tokens):", "",
                   probe]
     parts += ["", f"plot: {'e2e.png' if drew else 'not drawn (matplotlib is not installed)'}"]
     text = "\n".join(parts) + "\n"

@@ -33,7 +33,7 @@ class ModelConfig:
     tokenizer: str | None = None
     """Tokenizer directory; None -> ``path`` if set, else the built-in byte-level tokenizer ("byte")."""
     attn_implementation: str = "magi"
-    """"magi" (flexcp, any mask, any cp) or HF's "sdpa" / "flex_attention" / "eager" (cp = 1, causal or packed data only)."""
+    """"magi" (flexcp, any mask, any cp) or HF's "sdpa" / "flex_attention" / "eager" (cp = 1, causal or packed data)."""
     activation_checkpointing: bool = False
     offload_activations: bool = False
     """Keep the tensors the forward saves for backward in host memory (``torch.autograd.graph.save_on_cpu``).
