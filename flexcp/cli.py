@@ -40,13 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     for name, (_, help_text) in BENCHES.items():
         bench_sub.add_parser(name, help=help_text, add_help=False)
     args, rest = parser.parse_known_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return 0
+    if args.command is None:  # like argparse on a missing required argument: usage, exit status 2
+        parser.print_help(sys.stderr)
+        return 2
     if args.command == "bench":
         if args.bench is None:
-            bench.print_help()
-            return 0
+            bench.print_help(sys.stderr)
+            return 2
         return _run(BENCHES[args.bench][0], rest)
     return _run(COMMANDS[args.command][0], rest)
 

@@ -1,4 +1,4 @@
-"""``flexcp example``: a prefix-tree mask (one prompt, several completions) through flexcp.attention."""
+"""flexcp example: a prefix-tree mask (one prompt, several completions) through flexcp.attention."""
 
 from __future__ import annotations
 

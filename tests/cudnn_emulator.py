@@ -65,7 +65,7 @@ class EmulatedGraphs:
                 p = torch.exp(s - lse[..., None])
                 o0, s0 = row("o", hq * d), row("stats", hq)
                 b["o"][o0 : o0 + n] = torch.einsum("hqk,khd->qhd", p, v).to(b["o"].dtype)
-                b["stats"][s0 : s0 + n] = lse.t().float()
+                b["stats"][s0 : s0 + n] = lse.t().to(b["stats"].dtype)
                 continue
             s0 = row("stats", hq)
             lse = b["stats"][s0 : s0 + n].double().t()

@@ -39,13 +39,15 @@ def run(backend, spec: AttnMaskSpec, hq: int = 4, hkv: int = 2, d: int = 8, seed
 
 
 def assert_exact(got, ref) -> None:
+    """float64 in, float64-exact out (lse and gradient sums stay float64)."""
     out, lse, *grads = got
-    torch.testing.assert_close(out, ref[0], rtol=1e-6, atol=1e-6)  # merges weigh by the float32 lse
-    torch.testing.assert_close(lse, ref[1].float(), rtol=1e-6, atol=1e-6)
+    assert lse.dtype == torch.float64 and all(g.dtype == torch.float64 for g in grads)
+    torch.testing.assert_close(out, ref[0], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(lse, ref[1], rtol=1e-10, atol=1e-10)
     empty = torch.isinf(ref[1])
     assert (out[empty] == 0).all() and torch.isneginf(lse[empty]).all()
     for g, r in zip(grads, ref[2:]):
-        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)  # backward reads the float32 lse
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -273,7 +273,7 @@ def test_recipe_accepts_flex_attention_and_the_mistral_preset():
     cfg = preset_config("mistral-1b", 300)
     assert cfg.model_type == "mistral" and cfg.sliding_window == 4096 and cfg.num_hidden_layers == 16
     assert preset_config("llama-1b", 300).model_type == "llama"
-    with pytest.raises(ConfigError, match="valid nonexistent config"):
+    with pytest.raises(ConfigError, match="not a transformers model type"):
         preset_config("tiny", 300, {"model_type": "nonexistent"})
 
 

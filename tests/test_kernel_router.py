@@ -90,9 +90,8 @@ def test_routed_results_are_exact(costs, spec):
     do = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), do)
     ref_grads = torch.autograd.grad(ref, (q, k, v), do)
-    exact = 1e-10 if costs[0] is FAST else 1e-6  # split parts merge through the float32 lse of the contract
-    torch.testing.assert_close(out, ref, rtol=exact, atol=exact)
-    torch.testing.assert_close(lse, ref_lse.float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)  # float64 in, float64-exact out
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-10, atol=1e-10)
     for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)  # backward reads the float32 lse
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
     assert get_backend(name).name == "auto"

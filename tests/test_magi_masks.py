@@ -27,10 +27,13 @@ def test_documents_from_rows_resets_and_padding() -> None:
     assert documents(1, 4, attention_mask=torch.zeros(1, 4)).area() == 0
 
 
-def test_documents_rejects_padding_inside_a_document() -> None:
-    with pytest.raises(ValueError, match="inside a document"):
-        documents(1, 5, torch.tensor([[0, 1, 9, 2, 3]]), torch.tensor([[1, 1, 0, 1, 1]]))
-    spec = documents(1, 5, torch.arange(5)[None], torch.tensor([[1, 1, 0, 1, 1]]))  # positions jump: two documents
+def test_padding_inside_a_document_does_not_split_it() -> None:
+    pad = torch.tensor([[1, 1, 0, 1, 1, 1, 0, 0, 1]])
+    doc_of = np.array([0, 0, -1, 0, 0, 0, -1, -1, 0])
+    for pos in (torch.arange(9)[None], pad.cumsum(-1) - 1, None):  # positions through or around the padding
+        spec = documents(1, 9, pos, pad)
+        assert np.array_equal(spec.to_dense().numpy(), _dense_documents(doc_of)), pos
+    spec = documents(1, 5, torch.tensor([[0, 1, 9, 0, 1]]), torch.tensor([[1, 1, 0, 1, 1]]))  # a reset: two
     assert spec.q_ranges == ((0, 2), (3, 5))
     with pytest.raises(ValueError, match="position_ids must be"):
         documents(2, 5, torch.arange(4)[None])

@@ -8,7 +8,7 @@ dimension and travel in a single `all_to_all_single`.
 Rows a rank sends to itself stay inside the collective: gloo and NCCL copy a rank's own split
 locally, so they never touch the network (`CastPlan.volume` counts them apart).
 
-Backends: uneven `all_to_all_single` works on gloo (CPU tensors; float32, bfloat16, float16,
+Backends: uneven `all_to_all_single` works on gloo (CPU tensors; float64, float32, bfloat16, float16,
 integer dtypes checked on torch 2.13) and NCCL (CUDA tensors). Communication is not autograd-aware:
 everything runs under no_grad, and callers wrap it in their own autograd Function.
 """

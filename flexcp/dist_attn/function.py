@@ -2,10 +2,11 @@
 
 Forward: all remote stages' K/V casts are issued at once (async, one all-to-all each,
 K and V together), the host stage is computed while they travel, then each remote
-stage as its data arrives; partial ``(out, lse)`` merge in float32. Backward re-casts
-K/V (nothing remote is kept between passes), computes dq locally and each stage's
-dK/dV partials, which are GroupReduced (float32) to their owners while the next stage
-computes.
+stage as its data arrives; partial ``(out, lse)`` merge in float32 (float64 for float64
+inputs). Backward re-casts K/V (nothing remote is kept between passes), computes dq
+locally and each stage's dK/dV partials, which are GroupReduced (in the partials' dtype,
+float32 or float64) to their owners while the next stage computes; a stage with no work
+still sends zeros of that dtype, so every rank's all-to-all has the same byte sizes.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..comm import CastPlan, group_cast, group_reduce
-from ..kernels.backend import AttnBackend
+from ..kernels.backend import AttnBackend, stat_dtype
 from ..kernels.cache import schedule_for
 from .merge import merge_partials
 from .plan import RankAttnPlan
@@ -48,13 +49,13 @@ class DistAttnFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, state: DistAttnState, backend: AttnBackend, scale: float, softcap: float):
         host, stage_preps = state.preps(backend, q.device)
         handles = state.cast_kv(k, v)
-        # partials merge in float32; with no remote stage the host result is final (and may take a fast path)
-        partial_dtype = torch.float32 if state.plan.stages else None
+        # partials merge in float32 (float64 inputs: float64); with no remote stage the host result is final
+        partial_dtype = stat_dtype(q.dtype) if state.plan.stages else None
         out, lse = backend.forward(q, k, v, host, scale, softcap, out_dtype=partial_dtype)
         for stage, prep, handle in zip(state.plan.stages, stage_preps, handles):
             k_r, v_r = (t.contiguous() for t in handle.wait())
             if len(stage.table):
-                o, l = backend.forward(q, k_r, v_r, prep, scale, softcap, out_dtype=torch.float32)
+                o, l = backend.forward(q, k_r, v_r, prep, scale, softcap, out_dtype=stat_dtype(q.dtype))
                 out, lse = merge_partials(out, lse, o, l)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
@@ -77,8 +78,9 @@ class DistAttnFunction(torch.autograd.Function):
                 dq_s, dk_s, dv_s = backend.backward(dout, q, k_r, v_r, out, lse, prep, ctx.scale, ctx.softcap)
                 dq += dq_s
             else:
-                dk_s, dv_s = torch.zeros_like(k_r, dtype=torch.float32), torch.zeros_like(v_r, dtype=torch.float32)
-            reductions.append(group_reduce([dk_s, dv_s], cast_plan, state.group, out=[dk, dv], async_op=True))
+                dk_s, dv_s = torch.zeros_like(k_r, dtype=dk.dtype), torch.zeros_like(v_r, dtype=dv.dtype)
+            reductions.append(group_reduce([dk_s, dv_s], cast_plan, state.group, out=[dk, dv],
+                                           reduce_dtype=dk.dtype, async_op=True))
         for r in reductions:
             r.wait()
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None

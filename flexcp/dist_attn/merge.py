@@ -1,4 +1,4 @@
-"""Merging partial attention results computed over disjoint key sets (float32 log-sum-exp)."""
+"""Merging partial attention results computed over disjoint key sets (log-sum-exp in the partials' dtype)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ def merge_partials(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Combine ``(out, lse)`` with another partial over other keys; rows empty in both stay 0 / -inf.
 
-    ``out*`` are float32 ``[t, h, d]``, ``lse*`` float32 ``[t, h]``.
+    ``out*`` are ``[t, h, d]``, ``lse*`` ``[t, h]``, all float32 (or all float64 for float64 inputs).
     """
     new_lse = torch.logaddexp(lse, lse_part)
     safe = torch.where(torch.isinf(new_lse), torch.zeros_like(new_lse), new_lse)

@@ -166,13 +166,31 @@ def stage_distances(cp_size: int, num_stages: int) -> list[tuple[int, ...]]:
     return [tuple(int(x) for x in part) for part in np.array_split(d, k) if len(part)]
 
 
-def _needs_by_rank(table: SliceTable, plan: DispatchPlan) -> list[tuple]:
-    """Per rank: its pieces, their q shifts, and its needed key runs (start, end, owner)."""
+@dataclass(frozen=True)
+class RankNeeds:
+    """What one rank's rows need: its mask pieces (global coords), their q shift to local rows, and the key runs.
+
+    ``runs`` is the union of the pieces' key extents cut at chunk boundaries, sorted by start,
+    each with its owner; every needed key row appears in exactly one run (the zero-redundancy
+    invariant: a run is fetched once, from its owner, in the one stage that covers that owner).
+    """
+
+    pieces: SliceTable
+    q_shift: np.ndarray
+    runs: Runs  # offset unused (0) until a stage places the runs in its buffer
+
+    def from_owner(self, owner: int) -> Runs:
+        """The runs owned by ``owner``, ascending by global start."""
+        return self.runs.take(np.nonzero(self.runs.owner == owner)[0])
+
+
+def _needs_by_rank(table: SliceTable, plan: DispatchPlan) -> list[RankNeeds]:
+    """Every rank's needs (each rank plans all ranks, so it knows what to send without asking)."""
     out = []
     for r in range(plan.cp_size):
         pieces, shift = _local_pieces(table, plan, r)
         start, end, owner = _needed_runs(pieces, plan)
-        out.append((pieces, shift, start, end, owner))
+        out.append(RankNeeds(pieces, shift, Runs(start, end, np.zeros_like(start), owner)))
     return out
 
 
@@ -180,18 +198,13 @@ def build_rank_plans(table: SliceTable, plan: DispatchPlan, num_stages: int = 1)
     """Plans for every rank of the group (each rank needs the others' needs to know what to send)."""
     cp = plan.cp_size
     needs = _needs_by_rank(table, plan)
-    groups = stage_distances(cp, num_stages)
     plans = []
     for r in range(cp):
-        pieces, shift, start, end, owner = needs[r]
-        own = owner == r
-        host_runs = Runs(start[own], end[own], _first_local(start[own], plan), owner[own])
-        host_table = _pieces_over_runs(pieces, shift, host_runs)
-        stages = []
-        for dist in groups:
-            sources = [(r - d) % cp for d in dist]
-            stages.append(_stage(r, dist, sources, pieces, shift, start, end, owner, needs, plan))
-        plans.append(RankAttnPlan(r, cp, plan.local_len, host_table, tuple(stages)))
+        own = needs[r].from_owner(r)
+        host_runs = Runs(own.start, own.end, _first_local(own.start, plan), own.owner)
+        host_table = _pieces_over_runs(needs[r].pieces, needs[r].q_shift, host_runs)
+        stages = tuple(_stage(r, dist, needs, plan) for dist in stage_distances(cp, num_stages))
+        plans.append(RankAttnPlan(r, cp, plan.local_len, host_table, stages))
     return plans
 
 
@@ -202,28 +215,41 @@ def _first_local(starts: np.ndarray, plan: DispatchPlan) -> np.ndarray:
     return plan.local_offset_of_chunk[chunk] + (starts - chunk * cs)
 
 
-def _stage(rank, dist, sources, pieces, shift, start, end, owner, needs, plan) -> StagePlan:
-    cp = plan.cp_size
-    recv_counts = np.zeros(cp, dtype=np.int64)
-    chosen = []
+def _recv_layout(mine: RankNeeds, sources: list[int], cp: int) -> tuple[Runs, tuple[int, ...]]:
+    """The stage's receive buffer: runs from each source rank, sources in rank order, each source's runs
+    in global order; returns the runs placed at their buffer offsets (ascending by global start) and
+    the rows received from each rank."""
+    recv_counts = [0] * cp
+    placed = []
     offset = 0
-    offsets = np.zeros(len(start), dtype=np.int64)
     for src in sorted(sources):
-        idx = np.nonzero(owner == src)[0]  # already ascending by global start
-        lens = end[idx] - start[idx]
-        offsets[idx] = offset + np.cumsum(lens) - lens
-        offset += int(lens.sum())
+        runs = mine.from_owner(src)
+        lens = runs.end - runs.start
+        placed.append(Runs(runs.start, runs.end, offset + np.cumsum(lens) - lens, runs.owner))
         recv_counts[src] = int(lens.sum())
-        chosen.append(idx)
-    sel = np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
-    sel = np.sort(sel)
-    runs = Runs(start[sel], end[sel], offsets[sel], owner[sel])
-    table = _pieces_over_runs(pieces, shift, runs)
-    # what this rank sends in this stage: to rank + d, the rows of ours that it needs
-    send_rows = [np.zeros(0, dtype=np.int64) for _ in range(cp)]
+        offset += recv_counts[src]
+    if not placed:
+        z = np.zeros(0, dtype=np.int64)
+        return Runs(z, z, z, z), tuple(recv_counts)
+    runs = Runs(*(np.concatenate([getattr(p, f) for p in placed]) for f in ("start", "end", "offset", "owner")))
+    return runs.take(np.argsort(runs.start, kind="stable")), tuple(recv_counts)
+
+
+def _send_rows(rank: int, dist: tuple[int, ...], needs: list[RankNeeds], plan: DispatchPlan) -> tuple[np.ndarray, ...]:
+    """Local rows this rank sends in a stage: to each ``rank + d``, exactly the runs of ours it needs."""
+    cp = plan.cp_size
+    rows = [np.zeros(0, dtype=np.int64) for _ in range(cp)]
     for d in dist:
         dst = (rank + d) % cp
-        _, _, s2, e2, o2 = needs[dst]
-        mine = o2 == rank
-        send_rows[dst] = _to_local(s2[mine], e2[mine], plan)
-    return StagePlan(tuple(dist), tuple(int(x) for x in recv_counts), tuple(send_rows), table, offset)
+        theirs = needs[dst].from_owner(rank)
+        rows[dst] = _to_local(theirs.start, theirs.end, plan)
+    return tuple(rows)
+
+
+def _stage(rank: int, dist: tuple[int, ...], needs: list[RankNeeds], plan: DispatchPlan) -> StagePlan:
+    """Stage over ring distances ``dist``: receive from ``rank - d``, send to ``rank + d``."""
+    cp = plan.cp_size
+    mine = needs[rank]
+    runs, recv_counts = _recv_layout(mine, [(rank - d) % cp for d in dist], cp)
+    table = _pieces_over_runs(mine.pieces, mine.q_shift, runs)
+    return StagePlan(tuple(dist), recv_counts, _send_rows(rank, dist, needs, plan), table, sum(recv_counts))

@@ -6,6 +6,8 @@ the argument; backends receive clean THD tensors and a validated slice table.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any
 
 import torch
@@ -23,6 +25,8 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
             raise ValueError(f"{name} must be a 3-D THD tensor [tokens, heads, head_dim]; got {shape}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape; got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if q.shape[2] == 0:
+        raise ValueError("q, k, v have head_dim 0; the last dimension must hold at least one feature")
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"q and k must have the same head_dim; got {q.shape[2]} and {k.shape[2]}")
     hq, hkv = q.shape[1], k.shape[1]
@@ -40,10 +44,15 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 
 
 def resolve_scale(head_dim: int, softmax_scale: float | None, softcap: float) -> tuple[float, float]:
-    """``(softmax_scale, softcap)`` as floats: scale defaults to ``head_dim ** -0.5``; softcap must be >= 0."""
-    if softcap is None or softcap < 0:
-        raise ValueError(f"softcap must be >= 0 (0 disables it); got {softcap}")
-    return (head_dim ** -0.5 if softmax_scale is None else float(softmax_scale)), float(softcap)
+    """``(softmax_scale, softcap)`` as floats: scale defaults to ``head_dim ** -0.5``; softcap must be finite, >= 0."""
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be >= 0 and a finite number (0 disables it); got {softcap!r}")
+    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real)
+                                      or not math.isfinite(softmax_scale)):
+        raise ValueError(f"softmax_scale must be a finite number or None (None: head_dim ** -0.5); got {softmax_scale!r}")
+    if isinstance(head_dim, bool) or not isinstance(head_dim, numbers.Integral) or head_dim < 1:
+        raise ValueError(f"head_dim must be a positive int; got {head_dim!r}")
+    return (int(head_dim) ** -0.5 if softmax_scale is None else float(softmax_scale)), float(softcap)
 
 
 def select_backend(name: str, q: torch.Tensor, k: torch.Tensor, softcap: float) -> AttnBackend:
@@ -88,7 +97,7 @@ def attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of THD ``q [tq, hq, d]``, ``k, v [tk, hkv, d]`` under ``spec``; returns ``(out, lse)``.
 
-    ``out`` has q's dtype; ``lse`` is float32 ``[tq, hq]`` (not differentiable). Rows with
+    ``out`` has q's dtype; ``lse`` is ``[tq, hq]`` float32, float64 for float64 inputs (not differentiable). Rows with
     no keys give out 0, lse -inf and zero gradients. ``softmax_scale`` defaults to
     ``d ** -0.5``; ``softcap > 0`` applies ``cap * tanh(s / cap)`` to the scaled scores.
     """

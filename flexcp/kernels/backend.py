@@ -4,7 +4,8 @@ A backend computes attention of THD tensors over a slice mask, in two stateless 
 that the single-device autograd function and the distributed attention both drive:
 ``forward`` returns ``(out, lse)``; ``backward`` recomputes probabilities from the
 *final* ``lse`` (which may merge several calls, e.g. one per CP stage) and returns this
-call's share of ``(dq, dk, dv)`` in float32. ``prepare`` turns the slice table into
+call's share of ``(dq, dk, dv)`` in float32. Statistics and gradients are float64 for
+float64 inputs (:func:`stat_dtype`), so float64 in is float64-exact out. ``prepare`` turns the slice table into
 whatever host/device schedule the backend wants and is reusable across calls.
 """
 
@@ -16,6 +17,11 @@ from typing import Any, Callable
 import torch
 
 from ..mask.geometry import SliceTable
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of lse, merged partials and gradient partials: float64 for float64 inputs, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class AttnBackend(ABC):
@@ -46,7 +52,7 @@ class AttnBackend(ABC):
         softcap: float,
         out_dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``out [tq, hq, d]`` (``out_dtype`` or q's dtype; 0 on empty rows) and ``lse [tq, hq]`` float32 (-inf on empty rows)."""
+        """``out [tq, hq, d]`` (``out_dtype`` or q's dtype; 0 on empty rows) and ``lse [tq, hq]`` in ``stat_dtype(q.dtype)`` (-inf on empty rows)."""
 
     @abstractmethod
     def backward(
@@ -61,7 +67,7 @@ class AttnBackend(ABC):
         softmax_scale: float,
         softcap: float,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This call's ``(dq, dk, dv)`` in float32, using the final ``out``/``lse`` of the rows."""
+        """This call's ``(dq, dk, dv)`` in ``stat_dtype(q.dtype)``, using the final ``out``/``lse`` of the rows."""
 
 
 _REGISTRY: dict[str, Callable[[], AttnBackend]] = {}

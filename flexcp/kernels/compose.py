@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import torch
 
+from .backend import stat_dtype
+
 
 def merge_into(out: torch.Tensor, lse: torch.Tensor, out_part: torch.Tensor, lse_part: torch.Tensor) -> None:
-    """``(out, lse) <- merge((out, lse), (out_part, lse_part))`` in place (float32 or float64); empty rows stay 0 / -inf."""
-    new = torch.logaddexp(lse, lse_part)
+    """``(out, lse) <- merge((out, lse), (out_part, lse_part))`` in place, in ``out``'s dtype; empty rows stay 0 / -inf."""
+    new = torch.logaddexp(lse, lse_part.to(lse.dtype))
     safe = torch.where(torch.isinf(new), torch.zeros_like(new), new)
     w = torch.exp(lse - safe).unsqueeze(-1)
     w_part = torch.exp(lse_part - safe).unsqueeze(-1)
@@ -21,11 +23,11 @@ def merge_into(out: torch.Tensor, lse: torch.Tensor, out_part: torch.Tensor, lse
 
 
 class GradSum:
-    """A float32 (float64 for float64 inputs) gradient built from pieces added to row ranges or scattered rows."""
+    """A gradient in ``stat_dtype(input dtype)`` built from pieces added to row ranges or scattered rows."""
 
-    def __init__(self, shape: torch.Size, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, shape: torch.Size, device: torch.device, input_dtype: torch.dtype = torch.float32) -> None:
         self.shape, self.device = tuple(shape), device
-        self.dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.dtype = stat_dtype(input_dtype)
         self.total: torch.Tensor | None = None
 
     def _zeros(self) -> torch.Tensor:

@@ -4,6 +4,12 @@ Forward keeps a running max / sum / accumulator per q tile (online log-sum-exp),
 memory grows with the tile, not with S^2. Backward recomputes each tile's
 probabilities from the final lse (FlashAttention-style), which is also what lets the
 distributed layer run it per stage with merged statistics.
+
+Non-finite inputs stay where they belong: a NaN/inf in q, k or v reaches only the rows
+that attend it. A masked cell's probability is exactly 0, and every product that would
+multiply such a 0 by a non-finite value (P @ V in the forward; dS, dS @ K, dS^T @ Q in
+the backward) uses a finite copy instead, while rows that do attend a non-finite value
+become NaN.
 """
 
 from __future__ import annotations
@@ -11,12 +17,12 @@ from __future__ import annotations
 import torch
 
 from ..mask.geometry import SliceTable
-from .backend import AttnBackend
+from .backend import AttnBackend, stat_dtype
 from .tiles import TilePair, TileSchedule, build_tile_schedule
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return stat_dtype(x.dtype)
 
 
 def _tile_mask(pair: TilePair, device: torch.device) -> torch.Tensor | None:
@@ -29,6 +35,12 @@ def _tile_mask(pair: TilePair, device: torch.device) -> torch.Tensor | None:
     d = j - i
     inside = (i >= b[:, 0]) & (i < b[:, 1]) & (j >= b[:, 2]) & (j < b[:, 3]) & (d >= b[:, 4]) & (d <= b[:, 5])
     return inside.any(dim=0)
+
+
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """``x`` with non-finite entries replaced by 0 (``x`` itself when all are finite)."""
+    bad = ~torch.isfinite(x)
+    return x.masked_fill(bad, 0.0) if bool(bad.any()) else x
 
 
 class ReferenceBackend(AttnBackend):
@@ -66,13 +78,19 @@ class ReferenceBackend(AttnBackend):
         cdt = _compute_dtype(q)
         qg = self._grouped(q, hkv, cdt)
         kc, vc = k.to(cdt), v.to(cdt)
+        v_bad = ~torch.isfinite(vc)
+        v_bad = v_bad.to(cdt) if bool(v_bad.any()) else None  # P @ V then runs on a finite V, and
+        if v_bad is not None:  # the rows attending a non-finite value are set to NaN at the end
+            vc = vc.masked_fill(v_bad.bool(), 0.0)
         out = torch.zeros(tq, hq, v.shape[2], dtype=out_dtype or q.dtype, device=q.device)
-        lse = torch.full((tq, hq), float("-inf"), dtype=torch.float32, device=q.device)
+        lse = torch.full((tq, hq), float("-inf"), dtype=stat_dtype(q.dtype), device=q.device)
         for row in prep.rows:
             r0, r1 = row[0].r0, row[0].r1
             m = torch.full((hkv, hq // hkv, r1 - r0, 1), float("-inf"), dtype=cdt, device=q.device)
             den = torch.zeros_like(m)
             acc = torch.zeros(hkv, hq // hkv, r1 - r0, v.shape[2], dtype=cdt, device=q.device)
+            poison = None if v_bad is None else torch.zeros(hkv, 1, r1 - r0, v.shape[2], dtype=torch.bool,
+                                                            device=q.device)
             for pair in row:
                 mask = _tile_mask(pair, q.device)
                 s, _ = self._scores(qg[r0:r1], kc[pair.c0 : pair.c1], softmax_scale, softcap)
@@ -84,12 +102,18 @@ class ReferenceBackend(AttnBackend):
                 alpha = torch.exp(m - m_safe)
                 den = den * alpha + p.sum(dim=-1, keepdim=True)
                 acc = acc * alpha + torch.einsum("hgqk,khd->hgqd", p, vc[pair.c0 : pair.c1])
+                if poison is not None:
+                    bad = v_bad[pair.c0 : pair.c1]
+                    hits = bad.sum(0)[:, None] if mask is None else torch.einsum("qk,khd->hqd", mask.to(cdt), bad)
+                    poison |= (hits > 0)[:, None]
                 m = m_new
             empty = den == 0
             o = torch.where(empty, torch.zeros_like(acc), acc / torch.where(empty, torch.ones_like(den), den))
+            if poison is not None:
+                o = o.masked_fill(poison, float("nan"))
             l = torch.where(empty, torch.full_like(den, float("-inf")), m + torch.log(den))
             out[r0:r1] = o.permute(2, 0, 1, 3).reshape(r1 - r0, hq, -1).to(out.dtype)
-            lse[r0:r1] = l.squeeze(-1).permute(2, 0, 1).reshape(r1 - r0, hq).float()
+            lse[r0:r1] = l.squeeze(-1).permute(2, 0, 1).reshape(r1 - r0, hq).to(lse.dtype)
         return out, lse
 
     # ------------------------------------------------------------ backward
@@ -101,6 +125,7 @@ class ReferenceBackend(AttnBackend):
         qg = self._grouped(q, hkv, cdt)
         dog = self._grouped(do, hkv, cdt)
         kc, vc = k.to(cdt), v.to(cdt)
+        q_fin, k_fin = _finite(qg), _finite(kc)  # for dS @ K and dS^T @ Q, where masked dS is exactly 0
         delta = (do.to(cdt) * out.to(cdt)).sum(-1)  # [tq, hq]
         lse_c = lse.to(cdt)
         dq = torch.zeros(tq, hkv, g, d, dtype=cdt, device=q.device)
@@ -124,8 +149,10 @@ class ReferenceBackend(AttnBackend):
                 if t is not None:
                     ds = ds * (1 - t * t)
                 ds = ds * softmax_scale
-                dq[r0:r1] += torch.einsum("hgqk,khd->qhgd", ds, kc[c0:c1])
-                dk[c0:c1] += torch.einsum("hgqk,qhgd->khd", ds, qg[r0:r1])
-        f32 = torch.float64 if cdt == torch.float64 else torch.float32
-        return dq.reshape(tq, hq, d).to(f32), dk.to(f32), dv.to(f32)
+                if mask is not None:  # 0 * a non-finite dP (a V a row does not attend) must stay 0
+                    ds = ds.masked_fill(~mask, 0.0)
+                dq[r0:r1] += torch.einsum("hgqk,khd->qhgd", ds, k_fin[c0:c1])
+                dk[c0:c1] += torch.einsum("hgqk,qhgd->khd", ds, q_fin[r0:r1])
+        gdt = stat_dtype(q.dtype)
+        return dq.reshape(tq, hq, d).to(gdt), dk.to(gdt), dv.to(gdt)
 

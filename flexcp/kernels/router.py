@@ -21,7 +21,7 @@ import torch
 
 from ..mask.geometry import SliceTable, slice_areas
 from ..mask.types import FULL, CAUSAL
-from .backend import AttnBackend, get_backend
+from .backend import AttnBackend, get_backend, stat_dtype
 from .compose import GradSum, merge_into
 from .costs import COSTS, FLOPS_PER_CELL, Cost
 
@@ -177,9 +177,8 @@ class AutoBackend(AttnBackend):
             p = route.parts[0]
             return p.backend.forward(q, k, v, p.prep, softmax_scale, softcap, out_dtype)
         out = lse = None
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         for p in route.parts:
-            o, l = p.backend.forward(q, k, v, p.prep, softmax_scale, softcap, acc)
+            o, l = p.backend.forward(q, k, v, p.prep, softmax_scale, softcap, stat_dtype(q.dtype))
             if out is None:
                 out, lse = o, l
             else:

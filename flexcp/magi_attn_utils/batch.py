@@ -8,6 +8,7 @@ the tokens' real positions (RoPE), and pre-shifted labels (padding -> -100).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,9 @@ LAYOUT_FIELDS = ("attention_mask", "cu_seqlens", "cu_seqlens_padded", "attn_spec
 
 
 def _input_ids(batch: dict) -> torch.Tensor:
+    if not isinstance(batch, Mapping):
+        raise ValueError(f"batch must be a dict of tensors with at least 'input_ids' ([S] or [B, S]); "
+                         f"got {type(batch).__name__}")
     ids = batch.get("input_ids")
     if not isinstance(ids, torch.Tensor) or ids.dim() not in (1, 2):
         got = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
@@ -104,10 +108,13 @@ def magi_prepare_batch(model, batch: dict, cp_group, chunk_size: int = _state.DE
     forwards it to every attention layer.
 
     Labels must be pre-shifted (``labels[i]`` is the target of position ``i``, -100 to
-    ignore): after dispatch a rank's tokens are not contiguous, so HF's in-model shift
-    would pair wrong tokens. Compute the loss from the logits (or pass
-    ``shift_labels=new_batch['labels']``); a sum (or globally normalized) loss summed over
-    the CP ranks equals the cp = 1 loss.
+    ignore; ``batch['shift_labels']`` is read when ``labels`` is absent): after dispatch a
+    rank's tokens are not contiguous, so HF's in-model shift would pair wrong tokens. The
+    local labels are returned as both ``labels`` and ``shift_labels``, so
+    ``model(**new_batch).loss`` uses them as they are (transformers >= 4.50 honours
+    ``shift_labels``) and is this shard's mean; pass ``num_items_in_batch=`` the global
+    number of label tokens to get per-shard losses that sum over the CP ranks to the cp = 1
+    mean (or compute a sum loss from the logits).
     """
     ids = _input_ids(batch)
     b, s = ids.shape
@@ -118,8 +125,10 @@ def magi_prepare_batch(model, batch: dict, cp_group, chunk_size: int = _state.DE
     new_batch = _per_token(batch, b, s, lambda x: _dispatch_rows(x, key))
     new_batch["input_ids"] = _dispatch_rows(ids, key)
     new_batch["position_ids"] = _dispatch_rows(torch.from_numpy(positions).to(ids.device), key)
-    if batch.get("labels") is not None:
-        new_batch["labels"] = _dispatch_rows(_flat_labels(batch["labels"], spec), key, pad_value=IGNORE_INDEX)
+    labels = batch.get("labels") if batch.get("labels") is not None else batch.get("shift_labels")
+    if labels is not None:
+        local = _dispatch_rows(_flat_labels(labels, spec), key, pad_value=IGNORE_INDEX)
+        new_batch["labels"] = new_batch["shift_labels"] = local  # shift_labels: HF must not shift again
     new_batch["magi_key"] = key
     register_layout(key, positions, prepared=True, local_positions=as_numpy(new_batch["position_ids"]).reshape(-1))
     _set_cp_group_on_attention(model, cp_group)
@@ -221,6 +230,10 @@ def to_thd(batch: dict) -> dict:
                 out[name] = batch[name]
         return out
     spec = documents(b, s, batch.get("position_ids"), batch.get("attention_mask"))
+    if spec.q_ranges != spec.k_ranges:
+        raise ValueError("to_thd: attention_mask pads tokens inside a document, which THD cannot express "
+                         "(cu_seqlens_padded pads only at document ends); pack without inner padding, or use "
+                         "magi_prepare_batch, which keeps such documents whole")
     starts = np.asarray([q[0] for q in spec.q_ranges], dtype=np.int64)
     ends = np.asarray([q[1] for q in spec.q_ranges], dtype=np.int64)
     lead = not (len(starts) and starts[0] == 0)  # leading padding: a document with no real tokens

@@ -41,10 +41,12 @@ def documents(
     """Causal documents of a ``[B, S]`` batch laid out row after row (``B * S`` flat tokens).
 
     A document starts at each row's first real token and wherever a real token's
-    position does not continue the previous one's (HF's packed-sequence rule,
-    ``pos[t] != pos[t - 1] + 1``). Tokens with ``attention_mask == 0`` belong to no
-    document: they attend to nothing and nothing attends to them. Padding must sit
-    between documents (left or right of a row, or at a reset), never inside one.
+    position does not continue the previous real token's (HF's packed-sequence rule).
+    Tokens with ``attention_mask == 0`` belong to no document: they attend to nothing and
+    nothing attends to them. Padding inside a document does not split it (as in HF eager
+    attention) when the positions continue across it, either through the padding
+    (``arange``) or skipping it (``attention_mask.cumsum(-1) - 1``); the document's real
+    tokens then attend each other causally around the hole.
     """
     n = batch_size * seqlen
     real = np.ones(n, dtype=bool)
@@ -55,22 +57,38 @@ def documents(
         return AttnMaskSpec([], [], [], n)
     starts = np.ones(len(idx), dtype=bool)
     cont = (idx[1:] // seqlen) == (idx[:-1] // seqlen)
+    step = idx[1:] - idx[:-1]
     if position_ids is not None:
         pos = expand_rows("position_ids", position_ids, batch_size, seqlen).reshape(-1)
-        cont &= pos[idx[1:]] == pos[idx[:-1]] + 1
+        jump = pos[idx[1:]] - pos[idx[:-1]]
+        cont &= (jump == 1) | (jump == step)
     starts[1:] = ~cont
-    gap = np.nonzero(cont & (idx[1:] != idx[:-1] + 1))[0]
-    if len(gap):
-        t = int(idx[gap[0]] + 1)
-        raise ValueError(
-            f"attention_mask pads token {t % seqlen} of row {t // seqlen} inside a document (its neighbours' "
-            "positions continue across it); padding may only sit between documents: pack without inner "
-            "padding, or restart position_ids after it"
-        )
     first = np.nonzero(starts)[0]
     last = np.append(first[1:] - 1, len(idx) - 1)
-    ranges = np.stack([idx[first], idx[last] + 1], axis=1).tolist()
-    return AttnMaskSpec(ranges, ranges, [AttnMaskType.CAUSAL] * len(ranges), n)
+    ranges = np.stack([idx[first], idx[last] + 1], axis=1)
+    if not (cont & (step > 1)).any():  # no document has a hole: one causal slice each
+        ranges = ranges.tolist()
+        return AttnMaskSpec(ranges, ranges, [AttnMaskType.CAUSAL] * len(ranges), n)
+    return _documents_with_holes(idx, first, last, n)
+
+
+def _documents_with_holes(idx: np.ndarray, first: np.ndarray, last: np.ndarray, n: int) -> AttnMaskSpec:
+    """Each document's runs of real tokens: a run attends itself causally and every earlier run fully."""
+    q: list[tuple[int, int]] = []
+    k: list[tuple[int, int]] = []
+    types: list[AttnMaskType] = []
+    for a, b in zip(first.tolist(), last.tolist()):
+        tokens = idx[a : b + 1]
+        breaks = np.nonzero(np.diff(tokens) > 1)[0]
+        run_starts = tokens[np.concatenate([[0], breaks + 1])]
+        run_ends = tokens[np.concatenate([breaks, [len(tokens) - 1]])] + 1
+        runs = list(zip(run_starts.tolist(), run_ends.tolist()))
+        for i, run in enumerate(runs):
+            for earlier in runs[: i + 1]:
+                q.append(run)
+                k.append(earlier)
+                types.append(AttnMaskType.CAUSAL if earlier == run else AttnMaskType.FULL)
+    return AttnMaskSpec(q, k, types, n)
 
 
 def row_positions(batch_size: int, seqlen: int, position_ids: Any = None) -> np.ndarray:

@@ -1,26 +1,46 @@
-"""Constructors for the mask families users train with (packed, prefix tree, windows, blocks)."""
+"""Constructors for the mask families users train with (packed, prefix tree, windows, blocks).
+
+Each family is one function decorated with ``@family``: that makes it a static constructor
+of ``AttnMaskSpec`` (``AttnMaskSpec.varlen(...)``) and a name exported by ``flexcp.mask``,
+so adding a family touches this file alone (and ``spec.py`` never imports this module).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import numpy as np
 
 from .geometry import clip_band
+from .ints import as_int, as_int_array
 from .spec import AttnMaskSpec
 from .types import AttnMaskType
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+FAMILIES: dict[str, Callable[..., Any]] = {}
+
+
+def family(fn: F) -> F:
+    """Register ``fn`` as a mask family: ``AttnMaskSpec.<name>`` and ``flexcp.mask.<name>``."""
+    FAMILIES[fn.__name__] = fn
+    setattr(AttnMaskSpec, fn.__name__, staticmethod(fn))
+    return fn
+
+
 def _lengths(name: str, values: Sequence[int]) -> np.ndarray:
-    arr = np.asarray(list(values), dtype=np.int64).reshape(-1)
+    if isinstance(values, Iterable) and not hasattr(values, "shape"):
+        values = list(values)  # generators
+    arr = as_int_array(name, values).reshape(-1)
     if (arr < 0).any():
         raise ValueError(f"{name} must be non-negative; got {arr.tolist()}")
     return arr
 
 
+@family
 def causal(seqlen: int) -> AttnMaskSpec:
     """A single full causal sequence of ``seqlen`` tokens."""
-    seqlen = int(seqlen)
+    seqlen = as_int("seqlen", seqlen)
     if seqlen < 0:
         raise ValueError(f"seqlen must be >= 0; got {seqlen}")
     if seqlen == 0:
@@ -28,6 +48,7 @@ def causal(seqlen: int) -> AttnMaskSpec:
     return AttnMaskSpec([(0, seqlen)], [(0, seqlen)], [AttnMaskType.CAUSAL], seqlen)
 
 
+@family
 def varlen(seqlens: Sequence[int], causal: bool = True) -> AttnMaskSpec:
     """Block-diagonal mask for packed documents; empty documents are skipped."""
     lens = _lengths("seqlens", seqlens)
@@ -39,6 +60,7 @@ def varlen(seqlens: Sequence[int], causal: bool = True) -> AttnMaskSpec:
     return AttnMaskSpec(ranges, ranges, [kind] * len(ranges), int(ends[-1]) if len(ends) else 0)
 
 
+@family
 def prefix_tree(
     node_lengths: Sequence[int], sample_paths: Sequence[Sequence[int]]
 ) -> tuple[AttnMaskSpec, list[list[tuple[int, int]]]]:
@@ -58,7 +80,7 @@ def prefix_tree(
     q_ranges, k_ranges, types = [], [], []
     sample_ranges: list[list[tuple[int, int]]] = []
     for s, path in enumerate(sample_paths):
-        path = [int(p) for p in path]
+        path = [as_int(f"sample_paths[{s}]", p) for p in path]
         if len(set(path)) != len(path):
             raise ValueError(f"sample_paths[{s}] = {path} visits a node twice; a path goes root -> leaf once")
         for depth, node in enumerate(path):
@@ -82,6 +104,7 @@ def prefix_tree(
     return AttnMaskSpec(q_ranges, k_ranges, types, int(offs[-1])), sample_ranges
 
 
+@family
 def sliding_window(seqlens: Sequence[int], window: int, causal: bool = True) -> AttnMaskSpec:
     """Per-document sliding window: row ``i`` sees keys ``j`` with ``i - window < j <= i``.
 
@@ -89,7 +112,7 @@ def sliding_window(seqlens: Sequence[int], window: int, causal: bool = True) -> 
     convention: ``window`` counts the row's own key. Built from diagonal bands cut
     into at most three typed slices per document, never a per-element mask.
     """
-    window = int(window)
+    window = as_int("window", window)
     if window < 1:
         raise ValueError(f"window must be >= 1 (keys per row, self included); got {window}")
     lens = _lengths("seqlens", seqlens)
@@ -100,6 +123,7 @@ def sliding_window(seqlens: Sequence[int], window: int, causal: bool = True) -> 
     return AttnMaskSpec.from_table(table, int(ends[-1]) if len(ends) else 0)
 
 
+@family
 def block_causal(block_sizes: Sequence[int]) -> AttnMaskSpec:
     """Blocks attend FULL to themselves and every earlier block (chunked/video generation)."""
     lens = _lengths("block_sizes", block_sizes)
@@ -112,12 +136,11 @@ def block_causal(block_sizes: Sequence[int]) -> AttnMaskSpec:
 
 
 def _flat_ints(name: str, values: Any) -> np.ndarray:
-    if hasattr(values, "detach"):
-        values = values.detach().cpu().numpy()
-    arr = np.asarray(values, dtype=np.int64)
+    arr = as_int_array(name, values)
     return arr.reshape(-1) if name != "position_ids" else arr
 
 
+@family
 def from_cu_seqlens(cu_seqlens: Any, cu_seqlens_padded: Any = None) -> AttnMaskSpec:
     """Causal packed documents from cumulative lengths ``[0, l0, l0+l1, ...]``.
 
@@ -143,6 +166,7 @@ def from_cu_seqlens(cu_seqlens: Any, cu_seqlens_padded: Any = None) -> AttnMaskS
     return AttnMaskSpec(ranges, ranges, [AttnMaskType.CAUSAL] * len(ranges), int(cup[-1]))
 
 
+@family
 def from_position_ids(position_ids: Any) -> AttnMaskSpec:
     """Causal packed documents from HF-style ``position_ids`` (``[S]`` or ``[B, S]``).
 
@@ -162,12 +186,4 @@ def from_position_ids(position_ids: Any) -> AttnMaskSpec:
     return varlen(np.diff(bounds).tolist())
 
 
-__all__ = [
-    "block_causal",
-    "causal",
-    "from_cu_seqlens",
-    "from_position_ids",
-    "prefix_tree",
-    "sliding_window",
-    "varlen",
-]
+__all__ = sorted(FAMILIES)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from .geometry import SliceTable, find_overlap, row_key_counts, slice_areas
+from .ints import as_int
 from .types import AttnMaskType
 
 Range = tuple[int, int]
@@ -18,13 +19,16 @@ Range = tuple[int, int]
 def _as_ranges(name: str, ranges: Any) -> tuple[Range, ...]:
     if hasattr(ranges, "tolist"):  # torch tensors and numpy arrays
         ranges = ranges.tolist()
+    if isinstance(ranges, (str, bytes)) or not isinstance(ranges, Iterable):
+        raise ValueError(f"{name} must be a list of (start, end) pairs, e.g. [(0, 8)]; got {ranges!r}")
     out = []
     for n, r in enumerate(ranges):
         try:
             start, end = r
-            out.append((int(start), int(end)))
-        except (TypeError, ValueError):
-            raise ValueError(f"{name}[{n}] = {r!r} is not a (start, end) pair of ints") from None
+            out.append((as_int("start", start), as_int("end", end)))
+        except (TypeError, ValueError) as exc:
+            why = f" ({exc})" if "integer" in str(exc) else ""
+            raise ValueError(f"{name}[{n}] = {r!r} is not a (start, end) pair of ints{why}") from None
     return tuple(out)
 
 
@@ -50,14 +54,17 @@ class AttnMaskSpec:
     def __post_init__(self) -> None:
         q = _as_ranges("q_ranges", self.q_ranges)
         k = _as_ranges("k_ranges", self.k_ranges)
+        if isinstance(self.mask_types, (str, bytes)) or not isinstance(self.mask_types, Iterable):
+            raise ValueError(f"mask_types must be a list with one type per slice, e.g. ['causal']; "
+                             f"got {self.mask_types!r}")
         types = tuple(AttnMaskType.parse(t) for t in self.mask_types)
         if not (len(q) == len(k) == len(types)):
             raise ValueError(
                 f"q_ranges, k_ranges and mask_types must have one entry per slice; "
                 f"got {len(q)}, {len(k)} and {len(types)}"
             )
-        total = int(self.total_seqlen)
-        total_k = total if self.total_seqlen_k is None else int(self.total_seqlen_k)
+        total = as_int("total_seqlen", self.total_seqlen)
+        total_k = total if self.total_seqlen_k is None else as_int("total_seqlen_k", self.total_seqlen_k)
         if total < 0 or total_k < 0:
             raise ValueError(f"total_seqlen={total} and total_seqlen_k={total_k} must be >= 0")
         object.__setattr__(self, "q_ranges", q)
@@ -152,52 +159,3 @@ class AttnMaskSpec:
         q = np.stack([table.qs, table.qe], axis=1).tolist()
         k = np.stack([table.ks, table.ke], axis=1).tolist()
         return cls(q, k, [int(x) for x in table.types], total_seqlen, total_seqlen_k)
-
-    @classmethod
-    def causal(cls, seqlen: int) -> "AttnMaskSpec":
-        """A single full causal sequence."""
-        from .constructors import causal
-
-        return causal(seqlen)
-
-    @classmethod
-    def varlen(cls, seqlens: Sequence[int], causal: bool = True) -> "AttnMaskSpec":
-        """Block-diagonal mask for packed sequences (one block per document)."""
-        from .constructors import varlen
-
-        return varlen(seqlens, causal)
-
-    @classmethod
-    def prefix_tree(cls, node_lengths: Sequence[int], sample_paths: Sequence[Sequence[int]]):
-        """Prefix-tree mask over a flat deduplicated token layout; returns ``(spec, sample_token_ranges)``."""
-        from .constructors import prefix_tree
-
-        return prefix_tree(node_lengths, sample_paths)
-
-    @classmethod
-    def sliding_window(cls, seqlens: Sequence[int], window: int, causal: bool = True) -> "AttnMaskSpec":
-        """Per-document sliding window of ``window`` keys (self included), as slices."""
-        from .constructors import sliding_window
-
-        return sliding_window(seqlens, window, causal)
-
-    @classmethod
-    def block_causal(cls, block_sizes: Sequence[int]) -> "AttnMaskSpec":
-        """Each block attends fully to itself and to every earlier block."""
-        from .constructors import block_causal
-
-        return block_causal(block_sizes)
-
-    @classmethod
-    def from_cu_seqlens(cls, cu_seqlens: Any, cu_seqlens_padded: Any = None) -> "AttnMaskSpec":
-        """Causal packed documents from cumulative lengths (padded layout optional)."""
-        from .constructors import from_cu_seqlens
-
-        return from_cu_seqlens(cu_seqlens, cu_seqlens_padded)
-
-    @classmethod
-    def from_position_ids(cls, position_ids: Any) -> "AttnMaskSpec":
-        """Causal packed documents; a document starts where the position resets to 0."""
-        from .constructors import from_position_ids
-
-        return from_position_ids(position_ids)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import numbers
 from enum import Enum
+
+import numpy as np
 
 
 class AttnMaskType(str, Enum):
@@ -25,11 +28,11 @@ class AttnMaskType(str, Enum):
 
     @classmethod
     def parse(cls, value: "AttnMaskType | str | int") -> "AttnMaskType":
-        """Accept an enum, its string value (any case) or its integer code."""
+        """Accept an enum, its string value (any case) or its integer code (Python or numpy integer, 0-3)."""
         if isinstance(value, cls):
             return value
-        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(_ORDER):
-            return _ORDER[value]
+        if isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_)) and 0 <= value < len(_ORDER):
+            return _ORDER[int(value)]
         if isinstance(value, str):
             try:
                 return cls(value.lower())
@@ -37,7 +40,7 @@ class AttnMaskType(str, Enum):
                 pass
         raise ValueError(
             f"mask_types: unknown mask type {value!r}; use one of "
-            f"{[m.value for m in cls]} (or AttnMaskType members)"
+            f"{[m.value for m in cls]} (or AttnMaskType members, or integer codes 0-3 in that order)"
         )
 
     def __str__(self) -> str:

@@ -7,6 +7,8 @@ A CP group of size one (or ``None``) is the identity plus chunk padding.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.distributed as dist
 
@@ -14,9 +16,20 @@ from ..dispatch import DEFAULT_CHUNK_SIZE
 from ..dispatch import ops as _ops
 from ..dist_attn.function import DistAttnFunction, DistAttnState
 from ..dist_attn.plan import build_rank_plans
-from ..kernels import check_qkv, resolve_scale, select_backend
+from ..kernels import SCHEDULES, check_qkv, resolve_scale, select_backend
 from ..mask import AttnMaskSpec
-from .key import DistAttnKey, KeyEntry, check_agreement, clear, group_info, lookup, most_recent, remember
+from .key import (
+    DistAttnKey,
+    KeyEntry,
+    check_agreement,
+    check_call_agreement,
+    clear,
+    debug_checks,
+    group_info,
+    lookup,
+    most_recent,
+    remember,
+)
 from .placement import choose_plan
 
 DEFAULT_NUM_STAGES = 2
@@ -41,7 +54,8 @@ def build_key(
     ``solver`` is a dispatch solver name or ``"auto"`` (default): balance work (greedy) or
     keep neighbours together (contiguous), whichever a time model of compute and
     communication finds faster for this mask. With ``check`` (default) the ranks verify with
-    one small all_gather that they built the same key, and raise a clear error on every rank if not. ``dispatch_spec`` (same
+    one small all_gather that they built the same key, and raise a clear error on every rank if not
+    (``FLEXCP_CHECK=1`` forces the check even with ``check=False``). ``dispatch_spec`` (same
     length) plans the token layout from another mask, so layers with different masks
     (e.g. sliding-window layers) attend over tokens dispatched once with its key.
     """
@@ -52,7 +66,13 @@ def build_key(
             f"distributed attention shards one sequence for q and k; spec has total_seqlen={spec.total_seqlen} "
             f"but total_seqlen_k={spec.total_seqlen_k}. Use flexcp.attention for cross-attention"
         )
-    if num_heads_kv <= 0 or num_heads_q % num_heads_kv:
+    if spec.total_seqlen == 0:
+        raise ValueError("build_key: the spec covers 0 tokens, so there is nothing to distribute; "
+                         "skip attention for an empty batch or build the spec from the batch's tokens")
+    for name, value in (("num_heads_q", num_heads_q), ("num_heads_kv", num_heads_kv), ("head_dim", head_dim)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"build_key: {name} must be a positive int; got {value!r}")
+    if num_heads_q % num_heads_kv:
         raise ValueError(f"num_heads_q ({num_heads_q}) must be a multiple of num_heads_kv ({num_heads_kv})")
     if num_stages < 1:
         raise ValueError(f"num_stages must be >= 1; got {num_stages}")
@@ -67,7 +87,7 @@ def build_key(
     cp_size, rank, gid = group_info(cp_group)
     key = DistAttnKey(spec.fingerprint(), gid, cp_size, rank, int(chunk_size), int(num_heads_q),
                       int(num_heads_kv), int(head_dim), solver, int(num_stages), layout_print)
-    if cp_size > 1 and check:
+    if cp_size > 1 and (check or debug_checks()):
         check_agreement(key, cp_group)
     try:
         lookup(key)
@@ -89,8 +109,14 @@ def dispatch(x: torch.Tensor, key: DistAttnKey, pad_value: float = 0, dim: int =
 
 
 def undispatch(x: torch.Tensor, key: DistAttnKey, dim: int = 0) -> torch.Tensor:
-    """Gather the shards of the group back into the global tensor (global order, padding dropped)."""
+    """Gather the shards of the group back into the global tensor (global order, padding dropped).
+
+    With ``FLEXCP_CHECK=1`` the ranks first verify that they pass the same key, dtype and trailing shape.
+    """
     entry = lookup(key)
+    if entry.group is not None and debug_checks():
+        check_call_agreement(key, entry.group, {"op": "undispatch", "dtype": str(x.dtype), "dim": dim,
+                                                "shape": tuple(s for i, s in enumerate(x.shape) if i != dim)})
     return _ops.undispatch(x, entry.plan, entry.group, dim=dim)
 
 
@@ -106,8 +132,9 @@ def get_most_recent_key(cp_group: dist.ProcessGroup | None) -> DistAttnKey | Non
 
 
 def clear_cache() -> None:
-    """Forget every built key (their plans and schedules)."""
+    """Forget every built key (their plans) and the kernels' schedules."""
     clear()
+    SCHEDULES.clear()
 
 
 def calc_attn(
@@ -120,7 +147,12 @@ def calc_attn(
     softcap: float = 0.0,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of the local shard (dispatched with ``key``) over the whole sequence; ``(out, lse)``."""
+    """Attention of the local shard (dispatched with ``key``) over the whole sequence; ``(out, lse)``.
+
+    Every rank of the key's group must call it with the same key, dtype, ``softmax_scale``, ``softcap``
+    and grad mode. Checking that costs a collective per call, so it is a debug check: run with
+    ``FLEXCP_CHECK=1`` to get a clear error on every rank instead of a backend abort or hang.
+    """
     check_qkv(q, k, v)
     entry = lookup(key)
     n = entry.plan.local_len
@@ -131,6 +163,10 @@ def calc_attn(
             f"{tuple(q.shape)} and k/v {tuple(k.shape)}; dispatch q/k/v with this key and match its head counts"
         )
     scale, softcap = resolve_scale(key.head_dim, softmax_scale, softcap)
+    if entry.group is not None and debug_checks():
+        grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+        check_call_agreement(key, entry.group, {"dtype": str(q.dtype), "softmax_scale": scale,
+                                                "softcap": softcap, "grad": grad})
     impl = select_backend(backend, q, k, softcap)
     return DistAttnFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), entry.state, impl, scale, softcap)
 

@@ -3,8 +3,10 @@
 A checkpoint ``<out_dir>/checkpoints/step_<N>/`` holds the sharded model and optimizer
 (DTensors, written by every rank in parallel), the LR scheduler, the data position and
 the RNG states; loading it gives bit-identical continuation. Directories are written
-under a temporary name and renamed when complete, so a crash never leaves a half
-checkpoint that looks valid.
+under a temporary name, get a ``manifest.json`` of checksums last (``manifest.py``) and
+are renamed when complete. Resume verifies the manifest and falls back to the newest
+intact checkpoint, warning about each one it skips; a failed save (disk full, no
+permission) is a :class:`CheckpointError` naming the path and the fix.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +29,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.checkpoint.stateful import Stateful
+
+from .manifest import CheckpointError, save_error, verify, write_manifest
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -66,12 +71,29 @@ def checkpoint_dir(out_dir: str) -> str:
 
 
 def latest_checkpoint(out_dir: str) -> str | None:
-    """The newest complete ``step_<N>`` directory under ``out_dir/checkpoints``, or None."""
+    """The newest intact ``step_<N>`` directory under ``out_dir/checkpoints``, or None when there is none (collective).
+
+    Newer ones that fail verification are skipped with a warning naming each and why; if
+    checkpoints exist but none is intact, a :class:`CheckpointError` says so.
+    """
     root = checkpoint_dir(out_dir)
     if not os.path.isdir(root):
         return None
-    steps = [(int(m.group(1)), name) for name in os.listdir(root) if (m := _STEP_DIR.match(name))]
-    return os.path.join(root, max(steps)[1]) if steps else None
+    steps = sorted(((int(m.group(1)), name) for name in os.listdir(root) if (m := _STEP_DIR.match(name))), reverse=True)
+    skipped: list[str] = []
+    for _, name in steps:
+        path = os.path.join(root, name)
+        reason = verify(path)
+        if reason is None:
+            if skipped and dist.get_rank() == 0:
+                warnings.warn(f"resume: using {path}; skipped newer checkpoint(s) that are not intact: "
+                              + "; ".join(skipped), RuntimeWarning, stacklevel=2)
+            return path
+        skipped.append(f"{path}: {reason}")
+    if skipped:
+        raise CheckpointError(f"no intact checkpoint to resume from under {root}: " + "; ".join(skipped)
+                              + ". Delete the broken directories (or set checkpoint.resume=false) to start over")
+    return None
 
 
 def save_checkpoint(out_dir: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -83,8 +105,15 @@ def save_checkpoint(out_dir: str, model: nn.Module, optimizer: torch.optim.Optim
     if dist.get_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
     dist.barrier()
-    dcp.save({"run": _RunState(model, optimizer, scheduler, progress)}, checkpoint_id=tmp)
-    dist.barrier()
+    try:
+        dcp.save({"run": _RunState(model, optimizer, scheduler, progress)}, checkpoint_id=tmp)
+        dist.barrier()
+        write_manifest(tmp, progress.step)
+        dist.barrier()
+    except (Exception, dcp.api.CheckpointException) as exc:
+        if dist.get_rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # a partial save only takes space
+        raise save_error(exc, tmp) from exc
     if dist.get_rank() == 0:
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)

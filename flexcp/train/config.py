@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import os
 import types
 import typing
@@ -20,6 +21,20 @@ import yaml
 
 class ConfigError(ValueError):
     """A config value is wrong; the message names the key and the fix."""
+
+
+@dataclass
+class LoraConfig:
+    r: int = 0
+    """LoRA rank; 0 disables LoRA (full fine-tuning). With r > 0 only the adapters train (through peft)."""
+    alpha: float = 16.0
+    """LoRA scaling numerator: the update is (alpha / r) * B @ A."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Module names (suffixes) that get adapters; ["all-linear"] for every linear layer but the LM head."""
+    export: str = "merged"
+    """What out_dir/hf holds: "merged" (adapters folded into the weights: a plain HF model) or "adapter" (peft)."""
 
 
 @dataclass
@@ -41,6 +56,7 @@ class ModelConfig:
     With ``activation_checkpointing`` these are each layer's input (plus the final norm's and the loss
     chunks' inputs): GPU memory per token drops by those, host memory grows by as much, and every step
     copies them to the host and back (pageable memory: exact sizes, no rounding up)."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
 
 @dataclass
@@ -73,6 +89,8 @@ class ParallelConfig:
     """Data-parallel size; 0 -> world_size // cp. FSDP2 shards over all dp x cp ranks."""
     chunk_size: int = 512
     """Dispatch chunk (tokens); with cp > 1 the sequence length must be a multiple of cp * chunk_size."""
+    timeout_minutes: float = 10.0
+    """Process-group timeout: a collective waiting longer (a rank stalled or skipped a step) raises instead of hanging."""
 
 
 @dataclass
@@ -116,6 +134,20 @@ class LoggingConfig:
     """"auto" (tqdm, else rich, else plain lines), "tqdm", "rich", "plain" or "none"."""
     tensorboard: bool = True
     """Also write TensorBoard events (out_dir/tb) when tensorboard is installed."""
+    wandb: bool = False
+    """Also log to Weights & Biases (needs the wandb package; WANDB_MODE=offline works without network)."""
+    wandb_project: str | None = None
+    """W&B project; None -> $WANDB_PROJECT, else "flexcp". The run is named after out_dir."""
+
+
+@dataclass
+class EvalConfig:
+    path: str | None = None
+    """Held-out JSONL in data.path's format; None with data.kind='recall': held-out synthetic sequences."""
+    every: int = 0
+    """Evaluate every N optimizer steps and after the last one (0: never)."""
+    steps: int = 16
+    """Sequences per evaluation (split over the dp ranks)."""
 
 
 @dataclass
@@ -127,6 +159,7 @@ class FinetuneConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "flexcp_tokenizer.json")
@@ -137,6 +170,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.recall.filler": ("repeat", "random"),
     "train.dtype": ("auto", "bf16", "fp32"),
     "logging.progress": ("auto", "tqdm", "rich", "plain", "none"),
+    "model.lora.export": ("merged", "adapter"),
 }
 
 
@@ -248,16 +282,40 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
 
 
 def validate(cfg: FinetuneConfig, world_size: int) -> FinetuneConfig:
-    """Check ``cfg`` for a run on ``world_size`` ranks; return it with ``parallel.dp`` resolved."""
+    """Check ``cfg`` for a run on ``world_size`` ranks; return it with ``parallel.dp`` resolved.
+
+    Every problem is reported at once (one ConfigError listing them all), not one per run.
+    """
+    errors: list[str] = []
+    _collect(errors, _check_values, cfg)
+    if not errors:  # the cross-key checks assume sane values
+        _collect(errors, _check_parallel, cfg, world_size)
+        for check in (_check_model, _check_data, _check_features):
+            _collect(errors, check, cfg)
+    if len(errors) == 1:
+        raise ConfigError(errors[0])
+    if errors:
+        raise ConfigError(f"{len(errors)} problems:\n" + "\n".join(f"  - {e}" for e in errors))
+    return cfg
+
+
+def _collect(errors: list[str], check: Any, *args: Any) -> None:
+    try:
+        check(*args)
+    except ConfigError as exc:
+        errors.append(str(exc))
+
+
+def _check_values(cfg: FinetuneConfig) -> None:
     for dotted, allowed in CHOICES.items():
         value = _get(cfg, dotted)
         if value not in allowed:
             raise ConfigError(f"{dotted}={value!r} is not one of {', '.join(map(repr, allowed))}")
     _positive(cfg, "data.seq_len", "parallel.cp", "parallel.chunk_size", "train.steps", "train.grad_accum",
               "logging.log_every", "train.loss_chunk_tokens", "checkpoint.keep", "data.recall.num_pairs",
-              "data.recall.num_values")
+              "data.recall.num_values", "train.eps", "parallel.timeout_minutes", "eval.steps")
     _non_negative(cfg, "parallel.dp", "train.warmup_steps", "train.max_grad_norm", "train.weight_decay",
-                  "checkpoint.every")
+                  "checkpoint.every", "eval.every", "model.lora.r", "model.lora.alpha")
     t = cfg.train
     if t.lr <= 0:
         raise ConfigError(f"train.lr must be > 0; got {t.lr}")
@@ -265,10 +323,6 @@ def validate(cfg: FinetuneConfig, world_size: int) -> FinetuneConfig:
         raise ConfigError(f"train.min_lr_ratio must be in [0, 1]; got {t.min_lr_ratio}")
     if len(t.betas) != 2 or not all(0 <= b < 1 for b in t.betas):
         raise ConfigError(f"train.betas must be two numbers in [0, 1); got {t.betas}")
-    _check_parallel(cfg, world_size)
-    _check_model(cfg)
-    _check_data(cfg)
-    return cfg
 
 
 def _get(cfg: Any, dotted: str) -> Any:
@@ -331,6 +385,9 @@ def _check_model(cfg: FinetuneConfig) -> None:
 
         if m.preset not in PRESETS:
             raise ConfigError(f"model.preset={m.preset!r} is not one of {', '.join(map(repr, PRESETS))}")
+    from .model import check_overrides
+
+    check_overrides(m.overrides, m.path is not None, m.preset)
     if m.tokenizer is None:
         m.tokenizer = "byte" if m.path is None else m.path
     tok = m.tokenizer
@@ -350,11 +407,17 @@ def _check_data(cfg: FinetuneConfig) -> None:
         )
     if d.kind in ("jsonl", "rollouts"):
         if d.path is None:
-            raise ConfigError(f"data.kind={d.kind!r} reads a JSONL file: set data.path")
+            sample = "sft_chat.jsonl" if d.kind == "jsonl" else "rollouts.jsonl"
+            raise ConfigError(f"data.kind={d.kind!r} reads a JSONL file: set data.path (a sample to try: "
+                              f"data.path=flexcp/train/samples/{sample})")
         if not os.path.isfile(d.path):
             raise ConfigError(f"data.path={d.path!r}: no such file")
     if d.kind == "recall":
-        from .data import recall_min_seq_len, RECALL_VALUES
+        from .data import RECALL_KEYS, RECALL_VALUES, recall_min_seq_len
+
+        if d.recall.num_pairs > len(RECALL_KEYS):
+            raise ConfigError(f"data.recall.num_pairs must be <= {len(RECALL_KEYS)} (one distinct key letter per "
+                              f"pair); got {d.recall.num_pairs}")
 
         if d.recall.num_values > len(RECALL_VALUES):
             raise ConfigError(f"data.recall.num_values must be <= {len(RECALL_VALUES)}; got {d.recall.num_values}")
@@ -364,3 +427,26 @@ def _check_data(cfg: FinetuneConfig) -> None:
                 f"data.seq_len={d.seq_len} is too short for data.recall.num_pairs={d.recall.num_pairs}: the pairs "
                 f"must fit in the second quarter of the sequence; use data.seq_len >= {need}"
             )
+
+
+def _check_features(cfg: FinetuneConfig) -> None:
+    """Evaluation, LoRA and Weights & Biases options."""
+    e, lora = cfg.eval, cfg.model.lora
+    if e.path is not None:
+        if cfg.data.kind == "recall":
+            raise ConfigError("eval.path is for data.kind 'jsonl' / 'rollouts'; the recall task evaluates on "
+                              "held-out synthetic sequences: leave eval.path unset")
+        if not os.path.isfile(e.path):
+            raise ConfigError(f"eval.path={e.path!r}: no such file")
+    elif e.every and cfg.data.kind != "recall":
+        raise ConfigError(f"eval.every={e.every} with data.kind={cfg.data.kind!r} needs held-out data: set eval.path "
+                          "to a JSONL file in data.path's format (or eval.every=0)")
+    if lora.r:
+        if not 0 <= lora.dropout < 1:
+            raise ConfigError(f"model.lora.dropout must be in [0, 1); got {lora.dropout}")
+        if not lora.target_modules:
+            raise ConfigError("model.lora.target_modules is empty; name the modules to adapt, e.g. [q_proj, v_proj]")
+        if importlib.util.find_spec("peft") is None:
+            raise ConfigError("model.lora.r > 0 needs the peft package: pip install 'flexcp[lora]' (or model.lora.r=0)")
+    if cfg.logging.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("logging.wandb=true needs the wandb package: pip install wandb (or logging.wandb=false)")

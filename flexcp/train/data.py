@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import string
+import warnings
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -29,7 +30,7 @@ import torch
 
 from ..mask import AttnMaskSpec
 from .config import ConfigError, FinetuneConfig
-from .tokenizer import Tokenizer
+from .tokenizer import Tokenizer, check_messages
 
 IGNORE_INDEX = -100
 
@@ -177,10 +178,18 @@ class _EpochPacker:
         return self._epoch(e)[index]
 
 
-def _read_jsonl(path: str) -> list[dict[str, Any]]:
+def _read_jsonl(path: str) -> list[tuple[int, dict[str, Any]]]:
+    """``(line number, record)`` of every non-blank line; errors name ``path:line`` and the fix."""
     records = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ValueError(
+                    f"{path}:{n} is not UTF-8 (byte {raw[exc.start]:#04x} at column {exc.start + 1}); JSONL must be "
+                    f"UTF-8: re-encode the file, e.g. iconv -f latin1 -t utf-8 {path} > fixed.jsonl"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -189,8 +198,19 @@ def _read_jsonl(path: str) -> list[dict[str, Any]]:
                 raise ValueError(f"{path}:{n} is not valid JSON: {exc}") from None
             if not isinstance(rec, dict):
                 raise ValueError(f"{path}:{n} must be a JSON object")
-            records.append(rec)
+            records.append((n, rec))
+    if not records:
+        raise ValueError(f"{path} holds no records (it is empty or has only blank lines); point data.path at a "
+                         "JSONL file with one JSON object per line")
     return records
+
+
+def _string(rec: dict[str, Any], key: str, where: str) -> str:
+    """``rec[key]`` when it is a string; else an error naming the record's line."""
+    value = rec[key]
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: {key!r} must be a string; got {json.dumps(value)} ({type(value).__name__})")
+    return value
 
 
 class JsonlSource:
@@ -199,20 +219,33 @@ class JsonlSource:
     def __init__(self, path: str, tok: Tokenizer, seq_len: int, seed: int, shuffle: bool) -> None:
         self.tok, self.seq_len = tok, seq_len
         self.docs: list[tuple[list[int], list[int]]] = []
-        for n, rec in enumerate(_read_jsonl(path), 1):
+        no_target: list[int] = []
+        for n, rec in _read_jsonl(path):
             ids, targets = self._tokenize(rec, f"{path}:{n}")
+            if not any(targets):  # nothing to learn from (like TRL, warn; unlike it, do not pack dead tokens)
+                no_target.append(n)
+                continue
             labels = shifted_labels(ids, targets)
             for s in range(0, len(ids), seq_len):
                 self.docs.append((ids[s : s + seq_len], labels[s : s + seq_len]))
+        if no_target:
+            lines = ", ".join(map(str, no_target[:10])) + (" ..." if len(no_target) > 10 else "")
+            if not self.docs:
+                raise ValueError(f"{path}: no record has an assistant turn to train on (lines {lines}); chat "
+                                 "records need at least one message with role 'assistant'")
+            warnings.warn(f"{path}: skipped {len(no_target)} chat record(s) without an assistant turn (no loss to "
+                          f"train on) at line(s) {lines}", RuntimeWarning, stacklevel=2)
         self.packer = _EpochPacker([len(d) for d, _ in self.docs], seq_len, seed, shuffle)
 
     def _tokenize(self, rec: dict[str, Any], where: str) -> tuple[list[int], list[bool]]:
         bos = [] if self.tok.bos_id is None else [self.tok.bos_id]
         if "messages" in rec:
-            ids, mask = self.tok.encode_chat(rec["messages"])
-            return ids, mask
+            try:
+                return self.tok.encode_chat(rec["messages"])
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from None
         if "text" in rec:
-            ids = bos + self.tok.encode(str(rec["text"])) + [self.tok.eos_id]
+            ids = bos + self.tok.encode(_string(rec, "text", where)) + [self.tok.eos_id]
             return ids, [False] * len(bos) + [True] * (len(ids) - len(bos))
         raise ValueError(f"{where}: a record needs 'text' or 'messages'; got keys {sorted(rec)}")
 
@@ -225,7 +258,7 @@ class RolloutSource:
 
     def __init__(self, path: str, tok: Tokenizer, seq_len: int, seed: int, shuffle: bool) -> None:
         self.tok, self.seq_len = tok, seq_len
-        self.groups = [self._group(rec, f"{path}:{n}") for n, rec in enumerate(_read_jsonl(path), 1)]
+        self.groups = [self._group(rec, f"{path}:{n}") for n, rec in _read_jsonl(path)]
         for n, g in enumerate(self.groups, 1):
             if g.num_tokens > seq_len:
                 raise ValueError(
@@ -239,14 +272,20 @@ class RolloutSource:
         if not isinstance(comps, list) or not comps:
             raise ValueError(f"{where}: a rollout record needs a non-empty 'completions' list")
         if "messages" in rec:
-            prompt = self.tok.render_chat(rec["messages"], add_generation_prompt=True)
+            try:
+                prompt = self.tok.render_chat(check_messages(rec["messages"]), add_generation_prompt=True)
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from None
         elif "prompt" in rec:
-            prompt = ([] if self.tok.bos_id is None else [self.tok.bos_id]) + self.tok.encode(str(rec["prompt"]))
+            prompt = ([] if self.tok.bos_id is None else [self.tok.bos_id]) + self.tok.encode(_string(rec, "prompt", where))
         else:
             raise ValueError(f"{where}: a rollout record needs 'prompt' (text) or 'messages'")
         if not prompt:
             raise ValueError(f"{where}: the prompt is empty")
-        return RolloutGroup(prompt, [self.tok.encode(str(c)) + [self.tok.eos_id] for c in comps])
+        for i, c in enumerate(comps):
+            if not isinstance(c, str):
+                raise ValueError(f"{where}: completions[{i}] must be a string; got {json.dumps(c)}")
+        return RolloutGroup(prompt, [self.tok.encode(c) + [self.tok.eos_id] for c in comps])
 
     def get(self, index: int) -> PackedSequence:
         return pack_rollouts([self.groups[i] for i in self.packer.items(index)], self.seq_len, self.tok.pad_id)
@@ -310,8 +349,9 @@ class RecallSource:
         return PackedSequence(t(ids), t(labels), torch.arange(s), self.spec)
 
 
-def build_source(cfg: FinetuneConfig, tok: Tokenizer) -> DataSource:
-    """The data source named by ``cfg.data.kind``."""
+def build_source(cfg: FinetuneConfig, tok: Tokenizer, path: str | None = None,
+                 shuffle: bool | None = None) -> DataSource:
+    """The data source named by ``cfg.data.kind`` (``path`` / ``shuffle``: instead of ``data.path`` / ``data.shuffle``)."""
     d = cfg.data
     if d.kind == "recall":
         if tok.vocab_size < 128:
@@ -319,4 +359,4 @@ def build_source(cfg: FinetuneConfig, tok: Tokenizer) -> DataSource:
         r = d.recall
         return RecallSource(d.seq_len, r.num_pairs, r.num_values, cfg.train.seed, tok.bos_id, r.filler)
     cls = JsonlSource if d.kind == "jsonl" else RolloutSource
-    return cls(d.path, tok, d.seq_len, cfg.train.seed, d.shuffle)
+    return cls(path or d.path, tok, d.seq_len, cfg.train.seed, d.shuffle if shuffle is None else shuffle)

@@ -1,4 +1,4 @@
-"""``flexcp demo``: two local CPU processes train a tiny Llama with cp = 2 on long-range recall.
+"""flexcp demo: two local CPU processes train a tiny Llama with cp = 2 on long-range recall.
 
 Each sequence hides key/value pairs in its second quarter and asks for the values at its
 end, more than one CP shard (seq_len / 2 tokens) later and on the other rank: the answer

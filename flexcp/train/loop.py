@@ -23,14 +23,16 @@ from ..magi_attn_utils import MagiState, magi_prepare_batch, setup_magi
 from .checkpoint import TrainProgress, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import FinetuneConfig, to_dict, validate
 from .data import PackedSequence, build_source
+from .evaluate import EVAL_INDEX_BASE, eval_due, held_out
+from .loggers import build_sinks
 from .loss import CausalLMLoss
-from .metrics import MetricsLogger, StepMetrics, model_flops
+from .metrics import MetricsLogger, StepMetrics, fmt_number, model_flops
 from .model import build_model, count_params
 from .parallel import ParallelDims, apply_fsdp, build_parallel, init_distributed
+from .stall import StallWatch
 from .tokenizer import load_tokenizer
 
-EVAL_INDEX_BASE = 1 << 40
-"""Held-out micro-batch indices (synthetic sources) start here, far from any training index."""
+__all__ = ["EVAL_INDEX_BASE", "Trainer", "WarmupCosine", "close_distributed"]
 
 
 class WarmupCosine:
@@ -47,9 +49,10 @@ class WarmupCosine:
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices only (norm weights and biases are 1-D)."""
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.ndim < 2]
+    """Decay matrices only (norm weights and biases are 1-D); frozen parameters (LoRA's base) are left out."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
@@ -57,8 +60,9 @@ class Trainer:
     """Owns the mesh, model, optimizer, scheduler, data and logger of one run (every rank builds one)."""
 
     def __init__(self, cfg: FinetuneConfig) -> None:
-        self.device = init_distributed()
+        self.device = init_distributed(cfg.parallel.timeout_minutes)
         self.cfg = validate(cfg, dist.get_world_size())
+        self.stall = StallWatch(cfg.parallel.timeout_minutes)
         self.rank = dist.get_rank()
         p, t = cfg.parallel, cfg.train
         self.dims: ParallelDims = build_parallel(p.dp, p.cp, self.device)
@@ -67,6 +71,10 @@ class Trainer:
         tok = self.tokenizer
         special = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
         self.lm = build_model(cfg.model, tok.vocab_size, self.device, t.seed, special)
+        if cfg.model.lora.r:
+            from .lora import apply_lora
+
+            self.lm = apply_lora(self.lm, cfg.model.lora)
         self.bf16 = t.dtype == "bf16" or (t.dtype == "auto" and self.device.type == "cuda")
         self.model = apply_fsdp(CausalLMLoss(self.lm, t.loss_chunk_tokens), self.lm, self.dims, self.bf16)
         self.optimizer = torch.optim.AdamW(_param_groups(self.model, t.weight_decay), lr=t.lr,
@@ -74,11 +82,13 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, WarmupCosine(t.warmup_steps, t.steps, t.min_lr_ratio))
         self.source = build_source(cfg, self.tokenizer)
+        self.held_out = held_out(cfg, self.tokenizer, self.source)
         self.progress = TrainProgress()
         c = self.lm.config
         self.arch = dict(layers=c.num_hidden_layers, heads=c.num_attention_heads,
                          head_dim=getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
         self.num_params, self.matmul_params = count_params(self.lm)
+        self.trainable_params = sum(p.numel() for p in self.lm.parameters() if p.requires_grad)
         self.resumed_from: str | None = None
         self.metrics: MetricsLogger | None = None
         if cfg.checkpoint.resume and (path := latest_checkpoint(cfg.out_dir)):
@@ -173,13 +183,22 @@ class Trainer:
         )
 
     @torch.no_grad()
-    def evaluate(self, num_batches: int, start: int = EVAL_INDEX_BASE) -> tuple[float, float]:
-        """``(mean loss, accuracy)`` over label tokens of micro-batches ``start ..``, split over dp ranks."""
+    def evaluate(self, num_batches: int, start: int | None = None) -> tuple[float, float]:
+        """``(mean loss, accuracy)`` over label tokens of held-out micro-batches, split over dp ranks.
+
+        The sequences are ``self.held_out`` (``eval.path`` or unseen synthetic ones) from
+        index ``start`` (default: the held-out set's first). Dropout (LoRA's) is off meanwhile.
+        """
+        start = self.held_out.start if start is None else start
         loss_sum = hits = labels = 0.0
-        for i in self._indices(start, -(-num_batches // self.dims.dp)):
-            seq = self.source.get(i)
-            part, correct = self._run(seq)
-            loss_sum, hits, labels = loss_sum + part.item(), hits + correct.item(), labels + seq.num_label_tokens
+        self.model.eval()
+        try:
+            for i in self._indices(start, -(-num_batches // self.dims.dp)):
+                seq = self.held_out.source.get(i)
+                part, correct = self._run(seq)
+                loss_sum, hits, labels = loss_sum + part.item(), hits + correct.item(), labels + seq.num_label_tokens
+        finally:
+            self.model.train()
         (labels,) = self._global_sum([labels], self.dims.dp_group)  # a CP group shares its sequences
         loss_sum, hits = self._global_sum([loss_sum, hits])  # per-shard sums: over dp and cp
         return loss_sum / max(labels, 1.0), hits / max(labels, 1.0)
@@ -189,36 +208,70 @@ class Trainer:
     def fit(self, steps: int | None = None) -> dict[str, Any]:
         """Train until ``train.steps`` (or ``steps`` more); checkpoint, export, and return the summary."""
         cfg = self.cfg
+        if self.resumed_from and self.progress.step >= cfg.train.steps:
+            return self._already_finished()
         end = cfg.train.steps if steps is None else min(cfg.train.steps, self.progress.step + steps)
         main = self.rank == 0
+        sinks = []
         if main:
             os.makedirs(cfg.out_dir, exist_ok=True)
             with open(os.path.join(cfg.out_dir, "config.yaml"), "w") as f:
                 yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+            lg = cfg.logging
+            sinks = build_sinks(cfg.out_dir, lg.tensorboard, lg.wandb, lg.wandb_project, to_dict(cfg))
         log = self.metrics = MetricsLogger(cfg.out_dir, cfg.train.steps, self.progress.step, cfg.logging.log_every,
-                                           cfg.logging.progress, cfg.logging.tensorboard, main, self.device,
-                                           dist.get_world_size())
+                                           cfg.logging.progress, main, self.device, dist.get_world_size(), sinks)
         log.write(self.describe())
-        while self.progress.step < end:
-            log.log(self.train_step())
-            every = cfg.checkpoint.every
-            if every and self.progress.step % every == 0 and self.progress.step < cfg.train.steps:
-                save_checkpoint(cfg.out_dir, self.model, self.optimizer, self.scheduler, self.progress,
-                                cfg.checkpoint.keep)
         extra: dict[str, Any] = {}
+        while self.progress.step < end:
+            with self.stall.step(self.progress.step + 1):
+                log.log(self.train_step())
+                step = self.progress.step
+                if eval_due(step, cfg.eval.every, cfg.train.steps):
+                    extra["eval_loss"], extra["eval_acc"] = self.evaluate(cfg.eval.steps)
+                    log.log_eval(step, extra["eval_loss"], extra["eval_acc"], cfg.eval.steps)
+                every = cfg.checkpoint.every
+                if every and step % every == 0 and step < cfg.train.steps:
+                    save_checkpoint(cfg.out_dir, self.model, self.optimizer, self.scheduler, self.progress,
+                                    cfg.checkpoint.keep)
         if self.progress.step >= cfg.train.steps:
             extra["checkpoint"] = save_checkpoint(cfg.out_dir, self.model, self.optimizer, self.scheduler,
                                                   self.progress, cfg.checkpoint.keep)
             if cfg.checkpoint.export_hf:
-                extra["hf_export"] = export_hf(self.model, self.lm, "lm.", self.tokenizer,
-                                               os.path.join(cfg.out_dir, "hf"))
+                extra["hf_export"] = self._export(os.path.join(cfg.out_dir, "hf"))
         return log.close(extra)
+
+    def _export(self, out_dir: str) -> str | None:
+        """The final model for ``from_pretrained``: full weights, or LoRA merged / as an adapter."""
+        from transformers.utils import logging as hf_logging
+
+        lora = self.cfg.model.lora
+        hf_logging.disable_progress_bar()  # transformers' "Writing model shards" bar under our finished one
+        try:
+            if not lora.r:
+                return export_hf(self.model, self.lm, "lm.", self.tokenizer, out_dir)
+            from .lora import export_lora
+
+            return export_lora(self.model, self.lm, "lm.", self.tokenizer, out_dir, lora, self.cfg.model.path)
+        finally:
+            hf_logging.enable_progress_bar()
+
+    def _already_finished(self) -> dict[str, Any]:
+        """A rerun of a finished run: say so, touch nothing (no training, no summary of nothing, no re-export)."""
+        step = self.progress.step
+        if self.rank == 0:
+            print(f"flexcp finetune: the run in {self.cfg.out_dir!r} is already finished: {self.resumed_from} is "
+                  f"step {step} of train.steps={self.cfg.train.steps}; nothing to do. To train further raise "
+                  "train.steps; to start over use a new out_dir or checkpoint.resume=false.", flush=True)
+        return {"finished": True, "final_step": step, "checkpoint": self.resumed_from}
 
     def describe(self) -> str:
         """One paragraph on what this run is."""
         c = self.cfg
         src = c.model.path or f"preset {c.model.preset!r} (random init)"
-        return (f"flexcp finetune: {src}, {self.num_params / 1e6:.1f}M params, "
+        lora = c.model.lora
+        tuned = (f" (LoRA r={lora.r}: {fmt_number(self.trainable_params)} trainable)" if lora.r else "")
+        return (f"flexcp finetune: {src}, {self.num_params / 1e6:.1f}M params{tuned}, "
                 f"attention {c.model.attn_implementation!r}"
                 + ("; activations offloaded to host" if c.model.offload_activations else "") + "; "
                 f"mesh dp={self.dims.dp} x cp={self.dims.cp} on {self.device.type} "

@@ -14,9 +14,12 @@ import json
 import os
 import resource
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import torch
+
+from .loggers import Sink
+from .replay import drop_records_after
 
 
 @dataclass
@@ -46,6 +49,15 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def fmt_number(v: Any) -> str:
+    """One number format for the console: thousands separators from 1,000 up, 4 significant digits below."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    if isinstance(v, int) or (abs(v) >= 1000 and float(v).is_integer()):
+        return f"{int(v):,}"
+    return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
+
+
 class _Plain:
     def __init__(self, total: int, initial: int) -> None:
         self.n = initial
@@ -64,17 +76,27 @@ class _Tqdm(_Plain):
     def __init__(self, total: int, initial: int) -> None:
         from tqdm import tqdm
 
+        self.total, self.done = total, False
         self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
 
     def update(self, n: int, text: str) -> None:
-        self.bar.update(n - self.bar.n)
-        self.bar.set_postfix_str(text, refresh=True)
+        self.bar.set_postfix_str(text, refresh=False)
+        if n < self.total:
+            self.bar.update(n - self.bar.n)
+        else:  # finished: drawn once, by close(); later lines print below it
+            self.bar.n = n
+            self.close()
 
     def write(self, line: str) -> None:
-        self.bar.write(line)
+        if self.done:
+            print(line, flush=True)
+        else:
+            self.bar.write(line)
 
     def close(self) -> None:
-        self.bar.close()
+        if not self.done:
+            self.bar.close()
+            self.done = True
 
 
 class _Rich(_Plain):
@@ -105,22 +127,28 @@ def _make_bar(kind: str, total: int, initial: int) -> _Plain | None:
 
 
 class MetricsLogger:
-    """Rank 0 shows and writes; other ranks only keep the numbers (so every rank can return a summary)."""
+    """Rank 0 shows and writes; other ranks only keep the numbers (so every rank can return a summary).
+
+    A step is recorded (console line, ``metrics.jsonl``, sinks) every ``log_every`` steps,
+    on the first step of the run and on the last one (``total_steps``, or the last step
+    before :meth:`close`), whatever ``log_every`` is.
+    """
 
     def __init__(self, out_dir: str, total_steps: int, start_step: int, log_every: int, progress: str,
-                 tensorboard: bool, is_main: bool, device: torch.device, world_size: int) -> None:
+                 is_main: bool, device: torch.device, world_size: int, sinks: Sequence[Sink] = ()) -> None:
         self.log_every, self.is_main, self.device, self.world = log_every, is_main, device, world_size
+        self.total_steps = total_steps
         self.history: list[StepMetrics] = []
-        self.start_step = start_step
-        self.bar = self.jsonl = self.tb = None
+        self.start_step = self.last_recorded = start_step
+        self.sinks = list(sinks)
+        self.bar = self.jsonl = None
         if is_main:
             os.makedirs(out_dir, exist_ok=True)
             self.bar = _make_bar(progress, total_steps, start_step)
-            self.jsonl = open(os.path.join(out_dir, "metrics.jsonl"), "a" if start_step else "w")
-            if tensorboard and importlib.util.find_spec("tensorboard"):
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
+            path = os.path.join(out_dir, "metrics.jsonl")
+            if start_step:  # resumed: the steps after the checkpoint run again, so their old records go
+                drop_records_after(path, start_step)
+            self.jsonl = open(path, "a" if start_step else "w")
 
     def derived(self, m: StepMetrics) -> dict[str, float]:
         """Per-second and per-device numbers of one step."""
@@ -135,22 +163,38 @@ class MetricsLogger:
         self.history.append(m)
         if not self.is_main:
             return
-        d = self.derived(m)
+        if m.step % self.log_every == 0 or m.step == self.start_step + 1 or m.step >= self.total_steps:
+            self._record(m)
         if self.bar is not None:
-            self.bar.update(m.step, f"loss {m.loss:.4f} acc {m.acc:.3f} {d['tokens_per_s']:,.0f} tok/s "
+            d = self.derived(m)
+            self.bar.update(m.step, f"loss {m.loss:.4f} acc {m.acc:.3f} {fmt_number(d['tokens_per_s'])} tok/s "
                                     f"{d['tflops_per_device']:.3g} TFLOP/s {d['memory_gb']:.2f} GB")
-        if m.step % self.log_every == 0 or m.step == self.start_step + 1:
-            record = {**asdict(m), **d}
-            self.jsonl.write(json.dumps(record) + "\n")
-            self.jsonl.flush()
-            window = self.history[-self.log_every:]
-            loss, acc = (sum(getattr(w, k) for w in window) / len(window) for k in ("loss", "acc"))
-            self.write(f"step {m.step:>6} | loss {loss:.4f} | acc {acc:.3f} (mean of {len(window)}) | lr {m.lr:.2e} | "
-                       f"grad {m.grad_norm:.3f} | {d['tokens_per_s']:,.0f} tok/s | "
-                       f"{d['tflops_per_device']:.3g} TFLOP/s/dev | {d['memory_gb']:.2f} GB")
-            if self.tb is not None:
-                for k, v in {"loss": m.loss, "acc": m.acc, "lr": m.lr, "grad_norm": m.grad_norm, **d}.items():
-                    self.tb.add_scalar(f"train/{k}", v, m.step)
+
+    def _record(self, m: StepMetrics) -> None:
+        d = self.derived(m)
+        self._emit({**asdict(m), **d})
+        window = [w for w in self.history[-self.log_every:] if w.step > self.last_recorded]
+        loss, acc = (sum(getattr(w, k) for w in window) / len(window) for k in ("loss", "acc"))
+        self.write(f"step {m.step:>6} | loss {loss:.4f} | acc {acc:.3f} (mean of {len(window)}) | lr {m.lr:.2e} | "
+                   f"grad {m.grad_norm:.3f} | {fmt_number(d['tokens_per_s'])} tok/s | "
+                   f"{d['tflops_per_device']:.3g} TFLOP/s/dev | {d['memory_gb']:.2f} GB")
+        scalars = {"loss": m.loss, "acc": m.acc, "lr": m.lr, "grad_norm": m.grad_norm, **d}
+        for sink in self.sinks:
+            sink.log({f"train/{k}": v for k, v in scalars.items()}, m.step)
+        self.last_recorded = m.step
+
+    def _emit(self, record: dict[str, Any]) -> None:
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+
+    def log_eval(self, step: int, loss: float, acc: float, sequences: int) -> None:
+        """Record a held-out evaluation (``eval_loss``, ``eval_acc`` in metrics.jsonl; ``eval/*`` in the sinks)."""
+        if not self.is_main:
+            return
+        self._emit({"step": step, "eval_loss": loss, "eval_acc": acc, "eval_sequences": sequences})
+        self.write(f"eval {step:>6} | loss {loss:.4f} | acc {acc:.3f} ({sequences} held-out sequences)")
+        for sink in self.sinks:
+            sink.log({"eval/loss": loss, "eval/acc": acc}, step)
 
     def write(self, line: str) -> None:
         """Print a line on rank 0 without breaking the progress bar."""
@@ -163,14 +207,17 @@ class MetricsLogger:
 
     def summary(self) -> dict[str, Any]:
         """Numbers of the run so far; throughput skips the first step (warm-up) when there are more."""
+        final = self.history[-1].step if self.history else self.start_step
+        out: dict[str, Any] = {"steps": len(self.history), "final_step": final}
+        if not self.history:
+            return out
         timed = self.history[1:] if len(self.history) > 1 else self.history
-        seconds = sum(m.seconds for m in timed) or float("nan")
+        seconds = sum(m.seconds for m in timed)
         last = self.history[-min(len(self.history), self.log_every):]
         return {
-            "steps": len(self.history),
-            "final_step": self.history[-1].step if self.history else self.start_step,
-            "loss": sum(m.loss for m in last) / max(1, len(last)),
-            "acc": sum(m.acc for m in last) / max(1, len(last)),
+            **out,
+            "loss": sum(m.loss for m in last) / len(last),
+            "acc": sum(m.acc for m in last) / len(last),
             "tokens_per_s": sum(m.tokens for m in timed) / seconds,
             "tokens_per_s_per_device": sum(m.tokens for m in timed) / seconds / self.world,
             "tflops_per_device": sum(m.flops for m in timed) / seconds / self.world / 1e12,
@@ -179,16 +226,17 @@ class MetricsLogger:
         }
 
     def close(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Close the outputs; rank 0 prints the summary (plus ``extra``) and returns it."""
+        """Record the last step if it was not, close the outputs; rank 0 prints the summary (plus ``extra``)."""
+        if self.is_main and self.history and self.history[-1].step > self.last_recorded:
+            self._record(self.history[-1])
         s = {**self.summary(), **(extra or {})}
         if self.bar is not None:
             self.bar.close()
         if self.is_main:
-            if self.jsonl is not None:
-                self.jsonl.close()
-            if self.tb is not None:
-                self.tb.close()
+            self.jsonl.close()
+            for sink in self.sinks:
+                sink.close()
             print("\nsummary:", flush=True)
             for k, v in s.items():
-                print(f"  {k:<24} {v:,.4g}" if isinstance(v, float) else f"  {k:<24} {v}", flush=True)
+                print(f"  {k:<24} {fmt_number(v)}", flush=True)
         return s

@@ -26,6 +26,38 @@ PRESETS: dict[str, dict[str, Any]] = {
 _PRESET_DEFAULTS = dict(max_position_embeddings=1 << 20, tie_word_embeddings=False, use_cache=False)
 
 
+def check_overrides(overrides: dict[str, Any], has_path: bool, preset: str = "tiny") -> None:
+    """Reject ``model.overrides`` that would be ignored: unknown fields of the preset's config class
+    (``overrides["model_type"]`` or the preset's, naming the closest) or any with a path."""
+    if not overrides:
+        return
+    if has_path:
+        raise ConfigError(f"model.overrides {overrides} apply only to the built-in preset; with model.path set, "
+                          "edit the checkpoint's config.json instead (or unset model.overrides)")
+    import difflib
+    import inspect
+
+    from transformers import CONFIG_MAPPING
+
+    model_type = overrides.get("model_type", PRESETS.get(preset, {}).get("model_type", "llama"))
+    if model_type not in CONFIG_MAPPING:
+        raise ConfigError(f"model.overrides.model_type={model_type!r} is not a transformers model type "
+                          "(e.g. 'llama', 'mistral', 'qwen2')")
+    cls = CONFIG_MAPPING[model_type]
+    known = set(cls().to_dict()) | set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
+    for key, value in overrides.items():
+        if key in known:
+            continue
+        try:  # a legacy key the config consumes (e.g. rope_theta) is fine; one it only stores is ignored
+            ignored = key in cls(**{key: value}).to_dict()
+        except (TypeError, ValueError):
+            continue  # consumed, and preset_config reports the bad value
+        if ignored:
+            close = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"model.overrides.{key} is not a {cls.__name__} field (it would be ignored){hint}")
+
+
 def preset_config(name: str, vocab_size: int, overrides: dict[str, Any] | None = None,
                   special_ids: dict[str, int | None] | None = None):
     """The HF config of a preset; ``vocab_size`` is the tokenizer's unless the preset fixes a larger one.
@@ -34,6 +66,7 @@ def preset_config(name: str, vocab_size: int, overrides: dict[str, Any] | None =
     """
     from transformers import AutoConfig
 
+    check_overrides(overrides or {}, has_path=False, preset=name)
     fields = {**_PRESET_DEFAULTS, **(special_ids or {}), **PRESETS[name], **(overrides or {})}
     fields["vocab_size"] = max(vocab_size, fields.get("vocab_size", 0))
     model_type = fields.pop("model_type", "llama")
@@ -69,9 +102,22 @@ def build_model(cfg: ModelConfig, vocab_size: int, device: torch.device, seed: i
         raise ConfigError(f"the model has {emb} token embeddings but the tokenizer {vocab_size} ids; "
                           "use the checkpoint's own tokenizer (model.tokenizer)")
     if cfg.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.train()
     return model
+
+
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute every decoder layer in backward (non-reentrant), through the API of this transformers version.
+
+    transformers 5.x renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``
+    and warns on the old name (on every rank); older versions only have the old one.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:

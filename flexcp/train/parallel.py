@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from dataclasses import dataclass
@@ -51,12 +52,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> torch.device:
+def init_distributed(timeout_minutes: float = 10.0) -> torch.device:
     """Join (or create) the default process group: NCCL with one GPU per rank, else gloo.
 
     Under torchrun the env:// variables are used; a plain ``python`` launch becomes a
-    world of one. Returns this rank's device.
+    world of one. A collective that waits longer than ``timeout_minutes`` raises instead of
+    blocking (torch's default is 30 minutes). Returns this rank's device.
     """
+    if not timeout_minutes > 0:
+        raise ValueError(f"parallel.timeout_minutes must be > 0; got {timeout_minutes}")
+    timeout = datetime.timedelta(minutes=timeout_minutes)
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
@@ -67,9 +72,9 @@ def init_distributed() -> torch.device:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(free_port()))
         if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device)
+            dist.init_process_group("nccl", device_id=device, timeout=timeout)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=timeout)
     return device
 
 

@@ -38,9 +38,7 @@ class Tokenizer:
 
     def encode_chat(self, messages: list[dict[str, Any]]) -> tuple[list[int], list[bool]]:
         """Token ids of the conversation and, per token, whether it belongs to an assistant turn."""
-        for n, m in enumerate(messages):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f"messages[{n}] = {m!r} must be a dict with 'role' and 'content'")
+        check_messages(messages)
         ids: list[int] = []
         mask: list[bool] = []
         for n, m in enumerate(messages):
@@ -62,14 +60,40 @@ class Tokenizer:
         ids[:] = rendered
 
 
+def check_messages(messages: Any) -> list[dict[str, Any]]:
+    """``messages`` if it is a list of ``{"role": str, "content": str}`` dicts; else a ValueError saying what is wrong."""
+    if not isinstance(messages, list):
+        raise ValueError(f"'messages' must be a list of {{'role': ..., 'content': ...}} dicts; got "
+                         f"{type(messages).__name__} {str(messages)[:60]!r}")
+    for n, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"messages[{n}] = {m!r} must be a dict with 'role' and 'content'")
+        if not isinstance(m["role"], str) or not isinstance(m["content"], str):
+            raise ValueError(f"messages[{n}]: 'role' and 'content' must be strings; got {m!r}")
+    return messages
+
+
+def _byte_symbols() -> list[str]:
+    """The printable character standing for each byte in byte-level BPE vocabularies (GPT-2's convention)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
 class ByteTokenizer(Tokenizer):
     """UTF-8 bytes are ids 0..255; then pad, bos, eos and one id per chat role.
 
     Chat template: each message is ``<role> content <eos>``; the generation prompt is
-    ``<assistant>``.
+    ``<assistant>``. :meth:`save` writes it in Hugging Face format too (a byte-level
+    ``tokenizer.json`` with the same ids and chat template), so an exported model loads
+    with ``AutoTokenizer.from_pretrained``.
     """
 
     ROLES = ("system", "user", "assistant")
+    SPECIAL = ("<pad>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>")
+    """Token strings of ids 256.. in the HF export."""
+    CHAT_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '</s>' }}{% endfor %}"
+                     "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
 
     def __init__(self) -> None:
         self.pad_id, self.bos_id, self.eos_id = 256, 257, 258
@@ -92,7 +116,28 @@ class ByteTokenizer(Tokenizer):
             out.append(self.role_ids["assistant"])
         return out
 
+    def to_hf(self) -> Any:
+        """The same tokenizer as a ``transformers.PreTrainedTokenizerFast`` (ids, specials, chat template)."""
+        from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        vocab = {sym: b for b, sym in enumerate(_byte_symbols())}
+        raw = RawTokenizer(models.BPE(vocab=vocab, merges=[]))
+        raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        raw.decoder = decoders.ByteLevel()
+        raw.add_special_tokens(list(self.SPECIAL))  # ids 256.. in this order
+        pad, bos, eos, *roles = self.SPECIAL
+        tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token=pad, bos_token=bos, eos_token=eos,
+                                      additional_special_tokens=roles, clean_up_tokenization_spaces=False)
+        tok.chat_template = self.CHAT_TEMPLATE
+        ids = tok.convert_tokens_to_ids(list(self.SPECIAL))
+        if ids != list(range(256, self.vocab_size)):  # pragma: no cover - guards the id layout
+            raise RuntimeError(f"byte tokenizer export: special ids {ids} != 256..{self.vocab_size - 1}")
+        return tok
+
     def save(self, out_dir: str) -> None:
+        """HF files (``tokenizer.json``, ``tokenizer_config.json``) plus flexcp's marker file."""
+        self.to_hf().save_pretrained(out_dir)
         with open(os.path.join(out_dir, BYTE_TOKENIZER_FILE), "w") as f:
             json.dump({"type": "flexcp-byte", "vocab_size": self.vocab_size}, f)
 

@@ -20,7 +20,7 @@ import torch
 
 from ...mask.geometry import SliceTable, clip_band
 from ...mask.types import BI_CAUSAL, CAUSAL, FULL, INV_CAUSAL
-from ..backend import AttnBackend
+from ..backend import AttnBackend, stat_dtype
 from ..compose import GradSum, merge_into
 from .graphs import GraphCache, GraphKey, why_unavailable
 from .plan import UNBOUNDED, Launch, covered_rows, launch_bucket, launch_rows_overlap, plan_launches, to_entries
@@ -164,23 +164,23 @@ class CudnnBackend(AttnBackend):
         tq, hq, d = q.shape
         want = out_dtype or q.dtype
         if not prep.launches or tq == 0:
-            return torch.zeros(tq, hq, d, dtype=want, device=q.device), _neg_inf(tq, hq, q.device)
+            return torch.zeros(tq, hq, d, dtype=want, device=q.device), _neg_inf(tq, hq, q)
         on_cudnn = [self._runs_on_cudnn(la, q, k, softmax_scale, False) for la in prep.launches]
         if len(prep.launches) == 1 and on_cudnn[0]:
             alloc = torch.empty if prep.full_q else torch.zeros
             out = alloc(tq, hq, d, dtype=q.dtype, device=q.device)
-            lse = torch.empty(tq, hq, dtype=torch.float32, device=q.device) if prep.full_q else _neg_inf(tq, hq, q.device)
+            lse = torch.empty(tq, hq, dtype=stat_dtype(q.dtype), device=q.device) if prep.full_q else _neg_inf(tq, hq, q)
             self._forward_launch(prep, 0, q, k, v, out, lse, softmax_scale, span=False)
             return out.to(want), lse
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32  # float64 only in emulated tests
+        acc = stat_dtype(q.dtype)
         out = torch.zeros(tq, hq, d, dtype=acc, device=q.device)
-        lse = _neg_inf(tq, hq, q.device)
+        lse = _neg_inf(tq, hq, q)
         for i, la in enumerate(prep.launches):
             if on_cudnn[i]:
                 r0, r1 = la.row_span
                 covered = int(la.sq.sum()) == r1 - r0  # then every row of the span is written
                 o_t = (torch.empty if covered else torch.zeros)(r1 - r0, hq, d, dtype=q.dtype, device=q.device)
-                l_t = torch.empty(r1 - r0, hq, dtype=torch.float32, device=q.device) if covered else _neg_inf(r1 - r0, hq, q.device)
+                l_t = torch.empty(r1 - r0, hq, dtype=acc, device=q.device) if covered else _neg_inf(r1 - r0, hq, q)
                 self._forward_launch(prep, i, q, k, v, o_t, l_t, softmax_scale, span=True)
                 merge_into(out[r0:r1], lse[r0:r1], o_t, l_t)
             else:
@@ -209,7 +209,7 @@ class CudnnBackend(AttnBackend):
             return dq.result(), dk.result(), dv.result()
         o16 = out.to(q.dtype).contiguous()
         do16 = do.to(q.dtype).contiguous()
-        lse = lse.float().contiguous()
+        lse = lse.to(stat_dtype(q.dtype)).contiguous()
         hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
         for i, la in enumerate(prep.launches):
             if not self._runs_on_cudnn(la, q, k, softmax_scale, True):
@@ -259,5 +259,6 @@ def _buffer(rows: int, covered: bool, heads: int, d: int, dtype: torch.dtype, de
     return (torch.empty if covered else torch.zeros)(rows, heads, d, dtype=dtype, device=device)
 
 
-def _neg_inf(t: int, h: int, device: torch.device) -> torch.Tensor:
-    return torch.full((t, h), float("-inf"), dtype=torch.float32, device=device)
+def _neg_inf(t: int, h: int, like: torch.Tensor) -> torch.Tensor:
+    """An lse buffer of ``t`` rows, ``h`` heads: -inf, in ``stat_dtype`` of ``like`` (float32 for cuDNN's 16-bit inputs)."""
+    return torch.full((t, h), float("-inf"), dtype=stat_dtype(like.dtype), device=like.device)
