@@ -14,7 +14,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 BENCHES: dict[str, tuple[str, str]] = {
     "cp": ("flexcp.bench.cp_bench", "distributed attention per GPU: flexcp vs all-gather and ring (torchrun)"),
-    "e2e": ("flexcp.bench.e2e_bench", "end-to-end recipe training: magi vs HF sdpa vs torch native CP (GPUs, torchrun)"),
+    "e2e": ("flexcp.bench.e2e_bench", "end-to-end recipe training on packed / rollout / sliding / causal workloads vs HF "
+                                      "flex_attention, sdpa, torch native CP; longest sequence one GPU trains (GPU)"),
     "kernel": ("flexcp.bench.kernel_bench", "single-device kernels vs cuDNN SDPA / FlexAttention (GPU)"),
     "reference": ("flexcp.bench.reference_bench", "pure-PyTorch reference: tokens/s and memory (CPU)"),
     "solver": ("flexcp.bench.solver_report", "dispatch solvers: imbalance and planning time"),

@@ -10,6 +10,8 @@ the context, gradients summed over the CP group.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -64,10 +66,27 @@ def _stand_in_dispatcher(cpa, orig_sdpa):
     return enable, disable
 
 
+@contextlib.contextmanager
+def _stand_in_ring(cp: int):
+    """With cp > 1, torch's CP dispatcher swapped for the exact stand-in; everything restored afterwards."""
+    import torch.nn.functional as F
+    from torch.distributed.tensor.experimental._context_parallel import _attention as cpa
+
+    orig = (F.scaled_dot_product_attention, cpa._enable_context_parallel_dispatcher_impl,
+            cpa._disable_context_parallel_dispatcher_impl)
+    try:
+        if cp > 1:
+            cpa._enable_context_parallel_dispatcher_impl, cpa._disable_context_parallel_dispatcher_impl = (
+                _stand_in_dispatcher(cpa, orig[0]))
+        yield orig[0]
+    finally:
+        F.scaled_dot_product_attention = orig[0]
+        cpa._enable_context_parallel_dispatcher_impl, cpa._disable_context_parallel_dispatcher_impl = orig[1:]
+
+
 def _train(rank: int, world: int, cp: int) -> list[float]:
     """Two steps of the tiny preset on sequence 0: ``[loss1, grad_norm1, loss2]``."""
     import torch.nn.functional as F
-    from torch.distributed.tensor.experimental._context_parallel import _attention as cpa
 
     from flexcp.bench.native_cp import NativeCPTrainer
     from flexcp.train.config import from_dict
@@ -81,22 +100,12 @@ def _train(rank: int, world: int, cp: int) -> list[float]:
         "checkpoint": {"resume": False, "export_hf": False},
         "logging": {"progress": "none"},
     })
-    orig = (F.scaled_dot_product_attention, cpa._enable_context_parallel_dispatcher_impl,
-            cpa._disable_context_parallel_dispatcher_impl)
-    try:
-        if cp == 1:
-            trainer = Trainer(cfg)
-        else:
-            cpa._enable_context_parallel_dispatcher_impl, cpa._disable_context_parallel_dispatcher_impl = (
-                _stand_in_dispatcher(cpa, orig[0]))
-            trainer = NativeCPTrainer(cfg, cp)
+    with _stand_in_ring(cp) as orig_sdpa:
+        trainer = Trainer(cfg) if cp == 1 else NativeCPTrainer(cfg, cp)
         first = trainer.train_step()
-        assert F.scaled_dot_product_attention is orig[0], "the CP context must be closed after the step"
+        assert F.scaled_dot_product_attention is orig_sdpa, "the CP context must be closed after the step"
         second = trainer.train_step()
         return [first.loss, first.grad_norm, second.loss, first.tokens]
-    finally:
-        F.scaled_dot_product_attention = orig[0]
-        cpa._enable_context_parallel_dispatcher_impl, cpa._disable_context_parallel_dispatcher_impl = orig[1:]
 
 
 def test_native_cp2_matches_cp1():
@@ -114,3 +123,47 @@ def test_native_cp_rejects_bad_config():
     cfg = from_dict({"model": {"preset": "tiny", "attn_implementation": "magi"}})
     with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
         NativeCPTrainer(cfg, 2)
+
+
+def _train_pack(rank: int, world: int, cp: int) -> list[float]:
+    """One step on a pack of documents: native CP as one causal sequence (cp) or magi with a causal mask (cp = 1)."""
+    import dataclasses
+    import types
+    from pathlib import Path
+
+    from flexcp.bench.e2e_trainers import build_trainer, use_sequence
+    from flexcp.bench.e2e_workloads import FixedSource, packed_documents
+    from flexcp.bench.native_cp import NativeCPTrainer
+    from flexcp.mask import AttnMaskSpec
+    from flexcp.train.config import from_dict
+    from flexcp.train.loop import Trainer
+
+    def cfg(impl):
+        return from_dict({
+            "out_dir": "/tmp/flexcp_test_native_pack", "model": {"preset": "tiny", "attn_implementation": impl},
+            "data": {"kind": "recall", "seq_len": SEQ_LEN}, "train": {"steps": 10, "dtype": "fp32"},
+            "checkpoint": {"resume": False, "export_hf": False}, "logging": {"progress": "none"}})
+
+    pack = packed_documents(SEQ_LEN, 256, seed=2)
+    assert pack.spec.area() < SEQ_LEN * (SEQ_LEN + 1) // 2  # several documents
+    with _stand_in_ring(cp):
+        if cp == 1:  # the same tokens and positions under one causal mask
+            trainer = Trainer(cfg("magi"))
+            trainer.source = FixedSource(dataclasses.replace(pack, spec=AttnMaskSpec.causal(SEQ_LEN)))
+        else:
+            strict = NativeCPTrainer(cfg("sdpa"), cp)
+            strict.source = FixedSource(pack)
+            with pytest.raises(ValueError, match="packed_as_causal=True"):
+                strict.train_step()
+            args = types.SimpleNamespace(out=Path("/tmp/flexcp_test_native_pack"), chunk_size=64, cpu=True)
+            trainer = build_trainer("native", cp, "tiny", {}, args)  # the e2e benchmark's native contender
+            assert isinstance(trainer, NativeCPTrainer) and trainer.packed_as_causal
+            use_sequence(trainer, pack)
+        m = trainer.train_step()
+        return [m.loss, m.grad_norm]
+
+
+def test_native_cp_trains_a_pack_as_one_causal_sequence():
+    ref = run_spawned(_train_pack, 1, 1, timeout=300)[0]
+    got = run_spawned(_train_pack, 2, 2, timeout=300)
+    assert got[0] == pytest.approx(ref, rel=1e-4)

@@ -1,245 +1,325 @@
-"""End-to-end training throughput of the recipe: a random-init ~1.1B Llama at 32k-128k tokens.
+"""End-to-end training on the workloads users train, against what they would run instead, in one launch.
 
-For each attention setup it trains the ``llama-1b`` preset (bf16 compute, FSDP2 over all
-GPUs, activation checkpointing) on single causal sequences of each length and reports,
-per GPU: tokens/s, model TFLOP/s (6 N T + causal attention area, see
-``flexcp.train.metrics``) and peak allocated memory (max over ranks). Setups:
+Every point trains the recipe (``flexcp.train.loop.Trainer``: FSDP2, bf16 compute, activation
+checkpointing, the chunked loss, AdamW) on one sequence per step per data-parallel rank, built
+by ``flexcp.bench.e2e_workloads`` with the recipe's packers; every step of a point trains the
+same sequence. Workloads, at each ``--sizes`` length S:
 
-- ``sdpa cp=1``: Hugging Face's SDPA attention, each GPU trains its own sequence (dp = world);
-- ``magi cp=1|2|4``: flexcp's attention, each sequence sharded over cp GPUs (dp = world / cp);
-- ``native cp=2|4``: torch's ``context_parallel`` (ring attention over causal SDPA, head-tail
-  load balancing, see ``flexcp.bench.native_cp``), same sharding of each sequence over cp GPUs.
+- ``packed``: documents drawn from the corpus histogram (pack seed 0), ``llama-1b``;
+- ``rollouts``: one prompt (S/4) and 8 completions as a prefix tree, ``llama-1b``; the
+  ``magi-unshared`` contender trains the same rollouts laid out without sharing (prompt +
+  completion per document: about 2.75 S tokens, the same label tokens);
+- ``sliding``: one causal sequence on ``mistral-1b`` (same shapes, every layer a 4096-key window);
+- ``causal``: one causal sequence, ``llama-1b``.
 
-A step that runs out of memory ends that setup. After the table lengths, ``--probe``
-lengths (one untimed-warm-up step each) look for the longest sequence each setup can
-train; a probe whose predicted step time (quadratic in length) exceeds ``--probe-max-s``
-or the remaining ``--budget-s`` is reported as not run. Setups run largest cp first (the
-budget, if anything, cuts the slow cp = 1 runs); the summary adds, per setup, the length
-at which peak memory would reach 95% of the card (linear in length from its two longest
-runs). One launch measures everything:
+Contenders: ``magi`` (flexcp); at cp = 1 Hugging Face's ``flex_attention`` and ``sdpa``, which
+read document boundaries from the packed ``position_ids`` (``sdpa`` then gets a dense mask); at
+cp > 1 torch's native context parallelism (``native``, ``flexcp.bench.native_cp``), which has
+no mask language and trains a pack as ONE causal sequence (documents see each other: the
+table reports the attention cells each contender computes). Every point starts from the
+same initial weights and a fresh optimizer, so the first step's loss is comparable across
+contenders. After the table, ``flexcp.bench.e2e_memory`` finds the longest sequence one GPU
+trains (memory-limited), with and without activation offloading.
 
-    torchrun --nproc_per_node 4 -m flexcp.bench.e2e_bench --out results/e2e
+    python -m flexcp.bench.e2e_bench --out results/e2e                          # one GPU, everything
+    torchrun --nproc_per_node 4 -m flexcp.bench.e2e_bench --cp 2 4 --no-probe   # cp > 1 rows (magi, native)
+    python -m flexcp.bench.e2e_bench --cpu --tiny --sizes 256 512 --steps 1     # CPU smoke run
 
-Writes ``<out>/e2e.json`` (after every measurement) and ``<out>/e2e.md``.
+Points run in priority order and stop starting at the time budget (``--budget-s``, of which
+``--probe-reserve-s`` is kept for the probe); what did not run is listed as not run.
+Writes ``<out>/e2e.json`` (after every point), ``e2e.md`` (tables) and ``e2e.png`` (plot).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 
-from ..runtime import clear_cache
-from ..train.config import from_dict
-from ..train.data import build_source
+from ..train.data import PackedSequence
 from ..train.loop import Trainer, close_distributed
-from ..train.metrics import peak_memory_gb
-from .native_cp import NativeCPTrainer
+from ..train.metrics import model_flops
+from . import e2e_workloads as wl
+from .e2e_trainers import (InitialState, all_max, build_trainer, free_trainer, preset_of, run_guarded,
+                           use_sequence)
+
+CONTENDERS = ("magi", "magi-unshared", "flex_attention", "flex_attention-unshared", "sdpa", "native")
 
 
-def _cfg(impl: str, cp: int, seq_len: int, args: argparse.Namespace) -> dict:
-    return {
-        "out_dir": str(args.out / "run"),
-        "model": {"preset": args.preset, "attn_implementation": impl, "activation_checkpointing": True},
-        "data": {"kind": "recall", "seq_len": seq_len},
-        "parallel": {"cp": cp, "chunk_size": args.chunk_size},
-        "train": {"steps": 1 << 30, "lr": 1e-4, "warmup_steps": 0, "dtype": "fp32" if args.cpu else "bf16"},
-        "checkpoint": {"resume": False, "export_hf": False},
-        "logging": {"progress": "none"},
-    }
+@dataclass(frozen=True)
+class Setup:
+    """One (workload, contender, cp) series of points."""
+
+    workload: str
+    contender: str
+    cp: int
+
+    @property
+    def impl(self) -> str:
+        """The attention the model runs: ``magi``, ``flex_attention``, ``sdpa`` or ``native``."""
+        return self.contender.removesuffix("-unshared")
+
+    @property
+    def unshared(self) -> bool:
+        return self.contender.endswith("-unshared")
 
 
-def _set_seq_len(trainer: Trainer, seq_len: int) -> None:
-    trainer.cfg.data.seq_len = seq_len
-    trainer.source = build_source(trainer.cfg, trainer.tokenizer)
+# (workload, contender) in priority order, grouped so consecutive setups share one trainer
+CP1 = [("packed", "magi"), ("rollouts", "magi"), ("rollouts", "magi-unshared"), ("causal", "magi"),
+       ("packed", "flex_attention"), ("packed", "sdpa"), ("causal", "sdpa"),
+       ("sliding", "magi"), ("sliding", "flex_attention")]
+CP1_EXTRAS = [("sliding", "sdpa"), ("causal", "flex_attention"), ("rollouts", "flex_attention-unshared")]
+CPN = [("packed", "magi"), ("causal", "magi"), ("rollouts", "magi"), ("rollouts", "magi-unshared"),
+       ("packed", "native"), ("causal", "native"), ("sliding", "magi")]
 
 
-def _all_max(value: float, device: torch.device) -> float:
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return float(t.item())
-
-
-def measure(trainer: Trainer, steps: int, warmup: int) -> dict:
-    """Time ``steps`` optimizer steps after ``warmup``; OOM -> ``{"oom": True}`` (on every rank)."""
-    dev = trainer.device
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    oom, times, flops, tokens = False, [], 0.0, 0
-    try:
-        for i in range(warmup + steps):
-            m = trainer.train_step()
-            if i >= warmup:
-                times.append(m.seconds)
-                flops, tokens = flops + m.flops, tokens + m.tokens
-    except torch.OutOfMemoryError:
-        oom = True
-    if _all_max(float(oom), dev):
-        return {"oom": True}
-    world = dist.get_world_size()
-    seconds = _all_max(sum(times), dev)
-    return {
-        "oom": False,
-        "step_s": seconds / steps,
-        "tokens_per_s_per_gpu": tokens / seconds / world,
-        "tflops_per_gpu": flops / seconds / world / 1e12,
-        "peak_gb": _all_max(peak_memory_gb(dev), dev),
-    }
-
-
-def _skip(seq_len: int, args, deadline: float, last: dict | None, probing: bool) -> str | None:
-    """Why a length is not measured: the time budget, or (probes) a predicted step time over --probe-max-s."""
-    if last is None or not probing:
-        return "time budget" if time.monotonic() > deadline else None
-    predicted = last["step_s"] * (seq_len / last["seq_len"]) ** 2  # attention dominates at these lengths
-    if predicted > args.probe_max_s or time.monotonic() + 2 * predicted > deadline:
-        return f"predicted {predicted:.0f} s/step"
-    return None
-
-
-def _build_trainer(impl: str, cp: int, seq_len: int, args) -> Trainer:
-    if impl == "native":  # an sdpa cp=1 config, sharded by torch's context_parallel
-        return NativeCPTrainer(from_dict(_cfg("sdpa", 1, seq_len, args)), cp)
-    return Trainer(from_dict(_cfg(impl, cp, seq_len, args)))
-
-
-def run_setup(impl: str, cp: int, lengths: list[int], args, deadline: float, log) -> None:
-    """Measure one setup over ``lengths`` (table lengths, then probes), ``log`` each row; stop at the first OOM."""
-    trainer, last = None, None
-    for n, seq_len in enumerate(lengths):
-        probing = n >= args.table_lengths
-        reason = _skip(seq_len, args, deadline, last, probing)
-        if reason is not None:
-            log({"impl": impl, "cp": cp, "seq_len": seq_len, "skipped": reason})
+def build_setups(cps: list[int], world: int, workloads: list[str], contenders: list[str], extras: bool) -> list[Setup]:
+    """The setups of this launch: each cp in ``cps`` that divides ``world``, filtered, in priority order."""
+    out = []
+    for cp in cps:
+        if world % cp:
             continue
-        try:
-            if trainer is None:
-                trainer = _build_trainer(impl, cp, seq_len, args)
-            _set_seq_len(trainer, seq_len)
-            res = measure(trainer, 1 if probing else args.steps, 0 if probing else args.warmup)
-        except torch.OutOfMemoryError:  # building the model itself
-            res = {"oom": True}
-        row = {"impl": impl, "cp": cp, "dp": dist.get_world_size() // cp, "seq_len": seq_len, "probe": probing, **res}
-        log(row)
-        if res["oom"]:
-            break
-        last = row
-    trainer = None  # free this setup's model, optimizer and keys before the next
-    clear_cache()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _k(n: int) -> str:
-    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
-
-
-IMPL_ORDER = {"sdpa": 0, "magi": 1, "native": 2}
-
-
-def memory_projection(rows: list[dict], capacity_gb: float | None) -> dict[tuple[str, int], int]:
-    """Per setup, the length whose peak memory reaches 95% of the card (linear through its two longest runs)."""
-    if not capacity_gb:
-        return {}
-    out = {}
-    for key in {(r["impl"], r["cp"]) for r in rows}:
-        ok = sorted((r["seq_len"], r["peak_gb"]) for r in rows
-                    if (r["impl"], r["cp"]) == key and not r.get("skipped") and not r["oom"])
-        if len(ok) < 2 or ok[-1][0] == ok[-2][0] or ok[-1][1] <= ok[-2][1]:
-            continue
-        (s0, m0), (s1, m1) = ok[-2], ok[-1]
-        out[key] = int(s1 + (0.95 * capacity_gb - m1) * (s1 - s0) / (m1 - m0)) // 1024 * 1024
+        pairs = (CP1 + (CP1_EXTRAS if extras else [])) if cp == 1 else CPN
+        out += [Setup(w, c, cp) for w, c in pairs if w in workloads and c in contenders]
     return out
 
 
-def format_table(meta: dict, rows: list[dict]) -> str:
-    lines = [f"End-to-end training, {meta['model']}, {meta['world']} x {meta['device']}, {meta['dtype']}, "
-             f"activation checkpointing, torch {meta['torch']}, {meta['date']}", "",
-             "| attention | cp | dp | seq len | tokens/s per GPU | TFLOP/s per GPU | peak GiB | step s |",
-             "|---|---|---|---|---|---|---|---|"]
-    rows = sorted(rows, key=lambda r: (r["cp"], IMPL_ORDER.get(r["impl"], 9), r["seq_len"]))
-    for r in rows:
-        if r.get("skipped"):
-            cells = [f"not run ({r['skipped']})", "-", "-", "-"]
-        elif r["oom"]:
-            cells = ["OOM", "-", "-", "-"]
-        else:
-            cells = [f"{r['tokens_per_s_per_gpu']:,.0f}", f"{r['tflops_per_gpu']:.3g}", f"{r['peak_gb']:.1f}",
-                     f"{r['step_s']:.2f}"]
-        head = [r["impl"], str(r["cp"]), str(r.get("dp", "-")), _k(r["seq_len"])]
-        lines.append("| " + " | ".join(head + cells) + " |")
-    longest: dict[tuple[str, int], int] = {}
-    for r in rows:
-        if not r.get("skipped") and not r["oom"]:
-            key = (r["impl"], r["cp"])
-            longest[key] = max(longest.get(key, 0), r["seq_len"])
-    lines += ["", "Longest sequence trained (OOM or time limits the rest, see rows): " + ", ".join(
-        f"{impl} cp={cp}: {_k(n)}" for (impl, cp), n in sorted(longest.items()))]
-    projected = memory_projection(rows, meta.get("gpu_memory_gb"))
-    if projected:
-        lines += ["", f"Memory-projected longest sequence (peak memory linear in length from the two longest runs, "
-                      f"to 95% of {meta['gpu_memory_gb']:.0f} GiB): " + ", ".join(
-                          f"{impl} cp={cp}: ~{_k(n)}" for (impl, cp), n in sorted(projected.items()))]
-    if any(r["impl"] == "native" for r in rows):
-        lines += ["", "native: torch's context_parallel (ring attention over causal SDPA, head-tail load balancing, "
-                      "K/V heads repeated for GQA), flexcp.bench.native_cp"]
-    return "\n".join(lines) + "\n"
+# ------------------------------------------------------------------------------------------ trainers
+
+
+# ------------------------------------------------------------------------------------------ batches
+
+
+def batch_for(setup: Setup, size: int, vocab: int, args) -> PackedSequence:
+    """The sequence a setup trains at nominal length ``size`` (identical for every contender of a workload)."""
+    if setup.workload == "packed":
+        return wl.packed_documents(size, vocab, seed=args.seed)
+    if setup.workload == "rollouts":
+        r = wl.rollouts(size, vocab, seed=args.seed, completions=args.completions, prompt_frac=args.prompt_frac,
+                        multiple_of=setup.cp * args.chunk_size if setup.cp > 1 else 1)
+        return r.unshared if setup.unshared else r.shared
+    return wl.causal_sequence(size, vocab, seed=args.seed)
+
+
+def sliding_window_of(trainer: Trainer) -> int | None:
+    w = getattr(trainer.lm.config, "sliding_window", None)
+    return int(w) if w else None
+
+
+# ------------------------------------------------------------------------------------------ measuring
+
+
+def measure(trainer: Trainer, args) -> dict:
+    """Warm-up step(s), then up to ``args.steps`` timed steps (fewer once they pass ``--max-point-s``)."""
+    dev = trainer.device
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    first = [trainer.train_step() for _ in range(args.warmup)]
+    times: list[float] = []
+    last = first[-1] if first else None
+    while len(times) < args.steps:
+        last = trainer.train_step()
+        times.append(last.seconds)
+        (elapsed,) = all_max([sum(times)], dev)
+        if elapsed >= args.max_point_s:
+            break
+    (seconds,) = all_max([sum(times)], dev)
+    world = dist.get_world_size()
+    out = {"steps": len(times), "first_step_s": first[0].seconds if first else None,
+           "loss": (first[0] if first else last).loss, "step_s": seconds / len(times),
+           "tokens_per_s_per_gpu": last.tokens * len(times) / seconds / world,
+           "label_tokens_per_s_per_gpu": last.label_tokens * len(times) / seconds / world}
+    if dev.type == "cuda":
+        out["peak_gib"], out["reserved_gib"] = all_max([torch.cuda.max_memory_allocated(dev) / 2**30,
+                                                        torch.cuda.max_memory_reserved(dev) / 2**30], dev)
+    return out
+
+
+def point_row(setup: Setup, size: int, trainer: Trainer, seq: PackedSequence, res: dict) -> dict:
+    """A table row: the setup, the batch, the attention cells the contender computes, and the measurement."""
+    window = sliding_window_of(trainer)
+    useful = wl.windowed_area(seq, window)
+    row = {"workload": setup.workload, "contender": setup.contender, "cp": setup.cp,
+           "dp": dist.get_world_size() // setup.cp, "size": size, **wl.describe(seq),
+           "window": window, "useful_area": useful, "attn_cells": wl.attention_cells(setup.impl, seq, window), **res}
+    if "step_s" in res:
+        a = trainer.arch
+        flops = model_flops(trainer.matmul_params, seq.input_ids.numel(), useful, **a)
+        row["useful_tflops_per_gpu"] = flops / setup.cp / res["step_s"] / 1e12
+    return row
+
+
+class TrainerCache:
+    """At most one live trainer, rebuilt when the (preset, attention, cp) changes or after a failure."""
+
+    def __init__(self, args) -> None:
+        self.args, self.key, self.trainer, self.initial = args, None, None, None
+
+    def get(self, setup: Setup) -> Trainer:
+        preset, overrides = preset_of(setup.workload, self.args.tiny)
+        key = (preset, json.dumps(overrides, sort_keys=True), setup.impl, setup.cp)
+        if key != self.key:
+            self.drop()
+            self.trainer = build_trainer(setup.impl, setup.cp, preset, overrides, self.args)
+            self.initial, self.key = InitialState(self.trainer), key
+        return self.trainer
+
+    def drop(self) -> None:
+        if self.trainer is not None:
+            self.trainer = self.initial = self.key = None
+            free_trainer()
+
+
+def predict_point_s(last: dict, size: int, args) -> float:
+    """Seconds a point at ``size`` should take from the previous size's row: the first step once (compilation
+    and warm-up do not grow with the length), the other steps quadratic in the length (pessimistic)."""
+    steady = last["step_s"] * (size / last["size"]) ** 2
+    first = last.get("first_step_s") or steady
+    timed = min(args.steps, max(1, int(args.max_point_s // steady) + 1))
+    return first + steady * (timed + max(0, args.warmup - 1))
+
+
+def run_table(setups: list[Setup], args, deadline: float, device: torch.device, log: Callable[[dict], None]) -> None:
+    """Measure every setup at every size in order; a point past ``deadline`` (or after a failure) is not run."""
+    cache = TrainerCache(args)
+    for setup in setups:
+        last: dict | None = None  # the previous size's row
+        failed = False
+        for size in sorted(args.sizes):
+            head = {"workload": setup.workload, "contender": setup.contender, "cp": setup.cp, "size": size}
+            predicted = 0.0 if last is None else predict_point_s(last, size, args)
+            if failed or time.monotonic() + predicted > deadline:
+                log({**head, "skipped": "failed at a shorter length" if failed else "time budget"})
+                continue
+            state: dict[str, Any] = {}
+
+            def point() -> dict:
+                trainer = state["trainer"] = cache.get(setup)
+                seq = state["seq"] = batch_for(setup, size, trainer.lm.config.vocab_size, args)
+                use_sequence(trainer, seq)
+                cache.initial.restore()
+                return measure(trainer, args)
+
+            res = run_guarded(point, device)
+            row = point_row(setup, size, state["trainer"], state["seq"], res) if "seq" in state else {**head, **res}
+            log(row)
+            state.clear()
+            if "step_s" not in res:
+                cache.drop()  # a failed step can leave FSDP / autograd state behind
+                failed = True
+            last = row
+    cache.drop()
+
+
+# ------------------------------------------------------------------------------------------ the launch
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="flexcp bench e2e", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seq-lens", type=int, nargs="+", default=[32768, 65536, 131072])
-    p.add_argument("--probe", type=int, nargs="*", default=[262144, 524288],
-                   help="longer lengths tried with one step each, to find each setup's longest sequence")
-    p.add_argument("--cp", type=int, nargs="+", default=[1, 2, 4], help="CP sizes (magi; native too where > 1)")
-    p.add_argument("--no-sdpa", action="store_true", help="skip the HF SDPA cp=1 baseline")
-    p.add_argument("--native-cp", dest="native_cp", action="store_true", default=True,
-                   help="also run torch's native context parallelism at each --cp size > 1 (default)")
-    p.add_argument("--no-native", dest="native_cp", action="store_false", help="skip the native CP setups")
-    p.add_argument("--preset", default="llama-1b")
-    p.add_argument("--chunk-size", type=int, default=512)
-    p.add_argument("--steps", type=int, default=1, help="timed steps per table length")
+    p.add_argument("--sizes", type=int, nargs="+", default=[32768, 65536], help="sequence lengths (tokens)")
+    p.add_argument("--workloads", nargs="+", default=list(wl.WORKLOADS), choices=wl.WORKLOADS)
+    p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    p.add_argument("--extras", action="store_true",
+                   help="also sdpa on sliding, flex_attention on causal and on unshared rollouts (cp = 1)")
+    p.add_argument("--cp", type=int, nargs="+", default=[1], help="CP sizes (each must divide the world size)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per point (after --warmup)")
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--budget-s", type=float, default=240.0, help="no new measurement starts after this")
-    p.add_argument("--probe-max-s", type=float, default=30.0, help="skip a probe whose predicted step is longer")
+    p.add_argument("--max-point-s", type=float, default=10.0, help="stop timing a point after this many seconds")
+    p.add_argument("--budget-s", type=float, default=1200.0, help="no new point starts after this")
+    p.add_argument("--chunk-size", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0, help="pack / rollout / token seed")
+    p.add_argument("--completions", type=int, default=8, help="completions per rollout prompt")
+    p.add_argument("--prompt-frac", type=float, default=0.25, help="rollout prompt length / S")
+    p.add_argument("--no-probe", dest="probe", action="store_false", help="skip the longest-sequence probe")
+    p.add_argument("--probe-only", action="store_true", help="only the longest-sequence probe (no table)")
+    p.add_argument("--probe-reserve-s", type=float, default=400.0, help="seconds of --budget-s kept for the probe")
+    p.add_argument("--probe-start", type=int, nargs=2, default=[131072, 262144],
+                   help="two lengths whose peak memory gives the probe's linear model")
+    p.add_argument("--probe-granule", type=int, default=32768, help="length resolution of the probe")
+    p.add_argument("--probe-doc-len", type=int, default=8192, help="documents of the probe's packs are cut to this")
+    p.add_argument("--probe-points", type=int, default=3, help="probe steps per mode after the two fit lengths")
+    p.add_argument("--no-offload", dest="offload", action="store_false", help="probe without offloading only")
+    p.add_argument("--host-frac", type=float, default=0.75, help="offloaded activations may use this much host RAM")
     p.add_argument("--out", type=Path, default=Path("results/e2e"))
-    p.add_argument("--cpu", action="store_true",
-                   help="smoke run on CPU with gloo (use --preset tiny and short lengths)")
+    p.add_argument("--replot", type=Path, default=None, help="redraw tables and plot from an e2e.json; no training")
+    p.add_argument("--cpu", action="store_true", help="run on CPU with gloo (with --tiny and short --sizes)")
+    p.add_argument("--tiny", action="store_true", help="tiny presets instead of the 1.1B ones (smoke runs, tests)")
     args = p.parse_args(argv)
-    args.table_lengths = len(args.seq_lens)
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.probe_only and not args.probe:
+        p.error("--probe-only and --no-probe exclude each other")
     return args
+
+
+def _init(args) -> torch.device:
+    timeout = datetime.timedelta(seconds=300)  # a rank stuck after another rank failed gives up
+    if args.cpu:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        device = torch.device("cpu")
+        if not dist.is_initialized():
+            from ..train.parallel import init_distributed
+
+            init_distributed()
+        return device
+    if not torch.cuda.is_available():
+        raise SystemExit("flexcp bench e2e needs a CUDA GPU (torchrun --nproc_per_node N for several), or --cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            from ..train.parallel import free_port
+
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(free_port()))
+        dist.init_process_group("nccl", device_id=device, timeout=timeout)
+    return device
+
+
+def _meta(args, device: torch.device, argv) -> dict:
+    import transformers
+
+    from .e2e_memory import host_memory_gib
+
+    gpu = device.type == "cuda"
+    return {"world": dist.get_world_size(), "device": torch.cuda.get_device_name(device) if gpu else "CPU",
+            "gpu_memory_gib": torch.cuda.get_device_properties(device).total_memory / 2**30 if gpu else None,
+            "host_memory_gib": host_memory_gib(), "dtype": "fp32" if args.cpu else "bf16",
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
+            "sizes": args.sizes, "probe_doc_len": args.probe_doc_len, "steps": args.steps, "warmup": args.warmup,
+            "max_point_s": args.max_point_s,
+            "argv": argv}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if not args.cpu and not torch.cuda.is_available():
-        raise SystemExit("flexcp bench e2e needs CUDA GPUs (launch with torchrun --nproc_per_node N), or --cpu")
+    from . import e2e_report
+
+    if args.replot is not None:
+        data = json.loads(args.replot.read_text())
+        e2e_report.write_outputs(data["meta"], data["rows"], args.replot.parent)
+        return 0
     start = time.monotonic()
-    # a rank stuck in a collective after another rank's OOM gives up instead of hanging for 10 minutes
-    timeout = datetime.timedelta(seconds=300)
-    if args.cpu:
-        device = torch.device("cpu")
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-        dist.init_process_group("gloo", timeout=timeout)
-    else:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device, timeout=timeout)
-    world, rank = dist.get_world_size(), dist.get_rank()
-    name = "CPU" if args.cpu else torch.cuda.get_device_name(device)
-    capacity = None if args.cpu else torch.cuda.get_device_properties(device).total_memory / 2**30
-    meta = {"model": f"preset {args.preset}", "world": world, "device": name, "gpu_memory_gb": capacity,
-            "dtype": "fp32" if args.cpu else "bf16", "torch": torch.__version__,
-            "date": datetime.date.today().isoformat(), "argv": argv}
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # long sequences fragment less
+    # HF compiles flex_attention; a new length compiles its own static kernel, as in a run at one fixed length
+    import torch._dynamo
+
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    owns_group = not dist.is_initialized()
+    device = _init(args)
+    rank = dist.get_rank()
+    meta = _meta(args, device, argv)
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
 
@@ -247,27 +327,28 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         if rank == 0:
             print(json.dumps(row), flush=True)
-            (args.out / "e2e.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+            (args.out / "e2e.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
 
-    if args.native_cp and args.cpu and rank == 0:
-        print("native CP skipped on --cpu: torch's context_parallel runs only the CUDA SDPA kernels", flush=True)
-    native = args.native_cp and not args.cpu
-    setups = [] if args.no_sdpa else [("sdpa", 1)]
-    for cp in (cp for cp in args.cp if world % cp == 0):  # magi cp=N next to native cp=N
-        setups += [("magi", cp)] + ([("native", cp)] if native and cp > 1 else [])
-    setups.sort(key=lambda s: (-s[1], s[0] == "sdpa"))  # largest cp first: the budget cuts the cp = 1 runs
-    lengths = sorted(args.seq_lens) + sorted(args.probe)
-    deadline = start + args.budget_s
+    setups = [] if args.probe_only else build_setups(args.cp, dist.get_world_size(), args.workloads,
+                                                      args.contenders, args.extras)
+    if args.cpu:  # torch's ring attention runs CUDA SDPA only; FlexAttention has no CPU backward
+        dropped = sorted({s.contender for s in setups if s.impl in ("native", "flex_attention")})
+        setups = [s for s in setups if s.impl not in ("native", "flex_attention")]
+        if dropped and rank == 0:
+            print(f"--cpu: not running {', '.join(dropped)} (CUDA only)", flush=True)
     try:
-        for impl, cp in setups:
-            run_setup(impl, cp, lengths, args, deadline, log)
+        reserve = args.probe_reserve_s if args.probe and setups else 0.0
+        run_table(setups, args, start + args.budget_s - reserve, device, log)
+        if args.probe:
+            from .e2e_memory import run_probe
+
+            run_probe(args, start + args.budget_s, device, log)
     finally:
         if rank == 0:
-            (args.out / "e2e.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-            table = format_table(meta, rows)
-            (args.out / "e2e.md").write_text(table)
-            print("\n" + table, flush=True)
-        close_distributed()
+            (args.out / "e2e.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+            print("\n" + e2e_report.write_outputs(meta, rows, args.out), flush=True)
+        if owns_group:
+            close_distributed()
     return 0
 
 

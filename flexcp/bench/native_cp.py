@@ -67,9 +67,14 @@ class NativeCPTrainer(Trainer):
     cp > 1 to magi); the model, built and FSDP-sharded over all ranks as usual, is switched
     to :func:`causal_sdpa_forward`, and the ``(dp, cp)`` mesh replaces the ``(world, 1)`` one
     so data indices, label counts and tokens follow dp = world / cp.
+
+    Native CP has no mask language: ``packed_as_causal=True`` trains a pack of documents as
+    one causal sequence (tokens attend across document boundaries: not the same training,
+    and the full causal triangle of work), which is what a user of native CP must do;
+    otherwise a sequence that is not one causal document is refused.
     """
 
-    def __init__(self, cfg: FinetuneConfig, cp: int) -> None:
+    def __init__(self, cfg: FinetuneConfig, cp: int, packed_as_causal: bool = False) -> None:
         if cfg.model.attn_implementation != "sdpa" or cfg.parallel.cp != 1:
             raise ValueError("NativeCPTrainer: build cfg with model.attn_implementation='sdpa' and parallel.cp=1; "
                              "pass the CP size as cp")
@@ -80,6 +85,7 @@ class NativeCPTrainer(Trainer):
         register_causal_sdpa()
         self.lm.set_attn_implementation(ATTN_NAME)
         self.dims = build_parallel(world // cp, cp, self.device)
+        self.packed_as_causal = packed_as_causal
         self._contexts = ExitStack()
 
     def train_step(self) -> StepMetrics:
@@ -99,9 +105,9 @@ class NativeCPTrainer(Trainer):
             raise ValueError(f"data.seq_len={self.cfg.data.seq_len} must be a multiple of 2 x cp = {2 * cp} "
                              "(head-tail load balancing)")
         n = seq.input_ids.numel()
-        if seq.spec.area() != n * (n + 1) // 2:
+        if not self.packed_as_causal and seq.spec.area() != n * (n + 1) // 2:
             raise ValueError("native CP runs plain causal attention: every sequence must be one causal document "
-                             "(data.kind='recall' with one document per sequence)")
+                             "(data.kind='recall' with one document per sequence), or pass packed_as_causal=True")
         self._contexts.close()  # the previous micro-batch's backward is done
         batch = self._local_batch(seq)  # context_parallel resizes these in place: own copies, not views of seq
         bufs = [batch[k].clone() for k in ("input_ids", "position_ids", "labels")]

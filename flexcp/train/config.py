@@ -44,12 +44,18 @@ class ModelConfig:
     preset: str = "tiny"
     """Built-in Llama-style architecture (random init) used when ``path`` is None."""
     overrides: dict[str, Any] = field(default_factory=dict)
-    """Extra ``LlamaConfig`` fields for the preset (e.g. ``num_hidden_layers``)."""
+    """Extra HF config fields for the preset (e.g. ``num_hidden_layers``)."""
     tokenizer: str | None = None
     """Tokenizer directory; None -> ``path`` if set, else the built-in byte-level tokenizer ("byte")."""
     attn_implementation: str = "magi"
-    """"magi" (flexcp, any mask, any cp) or HF's "sdpa" / "eager" (cp = 1, causal or packed data only)."""
+    """"magi" (flexcp, any mask, any cp) or HF's "sdpa" / "flex_attention" / "eager" (cp = 1, causal or packed data)."""
     activation_checkpointing: bool = False
+    offload_activations: bool = False
+    """Keep the tensors the forward saves for backward in host memory (``torch.autograd.graph.save_on_cpu``).
+
+    With ``activation_checkpointing`` these are each layer's input (plus the final norm's and the loss
+    chunks' inputs): GPU memory per token drops by those, host memory grows by as much, and every step
+    copies them to the host and back (pageable memory: exact sizes, no rounding up)."""
     lora: LoraConfig = field(default_factory=LoraConfig)
 
 
@@ -159,7 +165,7 @@ class FinetuneConfig:
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "flexcp_tokenizer.json")
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.attn_implementation": ("magi", "sdpa", "eager"),
+    "model.attn_implementation": ("magi", "sdpa", "flex_attention", "eager"),
     "data.kind": ("recall", "jsonl", "rollouts"),
     "data.recall.filler": ("repeat", "random"),
     "train.dtype": ("auto", "bf16", "fp32"),
@@ -381,7 +387,7 @@ def _check_model(cfg: FinetuneConfig) -> None:
             raise ConfigError(f"model.preset={m.preset!r} is not one of {', '.join(map(repr, PRESETS))}")
     from .model import check_overrides
 
-    check_overrides(m.overrides, m.path is not None)
+    check_overrides(m.overrides, m.path is not None, m.preset)
     if m.tokenizer is None:
         m.tokenizer = "byte" if m.path is None else m.path
     tok = m.tokenizer

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
@@ -122,6 +123,16 @@ class Trainer:
         local, _ = magi_prepare_batch(self.lm, batch, self.magi.cp_group, chunk_size=self.cfg.parallel.chunk_size)
         return local
 
+    def _saved_tensors(self) -> AbstractContextManager:
+        """Where the forward keeps what backward needs: host memory with ``model.offload_activations``.
+
+        ``save_on_cpu`` with pageable memory: pinned blocks come from torch's caching host
+        allocator, which rounds sizes up to powers of two (up to twice the host memory).
+        """
+        if self.cfg.model.offload_activations:
+            return torch.autograd.graph.save_on_cpu(pin_memory=False)
+        return nullcontext()
+
     def _run(self, seq: PackedSequence) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self._local_batch(seq)
         extra = {"magi_key": batch["magi_key"]} if "magi_key" in batch else {}
@@ -151,7 +162,8 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         hits = torch.zeros((), dtype=torch.float64, device=self.device)
         for seq in seqs:
-            part, correct = self._run(seq)
+            with self._saved_tensors():
+                part, correct = self._run(seq)
             (part / max(n_labels, 1.0)).backward()
             loss_sum += part.detach()
             hits += correct
@@ -260,7 +272,8 @@ class Trainer:
         lora = c.model.lora
         tuned = (f" (LoRA r={lora.r}: {fmt_number(self.trainable_params)} trainable)" if lora.r else "")
         return (f"flexcp finetune: {src}, {self.num_params / 1e6:.1f}M params{tuned}, "
-                f"attention {c.model.attn_implementation!r}; "
+                f"attention {c.model.attn_implementation!r}"
+                + ("; activations offloaded to host" if c.model.offload_activations else "") + "; "
                 f"mesh dp={self.dims.dp} x cp={self.dims.cp} on {self.device.type} "
                 f"({'bf16' if self.bf16 else 'fp32'}); data {c.data.kind!r}, seq_len {c.data.seq_len}, "
                 f"{c.train.grad_accum * self.dims.dp} sequences/step; steps {self.progress.step}->{c.train.steps}"

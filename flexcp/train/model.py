@@ -1,4 +1,4 @@
-"""Model building: a local HF checkpoint (``from_pretrained``, no network) or a built-in Llama preset."""
+"""Model building: a local HF checkpoint (``from_pretrained``, no network) or a built-in preset (random init)."""
 
 from __future__ import annotations
 
@@ -9,20 +9,26 @@ from torch import nn
 
 from .config import ConfigError, ModelConfig
 
+_LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                 num_key_value_heads=8, vocab_size=32000, rope_theta=500000.0)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # the demo's model: a 2-layer Llama that learns the recall task on two CPU cores in two minutes
     # (init std ~ 1.2 / sqrt(hidden): attention logits start large enough to find the value quickly)
     "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, rope_theta=1e6, initializer_range=0.15),
     # about 1.1B parameters (Llama-3.2-1B shapes with a 32k vocabulary): the GPU benchmark's model
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8, vocab_size=32000, rope_theta=500000.0),
+    "llama-1b": _LLAMA_1B,
+    # the same shapes as a Mistral-style model: every layer attends a sliding window of 4096 keys
+    "mistral-1b": dict(_LLAMA_1B, model_type="mistral", sliding_window=4096),
 }
+"""Each preset is HF config fields; ``model_type`` (default ``"llama"``) names the architecture."""
 _PRESET_DEFAULTS = dict(max_position_embeddings=1 << 20, tie_word_embeddings=False, use_cache=False)
 
 
-def check_overrides(overrides: dict[str, Any], has_path: bool) -> None:
-    """Reject ``model.overrides`` that would be ignored: unknown LlamaConfig fields (naming the closest) or any with a path."""
+def check_overrides(overrides: dict[str, Any], has_path: bool, preset: str = "tiny") -> None:
+    """Reject ``model.overrides`` that would be ignored: unknown fields of the preset's config class
+    (``overrides["model_type"]`` or the preset's, naming the closest) or any with a path."""
     if not overrides:
         return
     if has_path:
@@ -31,37 +37,43 @@ def check_overrides(overrides: dict[str, Any], has_path: bool) -> None:
     import difflib
     import inspect
 
-    from transformers import LlamaConfig
+    from transformers import CONFIG_MAPPING
 
-    known = set(LlamaConfig().to_dict()) | set(inspect.signature(LlamaConfig.__init__).parameters) - {"self", "kwargs"}
+    model_type = overrides.get("model_type", PRESETS.get(preset, {}).get("model_type", "llama"))
+    if model_type not in CONFIG_MAPPING:
+        raise ConfigError(f"model.overrides.model_type={model_type!r} is not a transformers model type "
+                          "(e.g. 'llama', 'mistral', 'qwen2')")
+    cls = CONFIG_MAPPING[model_type]
+    known = set(cls().to_dict()) | set(inspect.signature(cls.__init__).parameters) - {"self", "kwargs"}
     for key, value in overrides.items():
         if key in known:
             continue
-        try:  # a legacy key LlamaConfig consumes (e.g. rope_theta) is fine; one it only stores is ignored
-            ignored = key in LlamaConfig(**{key: value}).to_dict()
+        try:  # a legacy key the config consumes (e.g. rope_theta) is fine; one it only stores is ignored
+            ignored = key in cls(**{key: value}).to_dict()
         except (TypeError, ValueError):
             continue  # consumed, and preset_config reports the bad value
         if ignored:
             close = difflib.get_close_matches(str(key), sorted(known), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"model.overrides.{key} is not a LlamaConfig field (it would be ignored){hint}")
+            raise ConfigError(f"model.overrides.{key} is not a {cls.__name__} field (it would be ignored){hint}")
 
 
 def preset_config(name: str, vocab_size: int, overrides: dict[str, Any] | None = None,
                   special_ids: dict[str, int | None] | None = None):
-    """The ``LlamaConfig`` of a preset; ``vocab_size`` is the tokenizer's unless the preset fixes a larger one.
+    """The HF config of a preset; ``vocab_size`` is the tokenizer's unless the preset fixes a larger one.
 
     ``special_ids`` (``bos_token_id``, ``eos_token_id``, ``pad_token_id``) come from the tokenizer.
     """
-    from transformers import LlamaConfig
+    from transformers import AutoConfig
 
-    check_overrides(overrides or {}, has_path=False)
+    check_overrides(overrides or {}, has_path=False, preset=name)
     fields = {**_PRESET_DEFAULTS, **(special_ids or {}), **PRESETS[name], **(overrides or {})}
     fields["vocab_size"] = max(vocab_size, fields.get("vocab_size", 0))
+    model_type = fields.pop("model_type", "llama")
     try:
-        return LlamaConfig(**fields)
+        return AutoConfig.for_model(model_type, **fields)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"model.overrides {overrides} do not make a valid LlamaConfig: {exc}") from None
+        raise ConfigError(f"model.overrides {overrides} do not make a valid {model_type} config: {exc}") from None
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, device: torch.device, seed: int,
