@@ -16,57 +16,52 @@ kernels and runtime (``is_magi_available()`` is always True):
 
 At cp = 1 dispatch is the identity (plus chunk padding), and a model called directly
 with packed ``position_ids`` or a padding ``attention_mask`` gets the matching mask.
-See docs/hf.md for every name.
+All state (active settings, keys, layouts) lives in one object, :data:`.registry.REGISTRY`;
+the seed's module-level state names delegate to it. See docs/hf.md for every name.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
+import types
 from typing import Optional
 
 import torch.distributed as dist
 
 from ..mask import AttnMaskSpec
+from .attn_func import make_magi_attn_func
+from .batch import _packed_cp_doc_seqlens, magi_prepare_batch, magi_prepare_packed_cp, magi_prepare_vlm
+from .heads import _get_head_config, _iter_language_model_attention, _set_cp_group_on_attention
+from .hf_attention import register_magi_attention
+from .keys import DEFAULT_CHUNK_SIZE, _build_self_key, _flex_key_for, _self_key_for, build_flex_key
+from .masks import prefix_tree_position_ids
+from .registry import REGISTRY, SeedView
+from .state import MagiState, get_cp_group, setup_magi
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_CHUNK_SIZE = 512
-"""Dispatch chunk size of the load-balancing solver (MagiAttention's default)."""
-
-_ACTIVE_ATTN_SPEC: Optional[AttnMaskSpec] = None
-"""Mask spec set by :func:`set_active_attn_spec` (None -> the batch's own documents)."""
-_ACTIVE_CP_GROUP: Optional["dist.ProcessGroup"] = None
-"""CP group of the custom-model attn_func (a closure with no module to read it from)."""
-_FLEX_KEY_CACHE: dict = {}
-"""id(cp_group) -> ((spec fingerprint, heads), key): one flex key per group, rebuilt when the mask changes."""
-_MAGI_REGISTERED = False
-"""Whether :func:`register_magi_attention` has run."""
-_MAGI_SELF_KEY_LEN: dict = {}
-"""id(cp_group) -> the sequence length of the last causal self-key."""
 
 
 def set_active_attn_spec(spec: Optional[AttnMaskSpec]) -> None:
     """Set the mask spec the magi attention should apply this step (None clears it)."""
-    global _ACTIVE_ATTN_SPEC
     if spec is not None and not isinstance(spec, AttnMaskSpec):
         raise ValueError(f"spec must be an AttnMaskSpec or None; got {type(spec).__name__}")
-    _ACTIVE_ATTN_SPEC = spec
+    REGISTRY.active_spec = spec
 
 
 def get_active_attn_spec() -> Optional[AttnMaskSpec]:
     """Return the active mask spec (None -> plain causal / the batch's documents)."""
-    return _ACTIVE_ATTN_SPEC
+    return REGISTRY.active_spec
 
 
 def set_active_cp_group(cp_group: Optional["dist.ProcessGroup"]) -> None:
     """Record the CP group the custom-model magi attn_func should use."""
-    global _ACTIVE_CP_GROUP
-    _ACTIVE_CP_GROUP = cp_group
+    REGISTRY.active_cp_group = cp_group
 
 
 def get_active_cp_group() -> Optional["dist.ProcessGroup"]:
     """Return the CP group set by :func:`set_active_cp_group` (may be None)."""
-    return _ACTIVE_CP_GROUP
+    return REGISTRY.active_cp_group
 
 
 def is_magi_available() -> bool:
@@ -74,13 +69,48 @@ def is_magi_available() -> bool:
     return True
 
 
-from .attn_func import make_magi_attn_func  # noqa: E402
-from .batch import _packed_cp_doc_seqlens, magi_prepare_batch, magi_prepare_packed_cp, magi_prepare_vlm  # noqa: E402
-from .heads import _get_head_config, _iter_language_model_attention, _set_cp_group_on_attention  # noqa: E402
-from .hf_attention import register_magi_attention  # noqa: E402
-from .keys import _build_self_key, _flex_key_for, _self_key_for, build_flex_key  # noqa: E402
-from .masks import prefix_tree_position_ids  # noqa: E402
-from .state import MagiState, get_cp_group, setup_magi  # noqa: E402
+class _SeedModule(types.ModuleType):
+    """This package as a module whose seed state names delegate to :data:`.registry.REGISTRY`.
+
+    ``_ACTIVE_ATTN_SPEC``, ``_ACTIVE_CP_GROUP`` and ``_MAGI_REGISTERED`` read and write the
+    registry's settings; ``_FLEX_KEY_CACHE`` (``id(cp_group) -> ((fingerprint, heads), key)``)
+    and ``_MAGI_SELF_KEY_LEN`` (``id(cp_group) -> seqlen``) are read-only snapshots.
+    """
+
+    @property
+    def _ACTIVE_ATTN_SPEC(self) -> Optional[AttnMaskSpec]:
+        return REGISTRY.active_spec
+
+    @_ACTIVE_ATTN_SPEC.setter
+    def _ACTIVE_ATTN_SPEC(self, spec: Optional[AttnMaskSpec]) -> None:
+        set_active_attn_spec(spec)
+
+    @property
+    def _ACTIVE_CP_GROUP(self) -> Optional["dist.ProcessGroup"]:
+        return REGISTRY.active_cp_group
+
+    @_ACTIVE_CP_GROUP.setter
+    def _ACTIVE_CP_GROUP(self, cp_group: Optional["dist.ProcessGroup"]) -> None:
+        REGISTRY.active_cp_group = cp_group
+
+    @property
+    def _MAGI_REGISTERED(self) -> bool:
+        return REGISTRY.registered
+
+    @_MAGI_REGISTERED.setter
+    def _MAGI_REGISTERED(self, value: bool) -> None:
+        REGISTRY.registered = bool(value)
+
+    @property
+    def _FLEX_KEY_CACHE(self) -> SeedView:
+        return REGISTRY.seed_flex_keys()
+
+    @property
+    def _MAGI_SELF_KEY_LEN(self) -> SeedView:
+        return REGISTRY.seed_self_key_lens()
+
+
+sys.modules[__name__].__class__ = _SeedModule
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",

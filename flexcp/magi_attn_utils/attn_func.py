@@ -9,14 +9,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-import flexcp.magi_attn_utils as _state
-
 from ..mask import AttnMaskSpec
 from ..runtime import calc_attn
 from ..runtime.key import group_info
 from .amp import attend_in_autocast_dtype
 from .keys import resolve_key, window_key
 from .masks import as_numpy, cu_seqlens_layout, documents
+from .registry import REGISTRY
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,7 @@ def make_magi_attn_func(softmax_scale: float | None = None) -> Callable[..., tor
     """
 
     def magi_attn_func(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **call_kwargs: Any) -> torch.Tensor:
-        cp_group = _state._ACTIVE_CP_GROUP
+        cp_group = REGISTRY.active_cp_group
         if cp_group is None:
             return _sdpa_causal(q, k, v, softmax_scale)
         if q.dim() not in (3, 4) or k.dim() != q.dim() or v.dim() != q.dim():

@@ -1,9 +1,10 @@
 """Batch preparation: one step's mask and layout key, and the batch dispatched with it.
 
-Every prep function turns the *global* batch (the same on every CP rank) into one flat
-sequence, builds the mask of that sequence (documents, prefix tree, padding), builds the
-layout key over the CP group, and dispatches every per-token field with it: input ids,
-the tokens' real positions (RoPE), and pre-shifted labels (padding -> -100).
+Both dispatching prep functions turn the *global* batch (the same on every CP rank) into
+one flat sequence and its mask (documents, prefix tree, padding), then take one path,
+:func:`_prepare`: build the layout key over the CP group, dispatch every per-token field
+with it (input ids, the tokens' real positions for RoPE, pre-shifted labels with padding
+-> -100) and register the layout with the registry.
 """
 
 from __future__ import annotations
@@ -14,18 +15,19 @@ from typing import Any
 import numpy as np
 import torch
 
-import flexcp.magi_attn_utils as _state
-
 from ..mask import AttnMaskSpec
 from ..runtime import DistAttnKey, build_key, dispatch
 from ..runtime.key import group_info
 from .heads import _get_head_config, _iter_language_model_attention, _set_cp_group_on_attention, _unwrap
-from .keys import build_flex_key, register_layout
+from .keys import DEFAULT_CHUNK_SIZE, flex_chunk_size
 from .masks import as_numpy, clean_cu_seqlens, cu_seqlens_layout, documents, row_positions
+from .registry import REGISTRY
 
 IGNORE_INDEX = -100
 LAYOUT_FIELDS = ("attention_mask", "cu_seqlens", "cu_seqlens_padded", "attn_spec", "max_seqlen", "qkv_format")
 """Batch fields the dispatched batch no longer carries: the key holds what they described."""
+PREPARED_FIELDS = ("position_ids", "labels", "shift_labels")
+"""Per-token fields ``magi_prepare_batch`` derives itself (real positions, flat pre-shifted labels)."""
 
 
 def _input_ids(batch: dict) -> torch.Tensor:
@@ -49,7 +51,7 @@ def _mask_and_positions(batch: dict, b: int, s: int) -> tuple[AttnMaskSpec, np.n
     padding = batch.get("attention_mask")
     spec = batch.get("attn_spec")
     if spec is None:
-        spec = _state._ACTIVE_ATTN_SPEC
+        spec = REGISTRY.active_spec
     if spec is not None:
         if not isinstance(spec, AttnMaskSpec) or spec.total_seqlen != b * s:
             total = spec.total_seqlen if isinstance(spec, AttnMaskSpec) else type(spec).__name__
@@ -70,15 +72,14 @@ def _mask_and_positions(batch: dict, b: int, s: int) -> tuple[AttnMaskSpec, np.n
     return documents(b, s, pos, padding), row_positions(b, s, pos)
 
 
-def _per_token(batch: dict, b: int, s: int, fn) -> dict:
-    """``batch`` without its layout fields, ``fn`` applied to every other ``[B, S]`` tensor field."""
-    out = {}
+def _split(batch: dict, b: int, s: int) -> tuple[dict, dict]:
+    """``batch`` without its layout fields, as ``(its [B, S] tensor fields, the other fields)``."""
+    rows, rest = {}, {}
     for name, value in batch.items():
-        if name in LAYOUT_FIELDS:
-            continue
-        per_token = isinstance(value, torch.Tensor) and tuple(value.shape) == (b, s)
-        out[name] = fn(value) if per_token else value
-    return out
+        if name not in LAYOUT_FIELDS:
+            per_token = isinstance(value, torch.Tensor) and tuple(value.shape) == (b, s)
+            (rows if per_token else rest)[name] = value
+    return rows, rest
 
 
 def _flat_labels(labels: torch.Tensor, spec: AttnMaskSpec) -> torch.Tensor:
@@ -91,11 +92,27 @@ def _flat_labels(labels: torch.Tensor, spec: AttnMaskSpec) -> torch.Tensor:
     return flat
 
 
-def _dispatch_rows(x: torch.Tensor, key: DistAttnKey, pad_value: float = 0) -> torch.Tensor:
-    return dispatch(x.reshape(-1), key, pad_value=pad_value).unsqueeze(0)
+def _prepare(model, cp_group, spec: AttnMaskSpec, positions: np.ndarray, chunk_size: int,
+             fields: dict[str, torch.Tensor], labels: torch.Tensor | None) -> tuple[dict, DistAttnKey]:
+    """The one preparation path: the layout key of ``spec``, the flat dispatched fields, the registered layout.
+
+    Returns ``({name: local flat tensor}, key)`` for every field in ``fields`` (any shape
+    with one entry per token), ``position_ids`` (the real ``positions``) and, when given,
+    ``labels`` (pre-shifted; padding -> -100).
+    """
+    heads = _get_head_config(_unwrap(model))
+    key = build_key(spec, cp_group, num_heads_q=heads[0], num_heads_kv=heads[1], head_dim=heads[2],
+                    chunk_size=chunk_size)
+    device = fields["input_ids"].device
+    out = {name: dispatch(x.reshape(-1), key) for name, x in fields.items()}
+    out["position_ids"] = dispatch(torch.from_numpy(positions).to(device), key)
+    if labels is not None:
+        out["labels"] = dispatch(_flat_labels(labels, spec), key, pad_value=IGNORE_INDEX)
+    REGISTRY.register_layout(key, positions, prepared=True, local_positions=as_numpy(out["position_ids"]))
+    return out, key
 
 
-def magi_prepare_batch(model, batch: dict, cp_group, chunk_size: int = _state.DEFAULT_CHUNK_SIZE):
+def magi_prepare_batch(model, batch: dict, cp_group, chunk_size: int = DEFAULT_CHUNK_SIZE):
     """Dispatch a batch for magi attention on the HF path; returns ``(new_batch, key)``.
 
     Builds the step's mask over the flattened batch (rows become documents; position
@@ -119,18 +136,15 @@ def magi_prepare_batch(model, batch: dict, cp_group, chunk_size: int = _state.DE
     ids = _input_ids(batch)
     b, s = ids.shape
     spec, positions = _mask_and_positions(batch, b, s)
-    heads = _get_head_config(_unwrap(model))
-    key = build_key(spec, cp_group, num_heads_q=heads[0], num_heads_kv=heads[1], head_dim=heads[2],
-                    chunk_size=chunk_size)
-    new_batch = _per_token(batch, b, s, lambda x: _dispatch_rows(x, key))
-    new_batch["input_ids"] = _dispatch_rows(ids, key)
-    new_batch["position_ids"] = _dispatch_rows(torch.from_numpy(positions).to(ids.device), key)
+    rows, new_batch = _split(batch, b, s)
+    rows = {name: x for name, x in rows.items() if name not in PREPARED_FIELDS}
+    rows["input_ids"] = ids
     labels = batch.get("labels") if batch.get("labels") is not None else batch.get("shift_labels")
+    local, key = _prepare(model, cp_group, spec, positions, chunk_size, rows, labels)
+    new_batch.update({name: x.unsqueeze(0) for name, x in local.items()})
     if labels is not None:
-        local = _dispatch_rows(_flat_labels(labels, spec), key, pad_value=IGNORE_INDEX)
-        new_batch["labels"] = new_batch["shift_labels"] = local  # shift_labels: HF must not shift again
+        new_batch["shift_labels"] = new_batch["labels"]  # shift_labels: HF must not shift again
     new_batch["magi_key"] = key
-    register_layout(key, positions, prepared=True, local_positions=as_numpy(new_batch["position_ids"]).reshape(-1))
     _set_cp_group_on_attention(model, cp_group)
     return new_batch, key
 
@@ -176,16 +190,9 @@ def magi_prepare_packed_cp(model, batch: dict, cp_group):
     spec, doc_pos = cu_seqlens_layout(cu, cu_padded, total)
     pos = batch.get("position_ids")
     positions = doc_pos if pos is None else row_positions(1, total, pos.reshape(-1))
-    heads = _get_head_config(_unwrap(model))
-    key = build_flex_key(spec, *heads, cp_group)
-    new_batch = {
-        "input_ids": dispatch(ids, key),
-        "position_ids": dispatch(torch.from_numpy(positions).to(ids.device), key),
-        "qkv_format": "thd",
-    }
-    register_layout(key, positions, prepared=True, local_positions=as_numpy(new_batch["position_ids"]))
-    if batch.get("labels") is not None:
-        new_batch["labels"] = dispatch(_flat_labels(batch["labels"], spec), key, pad_value=IGNORE_INDEX)
+    new_batch, key = _prepare(model, cp_group, spec, positions, flex_chunk_size(spec, cp_group), {"input_ids": ids},
+                              batch.get("labels"))
+    new_batch["qkv_format"] = "thd"
     return new_batch, key
 
 
@@ -222,7 +229,8 @@ def to_thd(batch: dict) -> dict:
     """
     ids = _input_ids(batch)
     b, s = ids.shape
-    out: dict[str, Any] = _per_token(batch, b, s, lambda x: x.reshape(-1))
+    rows, rest = _split(batch, b, s)
+    out: dict[str, Any] = {**rest, **{name: x.reshape(-1) for name, x in rows.items()}}
     out["qkv_format"] = "thd"
     if batch.get("cu_seqlens") is not None:
         for name in ("cu_seqlens", "cu_seqlens_padded"):

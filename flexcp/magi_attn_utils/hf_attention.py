@@ -10,19 +10,19 @@ logit softcap. The mask function makes transformers skip its dense 4-D masks: it
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-import flexcp.magi_attn_utils as _state
-
 from ..mask import AttnMaskSpec
 from ..runtime import calc_attn
 from .amp import attend_in_autocast_dtype
 from .keys import resolve_key, window_key
 from .masks import documents, row_positions
+from .registry import REGISTRY
 
 ATTN_NAME = "magi"
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -181,15 +181,15 @@ def register_magi_attention() -> None:
     ``ALL_ATTENTION_FUNCTIONS``) and :func:`magi_mask_function` in
     ``AttentionMaskInterface``, so ``attn_implementation="magi"`` never builds a 4-D mask.
     """
-    if _state._MAGI_REGISTERED:
+    if REGISTRY.registered:
         return
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTN_NAME, magi_attention_forward)
     AttentionMaskInterface.register(ATTN_NAME, magi_mask_function)
-    _state._MAGI_REGISTERED = True
-    _state.logger.info("Registered the 'magi' attention backend (flexcp) in transformers.")
+    REGISTRY.registered = True
+    logging.getLogger(__package__).info("Registered the 'magi' attention backend (flexcp) in transformers.")
 
 
 __all__ = ["magi_attention_forward", "magi_mask_function", "register_magi_attention"]

@@ -1,44 +1,28 @@
-"""Dist-attn keys of the magi paths: the seed's builders and caches, layouts, window keys, key lookup.
+"""Dist-attn keys of the magi paths: the seed's builders and cached lookups, window keys, key lookup.
 
-A *layout key* is the key tokens were dispatched with (built by ``magi_prepare_*`` or here
-from a mask seen at cp = 1). Its registry entry remembers the tokens' real positions and
-the window keys derived from it: a sliding-window layer attends with a key whose mask is
+The keys, layouts and their eviction live in :data:`.registry.REGISTRY`; this module builds
+keys and decides which one an attention call runs with. A *layout key* is the key tokens
+were dispatched with (built by ``magi_prepare_*`` or here from a mask seen at cp = 1). Its
+registry entry remembers the tokens' real positions and the window keys derived from it: a sliding-window layer attends with a key whose mask is
 the layout's mask restricted to the window (in real positions) and whose token layout is
 the layout key's (``build_key(dispatch_spec=...)``), so every layer sees the same shard.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
-import flexcp.magi_attn_utils as _state
-
+from ..dispatch import DEFAULT_CHUNK_SIZE
 from ..mask import AttnMaskSpec, causal
 from ..runtime import DistAttnKey, build_key, get_most_recent_key
-from ..runtime.key import group_info, lookup
+from ..runtime.key import find, group_info, lookup
 from .masks import windowed
+from .registry import REGISTRY, same_positions
 
 Heads = tuple[int, int, int]
 """``(num_heads_q, num_heads_kv, head_dim)``."""
-
-MAX_LAYOUTS = 64
-"""Layout keys remembered (with their positions and window keys); older ones are forgotten."""
-
-
-@dataclass
-class _Layout:
-    positions: np.ndarray | None  # real position of each global token; None -> flat index
-    prepared: bool  # built by magi_prepare_*: the step's key for the get_most_recent_key fallback
-    local_positions: np.ndarray | None = None  # this rank's dispatched positions (what the model is called with)
-    windows: dict[int, DistAttnKey] = field(default_factory=dict)
-
-
-_LAYOUTS: "OrderedDict[DistAttnKey, _Layout]" = OrderedDict()
-_PARENT: dict[DistAttnKey, DistAttnKey] = {}  # window key -> its layout key
 
 
 class LocalLayout(Protocol):
@@ -47,14 +31,6 @@ class LocalLayout(Protocol):
     def spec(self) -> AttnMaskSpec: ...
 
     def positions(self) -> np.ndarray | None: ...
-
-
-def _alive(key: DistAttnKey) -> bool:
-    try:
-        lookup(key)
-    except ValueError:  # the runtime cache was cleared
-        return False
-    return True
 
 
 def _heads(key: DistAttnKey) -> Heads:
@@ -71,19 +47,22 @@ def build_flex_key(spec: AttnMaskSpec, num_heads_q: int, num_heads_kv: int, head
     """
     if not isinstance(spec, AttnMaskSpec):
         raise ValueError(f"spec must be a flexcp AttnMaskSpec; got {type(spec).__name__}")
-    chunk = max(spec.total_seqlen, 1) if group_info(cp_group)[0] == 1 else _state.DEFAULT_CHUNK_SIZE
     return build_key(spec, cp_group, num_heads_q=int(num_heads_q), num_heads_kv=int(num_heads_kv),
-                     head_dim=int(head_dim), chunk_size=chunk)
+                     head_dim=int(head_dim), chunk_size=flex_chunk_size(spec, cp_group))
+
+
+def flex_chunk_size(spec: AttnMaskSpec, cp_group) -> int:
+    """The chunk size of :func:`build_flex_key`: the whole sequence at cp = 1, else ``DEFAULT_CHUNK_SIZE``."""
+    return max(spec.total_seqlen, 1) if group_info(cp_group)[0] == 1 else DEFAULT_CHUNK_SIZE
 
 
 def _flex_key_for(cp_group, spec: AttnMaskSpec, num_heads_q: int, num_heads_kv: int, head_dim: int) -> DistAttnKey:
     """Return the flex key for ``spec``, rebuilding only when the mask (or head config) changes."""
     ident = (spec.fingerprint(), int(num_heads_q), int(num_heads_kv), int(head_dim))
-    cached = _state._FLEX_KEY_CACHE.get(id(cp_group))
-    if cached is not None and cached[0] == ident and _alive(cached[1]):
-        return cached[1]
-    key = build_flex_key(spec, num_heads_q, num_heads_kv, head_dim, cp_group)
-    _state._FLEX_KEY_CACHE[id(cp_group)] = (ident, key)
+    key = REGISTRY.flex_key(cp_group, ident)
+    if key is None:
+        key = build_flex_key(spec, num_heads_q, num_heads_kv, head_dim, cp_group)
+        REGISTRY.set_flex_key(cp_group, ident, key)
     return key
 
 
@@ -109,66 +88,24 @@ def _self_key_for(cp_group, seqlen: int, num_heads_q: int, num_heads_kv: int, he
     very mask and head config, so another key built in between is never mistaken for it).
     """
     heads = (int(num_heads_q), int(num_heads_kv), int(head_dim))
-    if _state._MAGI_SELF_KEY_LEN.get(id(cp_group)) == int(seqlen):
+    if REGISTRY.self_key_len(cp_group) == int(seqlen):
         key = get_most_recent_key(cp_group)
-        if key is not None and key.mask == causal(int(seqlen)).fingerprint() and _heads(key) == heads and _alive(key):
+        if key is not None and key.mask == causal(int(seqlen)).fingerprint() and _heads(key) == heads and find(key) is not None:
             return key
     key = _build_self_key(cp_group, seqlen, *heads, device)
-    _state._MAGI_SELF_KEY_LEN[id(cp_group)] = int(seqlen)
+    REGISTRY.set_self_key_len(cp_group, seqlen)
     return key
 
 
-# ------------------------------------------------------------------------- layouts and windows
-def register_layout(
-    key: DistAttnKey, positions: np.ndarray | None, prepared: bool, local_positions: np.ndarray | None = None
-) -> None:
-    """Remember a layout key's real token positions.
-
-    ``prepared`` marks a ``magi_prepare_*`` key, whose ``local_positions`` (the dispatched
-    position ids) later tell whether a model call without ``magi_key`` runs on its batch.
-    """
-    old = _LAYOUTS.pop(key, None)
-    if old is not None and positions is None:
-        positions = old.positions
-    if old is not None and old.prepared and not prepared:
-        prepared, local_positions = True, old.local_positions
-    info = _Layout(positions, prepared, local_positions)
-    if old is not None and _same_positions(old.positions, positions):
-        info.windows = old.windows
-    elif old is not None:
-        _forget_windows(old)
-    _LAYOUTS[key] = info
-    while len(_LAYOUTS) > MAX_LAYOUTS:
-        _forget_windows(_LAYOUTS.popitem(last=False)[1])
-
-
-def _same_positions(a: np.ndarray | None, b: np.ndarray | None) -> bool:
-    if a is None or b is None:
-        return a is b
-    return a.shape == b.shape and bool(np.array_equal(a, b))
-
-
-def _forget_windows(info: _Layout) -> None:
-    for wkey in info.windows.values():
-        _PARENT.pop(wkey, None)
-
-
-def layout_key(key: DistAttnKey) -> DistAttnKey:
-    """The layout key a (window) key belongs to."""
-    return _PARENT.get(key, key)
-
-
+# ------------------------------------------------------------------------------------ windows
 def window_key(key: DistAttnKey, window: int) -> DistAttnKey:
     """The key of ``key``'s mask restricted to a sliding ``window``, over ``key``'s token layout."""
-    base = layout_key(key)
+    base = REGISTRY.layout_key(key)
     if base.layout != ():
         raise ValueError("cannot derive a sliding-window key from a key built with dispatch_spec; pass its layout key")
-    info = _LAYOUTS.get(base)
-    if info is None:
-        register_layout(base, None, prepared=False)
-        info = _LAYOUTS[base]
-    cached = info.windows.get(int(window))
-    if cached is not None and _alive(cached):
+    info = REGISTRY.layout(base) or REGISTRY.register_layout(base, None, prepared=False)
+    cached = REGISTRY.window(info, window)
+    if cached is not None:
         return cached
     entry = lookup(base)
     spec = windowed(entry.spec, window, info.positions)
@@ -178,8 +115,7 @@ def window_key(key: DistAttnKey, window: int) -> DistAttnKey:
         wkey = build_key(spec, entry.group, num_heads_q=base.num_heads_q, num_heads_kv=base.num_heads_kv,
                          head_dim=base.head_dim, chunk_size=base.chunk_size, solver=base.solver,
                          num_stages=base.num_stages, dispatch_spec=entry.spec)
-        _PARENT[wkey] = base
-    info.windows[int(window)] = wkey
+    REGISTRY.add_window(base, info, window, wkey)
     return wkey
 
 
@@ -206,16 +142,16 @@ def _prepared_recent(cp_group, q_len: int, local: LocalLayout | None) -> DistAtt
     key = get_most_recent_key(cp_group)
     if key is None:
         return None
-    base = layout_key(key)
-    info = _LAYOUTS.get(base)
-    if info is None or not info.prepared or not _alive(base) or lookup(base).plan.local_len != q_len:
+    base = REGISTRY.layout_key(key)
+    info = REGISTRY.layout(base)
+    if info is None or not info.prepared or lookup(base).plan.local_len != q_len:
         return None
     seen = local.positions() if local is not None and info.local_positions is not None else None
-    return base if seen is None or _same_positions(seen, info.local_positions) else None
+    return base if seen is None or same_positions(seen, info.local_positions) else None
 
 
 def _check_active(key: DistAttnKey) -> DistAttnKey:
-    active = _state._ACTIVE_ATTN_SPEC
+    active = REGISTRY.active_spec
     if active is not None and key.mask != active.fingerprint():
         raise ValueError(
             "the active spec (set_active_attn_spec) is not the mask of this step's key; call magi_prepare_batch "
@@ -226,7 +162,7 @@ def _check_active(key: DistAttnKey) -> DistAttnKey:
 
 def _local_key(cp_group, heads: Heads, spec: AttnMaskSpec, positions: np.ndarray | None) -> DistAttnKey:
     key = _flex_key_for(cp_group, spec, *heads)
-    register_layout(key, positions, prepared=False)
+    REGISTRY.register_layout(key, positions, prepared=False)
     return key
 
 
@@ -267,7 +203,7 @@ def resolve_key(
         return _check_active(_fits(recent, q_len, heads, "the step's key"))
     if binding:
         return _local_key(cp_group, heads, local.spec(), local.positions())
-    active = _state._ACTIVE_ATTN_SPEC
+    active = REGISTRY.active_spec
     if active is not None and active.total_seqlen == q_len:
         return _local_key(cp_group, heads, active, local.positions() if local is not None else None)
     recent = _prepared_recent(cp_group, q_len, local)
@@ -284,13 +220,13 @@ def resolve_key(
 
 
 __all__ = [
+    "DEFAULT_CHUNK_SIZE",
     "LocalLayout",
     "_build_self_key",
     "_flex_key_for",
     "_self_key_for",
     "build_flex_key",
-    "layout_key",
-    "register_layout",
+    "flex_chunk_size",
     "resolve_key",
     "window_key",
 ]

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch.distributed as dist
 
-import flexcp.magi_attn_utils as _state
-
 from .batch import magi_prepare_batch, magi_prepare_packed_cp, magi_prepare_vlm, to_thd
 from .hf_attention import register_magi_attention
+from .keys import DEFAULT_CHUNK_SIZE
+from .registry import REGISTRY
 
 _MISSING = object()
 
@@ -60,7 +61,7 @@ class MagiState:
     custom: bool = False
     cp_group: dist.ProcessGroup | None = None
     cp_size: int = 1
-    chunk_size: int = _state.DEFAULT_CHUNK_SIZE
+    chunk_size: int = DEFAULT_CHUNK_SIZE
     """Dispatch chunk size for ``prepare_llm_batch`` (flexcp addition; config ``magi.chunk_size``)."""
 
     @property
@@ -121,14 +122,14 @@ def setup_magi(cfg, device_mesh, label: str = "") -> MagiState:
     cp_group = get_cp_group(device_mesh)
     cp_size = _group_size(cp_group)
     if custom:
-        _state.set_active_cp_group(cp_group)
-    _state.logger.info(
+        REGISTRY.active_cp_group = cp_group
+    logging.getLogger(__package__).info(
         "magi attention (flexcp) enabled%s (%s, cp_size=%d).",
         f" for {label}" if label else "",
         "custom-model factory" if custom else "HF backend",
         cp_size,
     )
-    chunk_size = int(_cfg_get(cfg, "magi.chunk_size") or _state.DEFAULT_CHUNK_SIZE)
+    chunk_size = int(_cfg_get(cfg, "magi.chunk_size") or DEFAULT_CHUNK_SIZE)
     if chunk_size < 1:
         raise ValueError(f"magi.chunk_size must be a positive number of tokens; got {chunk_size}")
     return MagiState(enabled=True, custom=custom, cp_group=cp_group, cp_size=cp_size, chunk_size=chunk_size)

@@ -139,14 +139,17 @@ def remember(key: DistAttnKey, entry: KeyEntry) -> None:
             del _ENTRIES[old]
 
 
+def find(key: DistAttnKey) -> KeyEntry | None:
+    """The entry of a key built on this process, or None if it was never built or was evicted."""
+    return _ENTRIES.get(key)
+
+
 def lookup(key: DistAttnKey) -> KeyEntry:
     """The entry of a key built on this process (a clear error if it was never built or was evicted)."""
-    try:
-        return _ENTRIES[key]
-    except KeyError:
-        raise ValueError(
-            "this DistAttnKey is not built on this process (or was evicted/cleared); call build_key again"
-        ) from None
+    entry = find(key)
+    if entry is None:
+        raise ValueError("this DistAttnKey is not built on this process (or was evicted/cleared); call build_key again")
+    return entry
 
 
 def most_recent(group: dist.ProcessGroup | None) -> DistAttnKey | None:

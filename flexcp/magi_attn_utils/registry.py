@@ -1,0 +1,176 @@
+"""The HF backend's state: one registry owns the active settings, the keys and layouts, and their eviction.
+
+State is per CP group, keyed by the group's identity as the runtime names it (the
+``group_id`` of ``group_info``: group name and ranks, which every ``DistAttnKey`` carries),
+never by ``id()``. One eviction rule: a group keeps its ``MAX_LAYOUTS`` most recently
+registered layout keys (a layout's window keys go with it) and one flex key and one
+self-key length (replaced on write); an entry whose key the runtime no longer holds
+(evicted, or ``clear_cache``) reads as absent.
+
+Only this module's :data:`REGISTRY` holds the state and only the magi_attn_utils modules
+write it (through its methods). The seed's module-level names in ``flexcp.magi_attn_utils``
+delegate to it: ``_ACTIVE_ATTN_SPEC``, ``_ACTIVE_CP_GROUP`` and ``_MAGI_REGISTERED`` read and
+write its settings; ``_FLEX_KEY_CACHE`` and ``_MAGI_SELF_KEY_LEN`` are read-only snapshots in
+the seed's shape (``id(cp_group) -> ...``).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+import numpy as np
+
+from ..mask import AttnMaskSpec
+from ..runtime import DistAttnKey
+from ..runtime.key import find, group_info
+
+MAX_LAYOUTS = 64
+"""Layout keys a group remembers (with their positions and window keys); older ones are forgotten."""
+
+
+@dataclass
+class Layout:
+    """What the registry knows about a layout key (a key tokens were dispatched with)."""
+
+    positions: np.ndarray | None  # real position of each global token; None -> flat index
+    prepared: bool  # built by magi_prepare_*: the step's key for the get_most_recent_key fallback
+    local_positions: np.ndarray | None = None  # this rank's dispatched positions (what the model is called with)
+    windows: dict[int, DistAttnKey] = field(default_factory=dict)
+
+
+@dataclass
+class _Group:
+    """One CP group's entries."""
+
+    group: Any = None  # the group object last seen with this identity (the seed's views are keyed by its id())
+    flex: tuple[tuple, DistAttnKey] | None = None  # (spec fingerprint + heads, key) of _flex_key_for
+    self_len: int | None = None  # sequence length of the last causal self-key
+    layouts: "OrderedDict[DistAttnKey, Layout]" = field(default_factory=OrderedDict)
+    parents: dict[DistAttnKey, DistAttnKey] = field(default_factory=dict)  # window key -> its layout key
+
+
+def same_positions(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    """Whether two position arrays (or ``None``) are equal."""
+    if a is None or b is None:
+        return a is b
+    return a.shape == b.shape and bool(np.array_equal(a, b))
+
+
+class SeedView(dict):
+    """A read-only snapshot in the shape of one of the seed's module-level caches."""
+
+    def _read_only(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise TypeError("this seed cache is a read-only view of flexcp.magi_attn_utils.registry.REGISTRY, "
+                        "which owns the keys; build keys with build_flex_key / _flex_key_for instead")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _read_only
+
+
+class MagiRegistry:
+    """The active settings of the magi backend and, per CP group, its keys and layouts."""
+
+    def __init__(self) -> None:
+        self.active_spec: AttnMaskSpec | None = None
+        """Mask spec set by ``set_active_attn_spec`` (None -> the batch's own documents)."""
+        self.active_cp_group: Any = None
+        """CP group of the custom-model attn_func (a closure with no module to read it from)."""
+        self.registered = False
+        """Whether ``register_magi_attention`` has run."""
+        self._groups: dict[str, _Group] = {}
+
+    # ------------------------------------------------------------------------------ groups
+    def _record(self, group_id: str) -> _Group:
+        record = self._groups.get(group_id)
+        if record is None:
+            record = self._groups[group_id] = _Group()
+        return record
+
+    def _group(self, cp_group: Any) -> _Group:
+        record = self._record(group_info(cp_group)[2])
+        record.group = cp_group
+        return record
+
+    # ------------------------------------------------------------------- the seed's slots
+    def flex_key(self, cp_group: Any, ident: tuple) -> DistAttnKey | None:
+        """The group's flex key if it was built for ``ident`` and is still built."""
+        cached = self._group(cp_group).flex
+        return cached[1] if cached is not None and cached[0] == ident and find(cached[1]) is not None else None
+
+    def set_flex_key(self, cp_group: Any, ident: tuple, key: DistAttnKey) -> None:
+        self._group(cp_group).flex = (ident, key)
+
+    def self_key_len(self, cp_group: Any) -> int | None:
+        """The sequence length of the group's last causal self-key."""
+        return self._group(cp_group).self_len
+
+    def set_self_key_len(self, cp_group: Any, seqlen: int) -> None:
+        self._group(cp_group).self_len = int(seqlen)
+
+    def seed_flex_keys(self) -> SeedView:
+        """``_FLEX_KEY_CACHE``: ``id(cp_group) -> ((fingerprint, heads), key)``."""
+        return SeedView({id(g.group): g.flex for g in self._groups.values() if g.flex is not None})
+
+    def seed_self_key_lens(self) -> SeedView:
+        """``_MAGI_SELF_KEY_LEN``: ``id(cp_group) -> seqlen``."""
+        return SeedView({id(g.group): g.self_len for g in self._groups.values() if g.self_len is not None})
+
+    # ---------------------------------------------------------------- layouts and windows
+    def register_layout(self, key: DistAttnKey, positions: np.ndarray | None, prepared: bool,
+                        local_positions: np.ndarray | None = None) -> Layout:
+        """Remember (or refresh) a layout key's real token positions; returns its entry.
+
+        ``prepared`` marks a ``magi_prepare_*`` key, whose ``local_positions`` (the dispatched
+        position ids) later tell whether a model call without ``magi_key`` runs on its batch.
+        A refresh without positions keeps the known ones, and a prepared entry stays
+        prepared; window keys survive only if the positions did not change.
+        """
+        group = self._record(key.group_id)
+        old = group.layouts.pop(key, None)
+        if old is not None and positions is None:
+            positions = old.positions
+        if old is not None and old.prepared and not prepared:
+            prepared, local_positions = True, old.local_positions
+        info = Layout(positions, prepared, local_positions)
+        if old is not None and same_positions(old.positions, positions):
+            info.windows = old.windows
+        elif old is not None:
+            self._forget_windows(old)
+        group.layouts[key] = info
+        while len(group.layouts) > MAX_LAYOUTS:
+            self._forget_windows(group.layouts.popitem(last=False)[1])
+        return info
+
+    def _forget_windows(self, info: Layout) -> None:
+        for wkey in info.windows.values():
+            self._record(wkey.group_id).parents.pop(wkey, None)
+
+    def layout_key(self, key: DistAttnKey) -> DistAttnKey:
+        """The layout key a (window) key belongs to."""
+        record = self._groups.get(key.group_id)
+        return key if record is None else record.parents.get(key, key)
+
+    def layout(self, key: DistAttnKey) -> Layout | None:
+        """The entry of a layout key, if remembered and still built."""
+        record = self._groups.get(key.group_id)
+        info = None if record is None else record.layouts.get(key)
+        return info if info is not None and find(key) is not None else None
+
+    @staticmethod
+    def window(info: Layout, window: int) -> DistAttnKey | None:
+        """The layout's window key for ``window``, if derived and still built."""
+        wkey = info.windows.get(int(window))
+        return wkey if wkey is not None and find(wkey) is not None else None
+
+    def add_window(self, base: DistAttnKey, info: Layout, window: int, wkey: DistAttnKey) -> None:
+        """Record ``wkey`` as the key of ``base``'s layout ``info`` for ``window``; it is forgotten with ``info``."""
+        info.windows[int(window)] = wkey
+        if wkey != base:
+            self._record(wkey.group_id).parents[wkey] = base
+
+
+REGISTRY = MagiRegistry()
+"""The one registry of the HF backend."""
+
+__all__ = ["MAX_LAYOUTS", "REGISTRY", "Layout", "MagiRegistry", "SeedView", "same_positions"]
