@@ -3,7 +3,8 @@
 The keys, layouts and their eviction live in :data:`.registry.REGISTRY`; this module builds
 keys and decides which one an attention call runs with. A *layout key* is the key tokens
 were dispatched with (built by ``magi_prepare_*`` or here from a mask seen at cp = 1). Its
-registry entry remembers the tokens' real positions and the window keys derived from it: a sliding-window layer attends with a key whose mask is
+registry entry remembers the tokens' real positions and the window keys derived from it:
+a sliding-window layer attends with a key whose mask is
 the layout's mask restricted to the window (in real positions) and whose token layout is
 the layout key's (``build_key(dispatch_spec=...)``), so every layer sees the same shard.
 """
@@ -90,7 +91,8 @@ def _self_key_for(cp_group, seqlen: int, num_heads_q: int, num_heads_kv: int, he
     heads = (int(num_heads_q), int(num_heads_kv), int(head_dim))
     if REGISTRY.self_key_len(cp_group) == int(seqlen):
         key = get_most_recent_key(cp_group)
-        if key is not None and key.mask == causal(int(seqlen)).fingerprint() and _heads(key) == heads and find(key) is not None:
+        if (key is not None and key.mask == causal(int(seqlen)).fingerprint() and _heads(key) == heads
+                and find(key) is not None):
             return key
     key = _build_self_key(cp_group, seqlen, *heads, device)
     REGISTRY.set_self_key_len(cp_group, seqlen)
@@ -177,12 +179,9 @@ def resolve_key(
 ) -> DistAttnKey:
     """The layout key an attention call runs with.
 
-    In order: (1) ``explicit`` (the ``magi_key`` forwarded by the model); at cp = 1 with
-    ``binding`` (the call carries a mask that must be honoured: padding, a per-call spec)
-    (2) ``local``'s mask; (3) the active spec when it covers ``q_len`` tokens; (4) the key of
-    the last ``magi_prepare_*`` call for this group (``get_most_recent_key``, as the seed
-    does) when the call runs on that batch (length, and positions when shown); at cp = 1
-    (5) the mask ``local`` infers. Anything else raises.
+    ``explicit`` (the ``magi_key`` forwarded by the model) first, then the step's key:
+    dispatched (cp > 1, :func:`_dispatched_key`) or local (cp = 1, :func:`_local_step_key`).
+    ``binding`` says the call carries a mask that must be honoured (padding, a per-call spec).
     """
     if explicit is not None:
         if binding:
@@ -191,16 +190,27 @@ def resolve_key(
                 "explicit magi_key would ignore; fold it into the key (magi_prepare_batch consumes attention_mask)"
             )
         return _fits(explicit, q_len, heads, "magi_key")
-    cp_size = group_info(cp_group)[0]
-    if cp_size > 1:
-        recent = None if binding else _prepared_recent(cp_group, q_len, local)
-        if recent is None:
-            raise ValueError(
-                f"no dist-attn key for this step at cp = {cp_size} ({q_len} local tokens): dispatch the batch with "
-                "magi_prepare_batch / magi_prepare_packed_cp and run the model on what it returns "
-                "(pass magi_key=key); masks (padding, packing, trees) go into the key, not the model call"
-            )
-        return _check_active(_fits(recent, q_len, heads, "the step's key"))
+    if group_info(cp_group)[0] > 1:
+        return _dispatched_key(cp_group, q_len, heads, local, binding)
+    return _local_step_key(cp_group, q_len, heads, local, binding)
+
+
+def _dispatched_key(cp_group, q_len: int, heads: Heads, local: LocalLayout | None, binding: bool) -> DistAttnKey:
+    """At cp > 1: the key of the last ``magi_prepare_*`` call for this group (``get_most_recent_key``,
+    as the seed does) when the call runs on that batch (length, and positions when shown)."""
+    recent = None if binding else _prepared_recent(cp_group, q_len, local)
+    if recent is None:
+        raise ValueError(
+            f"no dist-attn key for this step at cp = {group_info(cp_group)[0]} ({q_len} local tokens): dispatch the "
+            "batch with magi_prepare_batch / magi_prepare_packed_cp and run the model on what it returns "
+            "(pass magi_key=key); masks (padding, packing, trees) go into the key, not the model call"
+        )
+    return _check_active(_fits(recent, q_len, heads, "the step's key"))
+
+
+def _local_step_key(cp_group, q_len: int, heads: Heads, local: LocalLayout | None, binding: bool) -> DistAttnKey:
+    """At cp = 1, in order: a binding ``local`` mask; the active spec when it covers ``q_len``
+    tokens; the prepared batch's key (as at cp > 1, with these heads); the mask ``local`` infers."""
     if binding:
         return _local_key(cp_group, heads, local.spec(), local.positions())
     active = REGISTRY.active_spec
