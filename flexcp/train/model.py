@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from types import MappingProxyType
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from .config import ConfigError, ModelConfig
+from .schema import ConfigError, ModelConfig
+from .tokenizer import TOKENIZER_FILES
 
-PRESETS: dict[str, dict[str, Any]] = {
+PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
     # the demo's model: a 2-layer Llama that learns the recall task on two CPU cores in two minutes
     # (init std ~ 1.2 / sqrt(hidden): attention logits start large enough to find the value quickly)
     "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
@@ -17,8 +20,30 @@ PRESETS: dict[str, dict[str, Any]] = {
     # about 1.1B parameters (Llama-3.2-1B shapes with a 32k vocabulary): the GPU benchmark's model
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8, vocab_size=32000, rope_theta=500000.0),
-}
-_PRESET_DEFAULTS = dict(max_position_embeddings=1 << 20, tie_word_embeddings=False, use_cache=False)
+})
+"""The built-in architectures (``model.preset``), read-only."""
+_PRESET_DEFAULTS: Mapping[str, Any] = MappingProxyType(dict(max_position_embeddings=1 << 20, tie_word_embeddings=False,
+                                                             use_cache=False))
+
+
+def model_problems(m: ModelConfig) -> Iterator[str]:
+    """What is wrong with the ``model`` section beyond its values: the checkpoint, preset, overrides and tokenizer."""
+    path_ok = m.path is None or os.path.isfile(os.path.join(m.path, "config.json"))
+    if not path_ok:
+        yield (f"model.path={m.path!r} is not a Hugging Face checkpoint directory (no config.json there); "
+               "download the model first (no network is used) or leave model.path unset for the built-in preset")
+    elif m.path is None and m.preset not in PRESETS:
+        yield f"model.preset={m.preset!r} is not one of {', '.join(map(repr, PRESETS))}"
+    try:
+        check_overrides(m.overrides, m.path is not None)
+    except ConfigError as exc:
+        yield str(exc)
+    if not path_ok and m.tokenizer is None:
+        return  # the tokenizer is the checkpoint's: its problem is the one above
+    tok = m.tokenizer_or_default()
+    if tok != "byte" and not any(os.path.isfile(os.path.join(tok, f)) for f in TOKENIZER_FILES):
+        yield (f"model.tokenizer={tok!r} holds no tokenizer ({', '.join(TOKENIZER_FILES)}); set model.tokenizer to "
+               "a tokenizer directory, or 'byte' for the built-in byte-level tokenizer")
 
 
 def check_overrides(overrides: dict[str, Any], has_path: bool) -> None:
