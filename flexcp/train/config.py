@@ -104,9 +104,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
 
 
 def _coerce(tp: Any, value: Any, name: str) -> Any:
-    """``value`` as type ``tp``; choices (``Literal``) and bounds (``Annotated``) are checked by validate."""
-    if typing.get_origin(tp) is typing.Annotated:
-        tp = typing.get_args(tp)[0]
+    """``value`` as type ``tp`` (hints without ``Annotated``); choices and bounds are :func:`check`'s."""
     if typing.get_origin(tp) is typing.Literal:
         tp = type(typing.get_args(tp)[0])
     if dataclasses.is_dataclass(tp):
