@@ -19,8 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flexcp.kernels import ReferenceBackend, attention, available_backends, register_backend
-from flexcp.kernels.sdpa_backend import SdpaBackend
-from flexcp.kernels.triton_backend import TritonBackend
+from flexcp.kernels.torch_sdpa import TorchSdpaBackend as SdpaBackend
+from flexcp.kernels.triton import TritonBackend
 from flexcp.mask import AttnMaskSpec, prefix_tree, sliding_window, varlen
 from reference_attention import dense_attention
 from strategies import valid_specs

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flexcp.kernels.triton_schedule import Schedule, forward_schedule, transposed_schedule
+from flexcp.kernels.triton.schedule import Schedule, forward_schedule, transposed_schedule
 from flexcp.mask import AttnMaskSpec, prefix_tree, sliding_window, varlen
 from reference_attention import dense_mask
 from strategies import valid_specs

@@ -279,7 +279,7 @@ def format_table(meta: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _meta(args, argv: list[str], world: int, device: torch.device, backend: AttnBackend) -> dict:
+def _meta(args, argv: list[str], world: int, device: torch.device, label: str) -> dict:
     try:
         import triton
 
@@ -290,7 +290,7 @@ def _meta(args, argv: list[str], world: int, device: torch.device, backend: Attn
     return {
         "card": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
         "world_size": world,
-        "kernel_backend": backend.name,
+        "kernel_backend": label,
         "torch": torch.__version__,
         "triton": triton_version,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -396,8 +396,9 @@ def main(argv: list[str] | None = None) -> int:
         groups = _groups(cps, world)
         probe = torch.empty(1, args.heads, args.head_dim, dtype=dtype, device=device)
         backend = select_backend(args.kernel, probe, probe[:, : args.kv_heads], 0.0)
+        label = backend.label(probe, probe[:, : args.kv_heads], 0.0)
         if rank == 0:
-            print(f"kernel backend: {backend.name} (--kernel {args.kernel}); device {device}", file=sys.stderr)
+            print(f"kernel backend: {label} (--kernel {args.kernel}); device {device}", file=sys.stderr)
         rows = []
         for cp in cps:
             if rank < cp:
@@ -408,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             rows.sort(key=lambda r: (MASKS.index(r["mask"]), r["cp"], SCHEMES.index(r["scheme"])))
             add_efficiency(rows)
-            meta = _meta(args, argv, world, device, backend)
+            meta = _meta(args, argv, world, device, label)
             print(format_table(meta, rows))
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

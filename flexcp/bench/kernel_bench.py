@@ -1,12 +1,16 @@
-"""``flexcp bench kernel``: single-device attention TFLOP/s, flexcp Triton vs cuDNN SDPA vs FlexAttention.
+"""``flexcp bench kernel``: single-device attention TFLOP/s of flexcp's backends vs cuDNN SDPA and FlexAttention.
 
 Every row runs the same mask, shapes and inputs through each contender in one process:
-flexcp's Triton backend, flexcp's SDPA backend (cuDNN, single full/causal rectangle
-only), cuDNN SDPA through ``F.scaled_dot_product_attention`` (full/causal only) and
-compiled FlexAttention with the same mask as a ``mask_mod`` plus its BlockMask.
-TFLOP/s count the mask's true area: fwd = 4 * area * hq * d, fwd+bwd = 3.5x that,
-over the median time of ``triton.testing.do_bench``. ``--sweep`` instead times tile
-configurations of each Triton kernel (for tuning ``default_configs``).
+flexcp's backends through the backend contract (``triton``, ``cudnn``: the ragged cuDNN
+backend, ``torch_sdpa``: torch's cuDNN op for one full/causal rectangle, ``auto``: the
+cost router, whose route is printed per row), cuDNN SDPA called directly through
+``F.scaled_dot_product_attention`` (``cudnn_sdpa``, full/causal only) and compiled
+FlexAttention with the same mask as a ``mask_mod`` plus its BlockMask. ``--stages``
+adds the distributed stages' shapes (rank 0's host and remote tables from real plans of
+varlen and causal masks at cp = 4 and 8, 32k tokens per rank). TFLOP/s count the mask's
+true area: fwd = 4 * area * hq * d, fwd+bwd = 3.5x that, over the median time of
+``triton.testing.do_bench``. ``--cache-steps N`` instead measures the cuDNN graph
+cache over N corpus packs; ``--sweep`` times tile configurations of each Triton kernel.
 """
 
 from __future__ import annotations
@@ -21,12 +25,16 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from ..kernels.sdpa_backend import SdpaBackend
-from ..kernels.triton_backend import KernelConfig, LaunchConfigs, TritonBackend, default_configs
+from ..kernels import get_backend
+from ..kernels.cudnn import CudnnBackend
+from ..kernels.torch_sdpa import single_rect
+from ..kernels.triton import KernelConfig, LaunchConfigs, TritonBackend, default_configs
 from ..mask import AttnMaskSpec, prefix_tree, sliding_window, varlen
 from .docdist import sample_pack
 
 MASKS = ("full", "causal", "varlen", "sliding", "prefix")
+OURS = ("triton", "cudnn", "torch_sdpa", "auto")  # flexcp backends, through the contract
+CONTENDERS = (*OURS, "cudnn_sdpa", "flex")
 REL_SLOTS = 512  # fixed size of FlexAttention's node-relation table, so one compiled kernel serves all masks
 
 
@@ -88,6 +96,7 @@ class Row:
     ms: dict = field(default_factory=dict)  # contender -> [fwd_ms, fwdbwd_ms]
     tflops: dict = field(default_factory=dict)  # contender -> [fwd, fwdbwd]
     err_vs_flex: float = float("nan")
+    route: list = field(default_factory=list)  # auto's parts: backend, slices, cells, modeled ms
 
 
 class _Flex:
@@ -119,10 +128,10 @@ class _Flex:
         return self._fn(q4, k4, v4, block_mask=bm, enable_gqa=q4.shape[1] != k4.shape[1])
 
 
-def _inputs(seqlen: int, hq: int, hkv: int, d: int) -> list[torch.Tensor]:
+def _inputs(tq: int, tk: int, hq: int, hkv: int, d: int) -> list[torch.Tensor]:
     """Random bf16 THD ``q, k, v, dout`` on the GPU (never zeros: they time faster than real data)."""
     gen = torch.Generator(device="cuda").manual_seed(0)
-    shapes = [(seqlen, hq, d), (seqlen, hkv, d), (seqlen, hkv, d), (seqlen, hq, d)]
+    shapes = [(tq, hq, d), (tk, hkv, d), (tk, hkv, d), (tq, hq, d)]
     return [torch.randn(s, device="cuda", generator=gen, dtype=torch.bfloat16) for s in shapes]
 
 
@@ -135,11 +144,32 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def run_case(mask: str, seqlen: int, hq: int, hkv: int, d: int, contenders: list[str], rep_ms: int, flex: _Flex | None) -> Row:
-    spec, fm = build_mask(mask, seqlen)
+def stage_masks(cp_sizes=(4, 8), per_rank: int = 32768, chunk: int = 2048) -> list[tuple[str, AttnMaskSpec]]:
+    """Rank 0's host and remote-stage tables from real plans (greedy dispatch, one remote stage)."""
+    from ..dispatch import build_plan
+    from ..dist_attn.plan import build_rank_plans
+
+    out = []
+    for cp in cp_sizes:
+        total = cp * per_rank
+        for kind, spec in (("causal", AttnMaskSpec.causal(total)), ("varlen", varlen(sample_pack(total, rng=0).tolist()))):
+            rp = build_rank_plans(spec.table, build_plan(spec, cp, chunk), num_stages=1)[0]
+            n = rp.local_len
+            out.append((f"cp{cp}_{kind}_host", AttnMaskSpec.from_table(rp.host_table, n, n)))
+            for i, st in enumerate(rp.stages):
+                if len(st.table):
+                    out.append((f"cp{cp}_{kind}_remote{i}", AttnMaskSpec.from_table(st.table, n, st.recv_len)))
+    return out
+
+
+def run_case(
+    mask: str, spec: AttnMaskSpec, fm: FlexMask | None, hq: int, hkv: int, d: int, contenders: list[str], rep_ms: int,
+    flex: _Flex | None,
+) -> Row:  # fmt: skip
     area = spec.area()
-    row = Row(mask, seqlen, hq, hkv, area / seqlen**2)
-    q, k, v, do = _inputs(seqlen, hq, hkv, d)
+    tq, tk = spec.total_seqlen, spec.total_seqlen_k
+    row = Row(mask, tq, hq, hkv, area / (tq * tk))
+    q, k, v, do = _inputs(tq, tk, hq, hkv, d)
     dev = q.device
     scale = d**-0.5
     fwd_flops = 4.0 * area * hq * d
@@ -149,13 +179,14 @@ def run_case(mask: str, seqlen: int, hq: int, hkv: int, d: int, contenders: list
         row.ms[name] = ms
         row.tflops[name] = [fwd_flops / ms[0] * 1e-9, 3.5 * fwd_flops / ms[1] * 1e-9]
 
-    ours = None
-    for name, backend in (("triton", TritonBackend()), ("sdpa", SdpaBackend())):
-        if name not in contenders:
+    outs = {}
+    for name in OURS:
+        if name not in contenders or (name == "torch_sdpa" and single_rect(spec.table) is None):
             continue
-        prep = backend.prepare(spec.table, seqlen, seqlen, dev)
-        if name == "sdpa" and not SdpaBackend.fast_path_ok(prep, q, k, 0.0):
+        backend = get_backend(name)
+        if backend.unsupported(q, k, 0.0):
             continue
+        prep = backend.prepare(spec.table, tq, tk, dev)
 
         def fwd(backend=backend, prep=prep):
             return backend.forward(q, k, v, prep, scale, 0.0)
@@ -164,13 +195,15 @@ def run_case(mask: str, seqlen: int, hq: int, hkv: int, d: int, contenders: list
             out, lse = backend.forward(q, k, v, prep, scale, 0.0)
             return backend.backward(do, q, k, v, out, lse, prep, scale, 0.0)
 
-        if name == "triton":
-            ours = fwd()[0]
+        outs[name] = fwd()[0]
         record(name, fwd, fwdbwd)
+        if name == "auto":
+            row.route = backend.route(prep, q, k, 0.0).describe()
 
     q4, k4, v4, do4 = (_bhsd(x) for x in (q, k, v, do))
     leaves = [x.detach().clone().requires_grad_() for x in (q4, k4, v4)]
-    if "cudnn" in contenders and mask in ("full", "causal"):
+    full_or_causal = mask in ("full", "causal")
+    if "cudnn_sdpa" in contenders and full_or_causal:
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         kx, vx = (x.repeat_interleave(hq // hkv, 1) for x in (k4, v4))  # cuDNN SDPA: equal heads
@@ -186,11 +219,11 @@ def run_case(mask: str, seqlen: int, hq: int, hkv: int, d: int, contenders: list
                 out = torch.nn.functional.scaled_dot_product_attention(leaves[0], kl, vl, is_causal=causal, scale=scale)
             out.backward(do4)
 
-        record("cudnn", cudnn_fwd, cudnn_fwdbwd)
+        record("cudnn_sdpa", cudnn_fwd, cudnn_fwdbwd)
         for x in (leaves[0], kl, vl):
             x.grad = None
-    if flex is not None and "flex" in contenders:
-        bm = flex.block_mask(fm, seqlen, dev)
+    if flex is not None and "flex" in contenders and (fm is not None or mask == "full"):
+        bm = flex.block_mask(fm, tq, dev)
 
         def flex_fwd():
             return flex(q4, k4, v4, bm)
@@ -201,10 +234,38 @@ def run_case(mask: str, seqlen: int, hq: int, hkv: int, d: int, contenders: list
                 x.grad = None
 
         ref = flex_fwd()
-        if ours is not None:
-            row.err_vs_flex = _rel_err(ours, ref[0].transpose(0, 1))
+        if "auto" in outs:
+            row.err_vs_flex = _rel_err(outs["auto"], ref[0].transpose(0, 1))
         record("flex", flex_fwd, flex_fwdbwd)
     return row
+
+
+def cache_steps(steps: int, seqlen: int, hq: int, hkv: int, d: int) -> dict:
+    """Graph builds and cache hits of the cuDNN backend over ``steps`` corpus packs (fwd+bwd each)."""
+    import time
+
+    backend = CudnnBackend()
+    q, k, v, do = _inputs(seqlen, seqlen, hq, hkv, d)
+    history, host_ms = [], []
+    for step in range(steps):
+        spec = varlen(sample_pack(seqlen, rng=1000 + step).tolist())
+        t0 = time.perf_counter()
+        prep = backend.prepare(spec.table, seqlen, seqlen, q.device)
+        host_ms.append((time.perf_counter() - t0) * 1e3)
+        out, lse = backend.forward(q, k, v, prep, d**-0.5, 0.0)
+        backend.backward(do, q, k, v, out, lse, prep, d**-0.5, 0.0)
+        history.append(backend.graphs.stats.misses)
+    st = backend.graphs.stats
+    warm = steps // 10
+    steady = history[-1] - history[warm - 1] if warm else history[-1]
+    lookups_per_step = (st.hits + st.misses) / steps
+    return {
+        "steps": steps, "seqlen": seqlen, "hits": st.hits, "misses": st.misses, "hit_rate": st.hit_rate,
+        "hit_rate_after_first_10pct": 1 - steady / max(1.0, lookups_per_step * (steps - warm)),
+        "build_s_total": st.build_s, "first_build_s": st.first_build_s,
+        "mean_later_build_s": (st.build_s - st.first_build_s) / max(1, st.misses - 1),
+        "prepare_ms_median": float(np.median(host_ms)),
+    }  # fmt: skip
 
 
 FWD_CANDIDATES = [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4)]
@@ -226,7 +287,7 @@ def sweep(masks: list[str], seqlen: int, hq: int, hkv: int, d: int, rep_ms: int)
 def _sweep_mask(mask: str, seqlen: int, hq: int, hkv: int, d: int, rep_ms: int, trials) -> list[dict]:
     spec, _ = build_mask(mask, seqlen)
     flops = 4.0 * spec.area() * hq * d
-    q, k, v, do = _inputs(seqlen, hq, hkv, d)
+    q, k, v, do = _inputs(seqlen, seqlen, hq, hkv, d)
     prep = TritonBackend().prepare(spec.table, seqlen, seqlen, q.device)
     o, lse = TritonBackend().forward(q, k, v, prep, d**-0.5, 0.0)
     out = []
@@ -265,22 +326,23 @@ def environment() -> dict:
 
 
 def format_table(rows: list[Row]) -> str:
-    """Markdown table: TFLOP/s fwd / fwd+bwd per contender, and the ratios the targets name."""
-    names = [n for n in ("triton", "sdpa", "cudnn", "flex") if any(n in r.tflops for r in rows)]
+    """Markdown table: TFLOP/s fwd / fwd+bwd per contender, the ratios the targets name, and auto's route."""
+    names = [n for n in CONTENDERS if any(n in r.tflops for r in rows)]
     head = "| mask | S | hq:hkv | area | " + " | ".join(f"{n} fwd / f+b" for n in names)
-    head += " | triton vs flex fwd / f+b | triton vs cudnn fwd | err vs flex |\n"
-    head += "|---|---:|---:|---:|" + "---:|" * (len(names) + 3) + "\n"
+    head += " | auto f+b vs flex / triton / cudnn_sdpa | auto route | err vs flex |\n"
+    head += "|---|---:|---:|---:|" + "---:|" * (len(names) + 1) + "---|---:|\n"
 
-    def ratio(a: str, b: str, i: int, r: Row) -> str:
-        return f"{r.tflops[a][i] / r.tflops[b][i]:.2f}x" if a in r.tflops and b in r.tflops else "—"
+    def ratio(a: str, b: str, r: Row) -> str:
+        return f"{r.tflops[a][1] / r.tflops[b][1]:.2f}x" if a in r.tflops and b in r.tflops else "—"
 
     lines = []
     for r in rows:
         cells = [f"{r.tflops[n][0]:.0f} / {r.tflops[n][1]:.0f}" if n in r.tflops else "—" for n in names]
-        vs_flex = f"{ratio('triton', 'flex', 0, r)} / {ratio('triton', 'flex', 1, r)}"
+        ratios = " / ".join(ratio("auto", b, r) for b in ("flex", "triton", "cudnn_sdpa"))
+        route = ", ".join(f"{p['backend']} ({p['slices']})" for p in r.route) or "—"
         lines.append(
             f"| {r.mask} | {r.seqlen // 1024}k | {r.hq}:{r.hkv} | {r.sparsity:.3f} | " + " | ".join(cells)
-            + f" | {vs_flex} | {ratio('triton', 'cudnn', 0, r)} | {r.err_vs_flex:.1e} |"
+            + f" | {ratios} | {route} | {r.err_vs_flex:.1e} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -291,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seqlens", nargs="+", type=int, default=[8192, 32768])
     p.add_argument("--heads", nargs="+", default=["16:16", "32:8"], help="hq:hkv pairs")
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--contenders", nargs="+", default=["triton", "sdpa", "cudnn", "flex"])
+    p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    p.add_argument("--stages", action="store_true", help="add distributed-stage shapes (cp = 4 and 8 plans)")
+    p.add_argument("--cache-steps", type=int, default=0, help="measure the cuDNN graph cache over N corpus packs instead")
     p.add_argument("--rep-ms", type=int, default=300, help="do_bench repetition budget per measurement")
     p.add_argument("--sweep", action="store_true", help="time tile configs of each Triton kernel instead")
     p.add_argument("--json", default=None, help="write rows and environment here")
@@ -304,6 +368,13 @@ def main(argv: list[str] | None = None) -> int:
     env["command"] = "flexcp bench kernel " + " ".join(sys.argv[1:] if argv is None else argv)
     print(json.dumps(env), flush=True)
     heads = [tuple(int(x) for x in h.split(":")) for h in args.heads]
+    if args.cache_steps:
+        res = cache_steps(args.cache_steps, args.seqlens[-1], *heads[0], args.head_dim)
+        print(json.dumps(res), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"env": env, "cache": res}, f, indent=1)
+        return 0
     if args.sweep:
         res = sweep(args.masks, args.seqlens[-1], *heads[0], args.head_dim, args.rep_ms)
         if args.json:
@@ -311,14 +382,16 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump({"env": env, "sweep": res}, f, indent=1)
         return 0
     flex = _Flex() if "flex" in args.contenders else None
+    cases = [(m, *build_mask(m, seqlen)) for seqlen in args.seqlens for m in args.masks]
+    if args.stages:
+        cases += [(name, spec, None) for name, spec in stage_masks()]
     rows = []
-    for seqlen in args.seqlens:
-        for hq, hkv in heads:
-            for mask in args.masks:
-                row = run_case(mask, seqlen, hq, hkv, args.head_dim, args.contenders, args.rep_ms, flex)
-                rows.append(row)
-                print(json.dumps(asdict(row)), flush=True)
-                torch.cuda.empty_cache()
+    for hq, hkv in heads:
+        for mask, spec, fm in cases:
+            row = run_case(mask, spec, fm, hq, hkv, args.head_dim, args.contenders, args.rep_ms, flex)
+            rows.append(row)
+            print(json.dumps(asdict(row)), flush=True)
+            torch.cuda.empty_cache()
     table = format_table(rows)
     print(table)
     if args.json:

@@ -18,12 +18,13 @@ import torch.distributed as dist
 
 from ..comm import CastPlan, group_cast, group_reduce
 from ..kernels.backend import AttnBackend, stat_dtype
+from ..kernels.cache import schedule_for
 from .merge import merge_partials
 from .plan import RankAttnPlan
 
 
 class DistAttnState:
-    """A rank's plan bound to its process group, with comm plans and per-backend schedules."""
+    """A rank's plan bound to its process group, with its comm plans."""
 
     def __init__(self, plan: RankAttnPlan, group: dist.ProcessGroup | None) -> None:
         self.plan = plan
@@ -31,17 +32,12 @@ class DistAttnState:
         self.cast_plans = [
             CastPlan(plan.rank, s.send_rows, s.recv_counts) for s in plan.stages
         ]
-        self._preps: dict[tuple[str, str], tuple[Any, list[Any]]] = {}
 
     def preps(self, backend: AttnBackend, device: torch.device) -> tuple[Any, list[Any]]:
-        """Host and per-stage schedules for ``backend`` (built once per device)."""
-        key = (backend.name, str(device))
-        if key not in self._preps:
-            p = self.plan
-            host = backend.prepare(p.host_table, p.local_len, p.local_len, device)
-            stages = [backend.prepare(s.table, p.local_len, s.recv_len, device) for s in p.stages]
-            self._preps[key] = (host, stages)
-        return self._preps[key]
+        """Host and per-stage schedules for ``backend``, from the kernels' one schedule cache."""
+        p = self.plan
+        host = schedule_for(backend, p.host_table, p.local_len, p.local_len, device)
+        return host, [schedule_for(backend, s.table, p.local_len, s.recv_len, device) for s in p.stages]
 
     def cast_kv(self, k: torch.Tensor, v: torch.Tensor) -> list:
         """Start every remote stage's K/V transfer; returns one handle per stage."""

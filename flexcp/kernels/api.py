@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections import OrderedDict
 from typing import Any
 
 import torch
 
 from ..mask.spec import AttnMaskSpec
 from .backend import AttnBackend, get_backend
-
-_PREP_CACHE: "OrderedDict[tuple, Any]" = OrderedDict()
-_PREP_CACHE_SIZE = 32
+from .cache import schedule_for
 
 
 def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -59,46 +56,17 @@ def resolve_scale(head_dim: int, softmax_scale: float | None, softcap: float) ->
 
 
 def select_backend(name: str, q: torch.Tensor, k: torch.Tensor, softcap: float) -> AttnBackend:
-    """Resolve ``backend=`` ('auto': cuDNN/Triton on CUDA when they can run, else the reference)."""
-    if name != "auto":
-        backend = get_backend(name)
-        reason = backend.unsupported(q, k, softcap)
-        if reason:
-            raise ValueError(f"backend={name!r} cannot run these inputs: {reason}")
-        return backend
-    if q.is_cuda:
-        for candidate in AUTO_CUDA_ORDER:
-            try:
-                backend = get_backend(candidate)
-            except ValueError:
-                continue
-            if backend.unsupported(q, k, softcap) is None:
-                return backend
-    return get_backend("reference")
-
-
-AUTO_CUDA_ORDER: list[str] = ["sdpa", "triton"]
-"""Backends 'auto' tries on CUDA, in order, before falling back to the reference.
-
-``sdpa`` runs a mask that is one full or square causal rectangle on cuDNN (measured faster
-than the Triton kernel there) and hands every other mask to Triton."""
+    """Resolve ``backend=``: a named backend (checked against these inputs) or the cost router for 'auto'."""
+    backend = get_backend(name)
+    reason = backend.unsupported(q, k, softcap)
+    if reason:
+        raise ValueError(f"backend={name!r} cannot run these inputs: {reason}")
+    return backend
 
 
 def prepared(backend: AttnBackend, spec: AttnMaskSpec, device: torch.device) -> Any:
-    """The backend's schedule for ``spec`` on ``device``, cached by backend instance and mask fingerprint.
-
-    Keyed by the instance, not ``backend.name``: two registered instances of one class
-    (e.g. different tile sizes) share a name but not a schedule.
-    """
-    key = (id(backend), spec.fingerprint(), str(device))
-    if key in _PREP_CACHE:
-        _PREP_CACHE.move_to_end(key)
-        return _PREP_CACHE[key]
-    prep = backend.prepare(spec.table, spec.total_seqlen, spec.total_seqlen_k, device)
-    _PREP_CACHE[key] = prep
-    if len(_PREP_CACHE) > _PREP_CACHE_SIZE:
-        _PREP_CACHE.popitem(last=False)
-    return prep
+    """The backend's schedule for ``spec`` on ``device``, from the one schedule cache (cache.py)."""
+    return schedule_for(backend, spec.table, spec.total_seqlen, spec.total_seqlen_k, device)
 
 
 class _FlexAttention(torch.autograd.Function):

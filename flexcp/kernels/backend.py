@@ -33,6 +33,10 @@ class AttnBackend(ABC):
         """Why these inputs cannot run here (None when they can)."""
         return None
 
+    def label(self, q: torch.Tensor, k: torch.Tensor, softcap: float) -> str:
+        """What runs inputs like these, for reports (the router names the backends it may route to)."""
+        return self.name
+
     @abstractmethod
     def prepare(self, table: SliceTable, tq: int, tk: int, device: torch.device) -> Any:
         """Build the reusable schedule for ``table`` over ``tq`` query and ``tk`` key rows."""
@@ -78,7 +82,7 @@ def register_backend(name: str, factory: Callable[[], AttnBackend]) -> None:
 def get_backend(name: str) -> AttnBackend:
     """The backend registered as ``name``; a clear error lists the known ones."""
     if name not in _REGISTRY:
-        raise ValueError(f"backend={name!r} is unknown; choose one of {sorted(_REGISTRY)} or 'auto'")
+        raise ValueError(f"backend={name!r} is unknown; choose one of {sorted(_REGISTRY)}")
     if name not in _INSTANCES:
         _INSTANCES[name] = _REGISTRY[name]()
     return _INSTANCES[name]

@@ -16,7 +16,7 @@ from ..dispatch import DEFAULT_CHUNK_SIZE
 from ..dispatch import ops as _ops
 from ..dist_attn.function import DistAttnFunction, DistAttnState
 from ..dist_attn.plan import build_rank_plans
-from ..kernels import check_qkv, resolve_scale, select_backend
+from ..kernels import SCHEDULES, check_qkv, resolve_scale, select_backend
 from ..mask import AttnMaskSpec
 from .key import (
     DistAttnKey,
@@ -132,8 +132,9 @@ def get_most_recent_key(cp_group: dist.ProcessGroup | None) -> DistAttnKey | Non
 
 
 def clear_cache() -> None:
-    """Forget every built key (their plans and schedules)."""
+    """Forget every built key (their plans) and the kernels' schedules."""
     clear()
+    SCHEDULES.clear()
 
 
 def calc_attn(

@@ -1,4 +1,4 @@
-"""Triton forward kernel: online softmax over the runs of a query block (triton_schedule).
+"""Triton forward kernel: online softmax over the runs of a query block (schedule.py).
 
 One program owns ``BLOCK_M`` query rows of one head. It walks the block's full runs
 (no masking) and then its masked runs (iota compared with the run's column bounds and
@@ -9,25 +9,8 @@ live in the log2 domain (``exp2``); softcap applies ``cap * tanh(scale * qk / ca
 
 from __future__ import annotations
 
-import torch
-
-from .triton_lang import jit, tl
-
-LOG2E = 1.4426950408889634
-
-
-@jit
-def logits2(s, c1, c2, SOFTCAP: tl.constexpr):
-    """Log2-domain logits of raw ``q.k`` and, with softcap, ``t = tanh(scale*qk/cap)``.
-
-    No softcap: ``c1 = scale*log2(e)``. Softcap: ``c1 = scale/cap``, ``c2 = cap*log2(e)``.
-    """
-    if SOFTCAP:
-        e = tl.math.exp2(s * (c1 * 2.8853900817779268))  # exp(2x)
-        t = 1.0 - 2.0 / (e + 1.0)
-        return t * c2, t
-    else:
-        return s * c1, s
+from .common import block_prologue, dot_precision, full_run, load_rows, logits2, masked_run, masked_tile, softmax_consts
+from .lang import jit, tl
 
 
 @jit
@@ -62,17 +45,8 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    blk = tl.load(Order + pid // HQ)
-    h = pid % HQ
+    h, row0, row1, f0, f1, m0, m1 = block_prologue(Blocks, Order, tl.program_id(0), HQ)
     hk = h // GROUP
-    row0 = tl.load(Blocks + blk * 6)
-    row1 = tl.load(Blocks + blk * 6 + 1)
-    f0 = tl.load(Blocks + blk * 6 + 2)
-    f1 = tl.load(Blocks + blk * 6 + 3)
-    m0 = tl.load(Blocks + blk * 6 + 4)
-    m1 = tl.load(Blocks + blk * 6 + 5)
-
     rows = row0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -86,25 +60,17 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     for r in range(f0, f1):
-        c0 = tl.load(Full + r * 2)
-        cend = tl.load(Full + r * 2 + 1)
+        c0, cend = full_run(Full, r)
         for n0 in range(c0, cend, BLOCK_N):
-            k = tl.load(k_ptrs + n0 * stride_kt)
-            v = tl.load(v_ptrs + n0 * stride_vt)
+            k = load_rows(k_ptrs, n0, stride_kt, None, False)
+            v = load_rows(v_ptrs, n0, stride_vt, None, False)
             acc, l_i, m_i = _fwd_step(q, k, v, acc, l_i, m_i, None, c1, c2, SOFTCAP, False, DOT_PREC)
-
     for r in range(m0, m1):
-        c0 = tl.load(Masked + r * 4)
-        cend = tl.load(Masked + r * 4 + 1)
-        lo = tl.load(Masked + r * 4 + 2)
-        hi = tl.load(Masked + r * 4 + 3)
+        c0, cend, lo, hi = masked_run(Masked, r)
         for n0 in range(c0, cend, BLOCK_N):
-            cols = n0 + offs_n
-            col_ok = cols < cend
-            k = tl.load(k_ptrs + n0 * stride_kt, mask=col_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs + n0 * stride_vt, mask=col_ok[:, None], other=0.0)
-            diag = cols[None, :] - rows[:, None]
-            keep = col_ok[None, :] & (diag >= lo) & (diag <= hi)
+            col_ok, keep = masked_tile(rows, n0, offs_n, cend, lo, hi)
+            k = load_rows(k_ptrs, n0, stride_kt, col_ok, True)
+            v = load_rows(v_ptrs, n0, stride_vt, col_ok, True)
             acc, l_i, m_i = _fwd_step(q, k, v, acc, l_i, m_i, keep, c1, c2, SOFTCAP, True, DOT_PREC)
 
     empty = l_i == 0.0
@@ -112,18 +78,6 @@ def _fwd_kernel(
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     tl.store(O + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
     tl.store(LSE + rows * HQ + h, lse, mask=row_ok)
-
-
-def softmax_consts(softmax_scale: float, softcap: float) -> tuple[float, float]:
-    """The ``(c1, c2)`` that :func:`logits2` expects."""
-    if softcap > 0:
-        return softmax_scale / softcap, softcap * LOG2E
-    return softmax_scale * LOG2E, 0.0
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """Exact float32 products for float32 inputs (tests); tensor cores for 16-bit inputs."""
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def launch_forward(q, k, v, out, lse, sched, softmax_scale: float, softcap: float, cfg) -> None:
@@ -142,4 +96,4 @@ def launch_forward(q, k, v, out, lse, sched, softmax_scale: float, softcap: floa
     )  # fmt: skip
 
 
-__all__ = ["launch_forward", "logits2", "softmax_consts", "dot_precision", "LOG2E"]
+__all__ = ["launch_forward"]

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import torch
 
-from .triton_fwd import dot_precision, logits2, softmax_consts
-from .triton_lang import jit, tl, triton
+from .common import block_prologue, dot_precision, full_run, load_rows, logits2, masked_run, masked_tile, softmax_consts
+from .lang import jit, tl, triton
 
 
 @jit
@@ -67,15 +67,7 @@ def _dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
     SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    blk = tl.load(Order + pid // HKV)
-    hk = pid % HKV
-    col0 = tl.load(Blocks + blk * 6)
-    col1 = tl.load(Blocks + blk * 6 + 1)
-    f0 = tl.load(Blocks + blk * 6 + 2)
-    f1 = tl.load(Blocks + blk * 6 + 3)
-    m0 = tl.load(Blocks + blk * 6 + 4)
-    m1 = tl.load(Blocks + blk * 6 + 5)
+    hk, col0, col1, f0, f1, m0, m1 = block_prologue(Blocks, Order, tl.program_id(0), HKV)
 
     cols = col0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -91,28 +83,21 @@ def _dkdv_kernel(
         q_ptrs = Q + h * stride_qh + offs_m[:, None] * stride_qt + offs_d[None, :]
         do_ptrs = DO + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :]
         for r in range(f0, f1):
-            r0 = tl.load(Full + r * 2)
-            rend = tl.load(Full + r * 2 + 1)
+            r0, rend = full_run(Full, r)
             for mm in range(r0, rend, BLOCK_M):
-                q = tl.load(q_ptrs + mm * stride_qt)
-                do = tl.load(do_ptrs + mm * stride_dot)
+                q = load_rows(q_ptrs, mm, stride_qt, None, False)
+                do = load_rows(do_ptrs, mm, stride_dot, None, False)
                 lse2 = tl.load(LSE2 + h * TQ + mm + offs_m)
                 delta = tl.load(DELTA + h * TQ + mm + offs_m)
                 dk, dv = _dkdv_step(k, v, q, do, lse2, delta, dk, dv, None, c1, c2, SOFTCAP, False, DOT_PREC)
         for r in range(m0, m1):
-            r0 = tl.load(Masked + r * 4)
-            rend = tl.load(Masked + r * 4 + 1)
-            lo = tl.load(Masked + r * 4 + 2)
-            hi = tl.load(Masked + r * 4 + 3)
+            r0, rend, lo, hi = masked_run(Masked, r)
             for mm in range(r0, rend, BLOCK_M):
-                rows = mm + offs_m
-                row_ok = rows < rend
-                q = tl.load(q_ptrs + mm * stride_qt, mask=row_ok[:, None], other=0.0)
-                do = tl.load(do_ptrs + mm * stride_dot, mask=row_ok[:, None], other=0.0)
-                lse2 = tl.load(LSE2 + h * TQ + rows, mask=row_ok, other=0.0)
-                delta = tl.load(DELTA + h * TQ + rows, mask=row_ok, other=0.0)
-                diag = rows[None, :] - cols[:, None]  # transposed table: lo <= q - k <= hi
-                keep = row_ok[None, :] & (diag >= lo) & (diag <= hi)
+                row_ok, keep = masked_tile(cols, mm, offs_m, rend, lo, hi)  # transposed: lo <= q - k <= hi
+                q = load_rows(q_ptrs, mm, stride_qt, row_ok, True)
+                do = load_rows(do_ptrs, mm, stride_dot, row_ok, True)
+                lse2 = tl.load(LSE2 + h * TQ + mm + offs_m, mask=row_ok, other=0.0)
+                delta = tl.load(DELTA + h * TQ + mm + offs_m, mask=row_ok, other=0.0)
                 dk, dv = _dkdv_step(k, v, q, do, lse2, delta, dk, dv, keep, c1, c2, SOFTCAP, True, DOT_PREC)
 
     tl.store(DK + hk * stride_dkh + cols[:, None] * stride_dkt + offs_d[None, :], dk * sm_scale, mask=col_ok[:, None])
@@ -143,16 +128,8 @@ def _dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    blk = tl.load(Order + pid // HQ)
-    h = pid % HQ
+    h, row0, row1, f0, f1, m0, m1 = block_prologue(Blocks, Order, tl.program_id(0), HQ)
     hk = h // GROUP
-    row0 = tl.load(Blocks + blk * 6)
-    row1 = tl.load(Blocks + blk * 6 + 1)
-    f0 = tl.load(Blocks + blk * 6 + 2)
-    f1 = tl.load(Blocks + blk * 6 + 3)
-    m0 = tl.load(Blocks + blk * 6 + 4)
-    m1 = tl.load(Blocks + blk * 6 + 5)
 
     rows = row0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -167,24 +144,17 @@ def _dq_kernel(
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
     for r in range(f0, f1):
-        c0 = tl.load(Full + r * 2)
-        cend = tl.load(Full + r * 2 + 1)
+        c0, cend = full_run(Full, r)
         for n0 in range(c0, cend, BLOCK_N):
-            k = tl.load(k_ptrs + n0 * stride_kt)
-            v = tl.load(v_ptrs + n0 * stride_vt)
+            k = load_rows(k_ptrs, n0, stride_kt, None, False)
+            v = load_rows(v_ptrs, n0, stride_vt, None, False)
             dq = _dq_step(q, do, k, v, lse2, delta, dq, None, c1, c2, SOFTCAP, False, DOT_PREC)
     for r in range(m0, m1):
-        c0 = tl.load(Masked + r * 4)
-        cend = tl.load(Masked + r * 4 + 1)
-        lo = tl.load(Masked + r * 4 + 2)
-        hi = tl.load(Masked + r * 4 + 3)
+        c0, cend, lo, hi = masked_run(Masked, r)
         for n0 in range(c0, cend, BLOCK_N):
-            cols = n0 + offs_n
-            col_ok = cols < cend
-            k = tl.load(k_ptrs + n0 * stride_kt, mask=col_ok[:, None], other=0.0)
-            v = tl.load(v_ptrs + n0 * stride_vt, mask=col_ok[:, None], other=0.0)
-            diag = cols[None, :] - rows[:, None]
-            keep = col_ok[None, :] & (diag >= lo) & (diag <= hi)
+            col_ok, keep = masked_tile(rows, n0, offs_n, cend, lo, hi)
+            k = load_rows(k_ptrs, n0, stride_kt, col_ok, True)
+            v = load_rows(v_ptrs, n0, stride_vt, col_ok, True)
             dq = _dq_step(q, do, k, v, lse2, delta, dq, keep, c1, c2, SOFTCAP, True, DOT_PREC)
 
     tl.store(DQ + h * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :], dq * sm_scale, mask=row_ok[:, None])

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..mask.geometry import SliceTable, slice_areas
+from ...mask.geometry import SliceTable, slice_areas
 
 BOUND_CLIP = 1 << 30
 """Absent diagonal bounds (+-BIG) are clipped to this so they fit int32 in the kernels."""

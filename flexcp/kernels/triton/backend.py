@@ -1,6 +1,6 @@
 """TritonBackend: the GPU attention backend over arbitrary slice masks.
 
-``prepare`` keeps the slice geometry; the per-launch work lists (triton_schedule) are
+``prepare`` keeps the slice geometry; the per-launch work lists (schedule.py) are
 built lazily for the tile shapes the chosen kernel configuration uses, copied to the
 device once and cached on the prep object. Importing this module needs neither Triton
 nor a GPU; the kernels are imported on first use.
@@ -12,41 +12,14 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..mask.geometry import SliceTable
-from .backend import AttnBackend
-from .triton_schedule import Schedule, forward_schedule, transposed_schedule
+from ...mask.geometry import SliceTable
+from ..backend import AttnBackend
+from .configs import KernelConfig, default_configs
+from .schedule import Schedule, forward_schedule, transposed_schedule
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 _INT32_LIMIT = 2**31 - 1
-
-
-@dataclass(frozen=True)
-class KernelConfig:
-    """Tile shape and launch parameters of one kernel: ``block`` owned rows, ``tile`` walked columns."""
-
-    block: int
-    tile: int
-    warps: int
-    stages: int
-
-
-@dataclass(frozen=True)
-class LaunchConfigs:
-    fwd: KernelConfig
-    dkdv: KernelConfig
-    dq: KernelConfig
-
-
-def default_configs(dtype: torch.dtype, head_dim: int) -> LaunchConfigs:
-    """Tile shapes per dtype and head dim (Hopper: 16-bit tiles fit 228 KB of shared memory)."""
-    if dtype == torch.float32:  # exact-precision test path: small tiles
-        small = KernelConfig(32, 32, 4, 1)
-        return LaunchConfigs(small, small, small)
-    if head_dim <= 128:  # measured on H200 (docs/benchmarks.md): 8 warps, 3 stages, 128 x 64 tiles
-        tiles = KernelConfig(128, 64, 8, 3)
-        return LaunchConfigs(tiles, tiles, tiles)
-    return LaunchConfigs(KernelConfig(64, 64, 4, 2), KernelConfig(64, 32, 8, 2), KernelConfig(64, 32, 8, 2))
 
 
 @dataclass(frozen=True)
@@ -128,7 +101,7 @@ class TritonBackend(AttnBackend):
         return TritonPrep(table.nonempty(), int(tq), int(tk), torch.device(device))
 
     def forward(self, q, k, v, prep: TritonPrep, softmax_scale, softcap, out_dtype=None):
-        from .triton_fwd import launch_forward
+        from .fwd import launch_forward
 
         _check_inputs(self, q, k, v, softcap, softmax_scale)
         tq, hq, d = q.shape
@@ -143,7 +116,7 @@ class TritonBackend(AttnBackend):
         return out, lse
 
     def backward(self, do, q, k, v, out, lse, prep: TritonPrep, softmax_scale, softcap):
-        from .triton_bwd import backward_rowstats, launch_dkdv, launch_dq
+        from .bwd import backward_rowstats, launch_dkdv, launch_dq
 
         _check_inputs(self, q, k, v, softcap, softmax_scale)
         if prep.empty or q.shape[0] == 0:
@@ -188,4 +161,4 @@ def _check_inputs(backend: AttnBackend, q: torch.Tensor, k: torch.Tensor, v: tor
             raise ValueError(f"{name} must have a contiguous last dim (call .contiguous())")
 
 
-__all__ = ["TritonBackend", "TritonPrep", "KernelConfig", "LaunchConfigs", "default_configs"]
+__all__ = ["TritonBackend", "TritonPrep"]

@@ -1,4 +1,4 @@
-"""SdpaBackend: cuDNN SDPA for masks that are one full or causal rectangle, Triton for the rest.
+"""TorchSdpaBackend: torch's cuDNN SDPA op for masks that are one full or causal rectangle, Triton for the rest.
 
 PyTorch's cuDNN attention returns the log-sum-exp and its backward takes ``out`` and
 ``lse`` as inputs, so it honours the backend contract (the backward uses the rows'
@@ -54,14 +54,14 @@ def _bhsd(x: torch.Tensor) -> torch.Tensor:
     return x.permute(1, 0, 2).unsqueeze(0)
 
 
-class SdpaBackend(AttnBackend):
-    """cuDNN SDPA fast path for single full/causal rectangles; ``fallback`` runs everything else."""
+class TorchSdpaBackend(AttnBackend):
+    """torch's cuDNN SDPA for single full/causal rectangles; ``fallback`` runs everything else."""
 
-    name = "sdpa"
+    name = "torch_sdpa"
 
     def __init__(self, fallback: AttnBackend | None = None) -> None:
         if fallback is None:
-            from .triton_backend import TritonBackend
+            from .triton import TritonBackend
 
             fallback = TritonBackend()
         self.fallback = fallback
@@ -143,4 +143,4 @@ def _placed(g: torch.Tensor, start: int, shape: torch.Size) -> torch.Tensor:
     return full
 
 
-__all__ = ["SdpaBackend", "SdpaPrep", "Rect", "single_rect"]
+__all__ = ["TorchSdpaBackend", "SdpaPrep", "Rect", "single_rect"]

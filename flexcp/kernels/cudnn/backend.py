@@ -1,0 +1,264 @@
+"""CudnnBackend: slice masks on cuDNN's ragged SDPA (nvidia-cudnn-frontend), forward and backward.
+
+``prepare`` turns the slice table into launches (plan.py); each launch is one graph
+execution over a batch of entries located by ragged offsets. The forward writes out/lse
+in place when one launch covers every written row, else merges launches by lse in
+float32; the backward takes the *final* out and lse (merged across launches, or across
+CP stages by the distributed layer), so every launch's dQ/dK/dV are exact partials, and
+sums them (private dK/dV rows of launches with shared keys are index-added).
+A launch whose graph cuDNN refuses runs on ``fallback`` (Triton by default) instead, so
+one mask may use both backends in one call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ...mask.geometry import SliceTable, clip_band
+from ...mask.types import BI_CAUSAL, CAUSAL, FULL, INV_CAUSAL
+from ..backend import AttnBackend, stat_dtype
+from ..compose import GradSum, merge_into
+from .graphs import GraphCache, GraphKey, why_unavailable
+from .plan import UNBOUNDED, Launch, covered_rows, launch_bucket, launch_rows_overlap, plan_launches, to_entries
+
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
+MAX_HEAD_DIM = 128
+
+
+@dataclass
+class LaunchTensors:
+    """Device-side lengths and offsets of one launch for one (hq, hkv, d) layout."""
+
+    seq_q: torch.Tensor
+    seq_k: torch.Tensor
+    off: dict  # name -> int64 [batch + 1] element offsets
+    key_index: torch.Tensor | None  # private dK/dV row -> key row
+
+
+@dataclass
+class CudnnPrep:
+    tq: int
+    tk: int
+    device: torch.device
+    launches: list
+    shared_rows: list  # per launch: rows also written by another launch
+    full_q: bool  # the launches together write every query row
+    _tensors: dict = field(default_factory=dict, repr=False)
+    _fallback: dict = field(default_factory=dict, repr=False)
+
+    def tensors(self, i: int, hq: int, hkv: int, d: int) -> LaunchTensors:
+        key = (i, hq, hkv, d)
+        if key not in self._tensors:
+            self._tensors[key] = _launch_tensors(self.launches[i], hq, hkv, d, self.device)
+        return self._tensors[key]
+
+
+def _launch_tensors(la: Launch, hq: int, hkv: int, d: int, device: torch.device) -> LaunchTensors:
+    batch, _, _ = launch_bucket(la)
+    n = len(la)
+    r0, _ = la.row_span
+    c0, _ = la.key_span
+
+    def padded(x: np.ndarray) -> np.ndarray:
+        # unused entries (length 0) repeat the last offset, so offsets stay non-decreasing where they were
+        return np.concatenate([x, np.full(batch + 1 - n, x[-1] if n else 0, dtype=np.int64)])
+
+    qd, kd = hq * d, hkv * d
+    dk_rows = la.private if la.private is not None else la.ks - c0
+    offs = {
+        "off_q": la.qs * qd, "off_k": la.ks * kd, "off_stats": la.qs * hq,
+        "off_q_span": (la.qs - r0) * qd, "off_stats_span": (la.qs - r0) * hq, "off_dk": dk_rows * kd,
+    }  # fmt: skip
+    names = list(offs)
+    table = np.stack([padded(offs[k].astype(np.int64)) for k in names])
+    dev = torch.from_numpy(table).to(device)
+    lens = np.zeros((2, batch), dtype=np.int32)
+    lens[0, :n], lens[1, :n] = la.sq, la.sk
+    lens_dev = torch.from_numpy(lens).to(device)
+    key_index = None
+    if la.private is not None:
+        idx = np.concatenate([np.arange(s, s + c) for s, c in zip(la.ks.tolist(), la.sk.tolist())])
+        key_index = torch.from_numpy(idx.astype(np.int64)).to(device)
+    return LaunchTensors(lens_dev[0], lens_dev[1], {k: dev[i] for i, k in enumerate(names)}, key_index)
+
+
+def launch_table(la: Launch) -> SliceTable:
+    """The launch's cells as typed slices (for running it on another backend)."""
+    left, right = la.sig
+    qe, ke = la.qs + la.sq, la.ks + la.sk
+    if left is not None and right == 0:  # fused sliding window: a band over squares
+        t, _ = clip_band(la.qs, qe, la.ks, ke, np.full_like(la.qs, 1 - left), np.zeros_like(la.qs))
+        return t
+    kind = {(None, None): FULL, (None, 0): CAUSAL}.get(la.sig, INV_CAUSAL if right == UNBOUNDED else BI_CAUSAL)
+    return SliceTable(la.qs.copy(), qe, la.ks.copy(), ke, np.full_like(la.qs, kind))
+
+
+class CudnnBackend(AttnBackend):
+    """Slice-mask attention on cuDNN's ragged SDPA; launches cuDNN refuses run on ``fallback``."""
+
+    name = "cudnn"
+
+    def __init__(self, fallback: AttnBackend | None = None, graphs: GraphCache | None = None) -> None:
+        self._fallback = fallback
+        self.graphs = graphs or GraphCache()
+        self.refused: dict = {}  # signature -> cuDNN's error, for signatures it would not build
+
+    @property
+    def fallback(self) -> AttnBackend:
+        if self._fallback is None:
+            from ..triton import TritonBackend
+
+            self._fallback = TritonBackend()
+        return self._fallback
+
+    def unsupported(self, q: torch.Tensor, k: torch.Tensor, softcap: float) -> str | None:
+        why = why_unavailable()
+        if why:
+            return why
+        if not q.is_cuda:
+            return "the cudnn backend needs CUDA tensors"
+        if q.dtype not in SUPPORTED_DTYPES:
+            return f"the cudnn backend supports {SUPPORTED_DTYPES}, got {q.dtype}: cast q/k/v or use backend='triton'"
+        d = q.shape[-1]
+        if d % 8 or d > MAX_HEAD_DIM:
+            return f"the cudnn backend needs head_dim a multiple of 8 and <= {MAX_HEAD_DIM}, got {d}"
+        if softcap > 0:
+            return "the cudnn backend has no softcap; use backend='triton' (or 'auto', which routes it there)"
+        return None
+
+    def prepare(self, table: SliceTable, tq: int, tk: int, device: torch.device) -> CudnnPrep:
+        launches = plan_launches(to_entries(table), tk)
+        full_q = covered_rows(launches, int(tq)) == int(tq)
+        return CudnnPrep(int(tq), int(tk), torch.device(device), launches, launch_rows_overlap(launches, int(tq)), full_q)
+
+    # ------------------------------------------------------------------ helpers
+    def _key(self, la: Launch, q: torch.Tensor, k: torch.Tensor, scale: float, backward: bool) -> GraphKey:
+        batch, mq, mk = launch_bucket(la)
+        return GraphKey(
+            backward, la.sig, batch, mq, mk, q.shape[1], k.shape[1], q.shape[2], q.dtype, float(scale), q.device.index or 0
+        )
+
+    def _runs_on_cudnn(self, la: Launch, q, k, scale: float, backward: bool) -> bool:
+        """Build (or find) the launch's graph; a refused signature is remembered and goes to the fallback."""
+        if la.sig in self.refused:
+            return False
+        try:
+            self.graphs.get(self._key(la, q, k, scale, backward))
+            return True
+        except Exception as e:  # noqa: BLE001 - cuDNN raises its own error types for unsupported graphs
+            self.refused[la.sig] = f"{type(e).__name__}: {e}"
+            return False
+
+    def _fallback_prep(self, prep: CudnnPrep, i: int) -> Any:
+        if i not in prep._fallback:
+            prep._fallback[i] = self.fallback.prepare(launch_table(prep.launches[i]), prep.tq, prep.tk, prep.device)
+        return prep._fallback[i]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, q, k, v, prep: CudnnPrep, softmax_scale, softcap, out_dtype=None):
+        self._check(q, k, v, softcap)
+        tq, hq, d = q.shape
+        want = out_dtype or q.dtype
+        if not prep.launches or tq == 0:
+            return torch.zeros(tq, hq, d, dtype=want, device=q.device), _neg_inf(tq, hq, q)
+        on_cudnn = [self._runs_on_cudnn(la, q, k, softmax_scale, False) for la in prep.launches]
+        if len(prep.launches) == 1 and on_cudnn[0]:
+            alloc = torch.empty if prep.full_q else torch.zeros
+            out = alloc(tq, hq, d, dtype=q.dtype, device=q.device)
+            lse = torch.empty(tq, hq, dtype=stat_dtype(q.dtype), device=q.device) if prep.full_q else _neg_inf(tq, hq, q)
+            self._forward_launch(prep, 0, q, k, v, out, lse, softmax_scale, span=False)
+            return out.to(want), lse
+        acc = stat_dtype(q.dtype)
+        out = torch.zeros(tq, hq, d, dtype=acc, device=q.device)
+        lse = _neg_inf(tq, hq, q)
+        for i, la in enumerate(prep.launches):
+            if on_cudnn[i]:
+                r0, r1 = la.row_span
+                covered = int(la.sq.sum()) == r1 - r0  # then every row of the span is written
+                o_t = (torch.empty if covered else torch.zeros)(r1 - r0, hq, d, dtype=q.dtype, device=q.device)
+                l_t = torch.empty(r1 - r0, hq, dtype=acc, device=q.device) if covered else _neg_inf(r1 - r0, hq, q)
+                self._forward_launch(prep, i, q, k, v, o_t, l_t, softmax_scale, span=True)
+                merge_into(out[r0:r1], lse[r0:r1], o_t, l_t)
+            else:
+                o_f, l_f = self.fallback.forward(q, k, v, self._fallback_prep(prep, i), softmax_scale, softcap, acc)
+                merge_into(out, lse, o_f, l_f)
+        return out.to(want), lse
+
+    def _forward_launch(self, prep, i, q, k, v, out, lse, scale, span: bool) -> None:
+        la = prep.launches[i]
+        t = prep.tensors(i, q.shape[1], k.shape[1], q.shape[2])
+        o_off, s_off = ("off_q_span", "off_stats_span") if span else ("off_q", "off_stats")
+        self.graphs.run(
+            self._key(la, q, k, scale, False),
+            {
+                "q": q, "k": k, "v": v, "o": out, "stats": lse, "seq_q": t.seq_q, "seq_k": t.seq_k,
+                "off_q": t.off["off_q"], "off_k": t.off["off_k"], "off_v": t.off["off_k"],
+                "off_o": t.off[o_off], "off_stats": t.off[s_off],
+            },
+        )  # fmt: skip
+
+    # ----------------------------------------------------------------- backward
+    def backward(self, do, q, k, v, out, lse, prep: CudnnPrep, softmax_scale, softcap):
+        self._check(q, k, v, softcap)
+        dq, dk, dv = (GradSum(x.shape, x.device, q.dtype) for x in (q, k, v))
+        if not prep.launches or q.shape[0] == 0:
+            return dq.result(), dk.result(), dv.result()
+        o16 = out.to(q.dtype).contiguous()
+        do16 = do.to(q.dtype).contiguous()
+        lse = lse.to(stat_dtype(q.dtype)).contiguous()
+        hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+        for i, la in enumerate(prep.launches):
+            if not self._runs_on_cudnn(la, q, k, softmax_scale, True):
+                parts = self.fallback.backward(do, q, k, v, out, lse, self._fallback_prep(prep, i), softmax_scale, softcap)
+                for acc, part in zip((dq, dk, dv), parts):
+                    acc.add(part)
+                continue
+            t = prep.tensors(i, hq, hkv, d)
+            r0, r1 = la.row_span
+            c0, c1 = la.key_span
+            gdt = q.dtype  # cuDNN's dQ/dK/dV dtype (float32 outputs were measured wrong on cuDNN 9.19)
+            # every row of a span some entry covers is written; the others must read as zero
+            dq_t = _buffer(r1 - r0, int(la.sq.sum()) == r1 - r0, hq, d, gdt, q.device)
+            private = la.private is not None
+            krows = la.private_rows if private else c1 - c0
+            dk_t, dv_t = (_buffer(krows, private or int(la.sk.sum()) == krows, hkv, d, gdt, q.device) for _ in "kv")
+            self.graphs.run(
+                self._key(la, q, k, softmax_scale, True),
+                {
+                    "q": q, "k": k, "v": v, "o": o16, "do": do16, "stats": lse, "dq": dq_t, "dk": dk_t, "dv": dv_t,
+                    "seq_q": t.seq_q, "seq_k": t.seq_k, "off_q": t.off["off_q"], "off_k": t.off["off_k"],
+                    "off_v": t.off["off_k"], "off_o": t.off["off_q"], "off_do": t.off["off_q"],
+                    "off_stats": t.off["off_stats"], "off_dq": t.off["off_q_span"], "off_dk": t.off["off_dk"],
+                    "off_dv": t.off["off_dk"],
+                },
+            )  # fmt: skip
+            dq.add_rows(r0, dq_t)
+            if t.key_index is None:
+                dk.add_rows(c0, dk_t)
+                dv.add_rows(c0, dv_t)
+            else:
+                dk.add_index(t.key_index, dk_t)
+                dv.add_index(t.key_index, dv_t)
+        return dq.result(), dk.result(), dv.result()
+
+    def _check(self, q, k, v, softcap) -> None:
+        why = self.unsupported(q, k, softcap)
+        if why:
+            raise ValueError(why)
+        for name, x in (("q", q), ("k", k), ("v", v)):
+            if not x.is_contiguous():
+                raise ValueError(f"{name} must be contiguous THD for the cudnn backend (call .contiguous())")
+
+
+def _buffer(rows: int, covered: bool, heads: int, d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A gradient buffer cuDNN writes: uninitialized when every row is written, else zeros."""
+    return (torch.empty if covered else torch.zeros)(rows, heads, d, dtype=dtype, device=device)
+
+
+def _neg_inf(t: int, h: int, like: torch.Tensor) -> torch.Tensor:
+    """An lse buffer of ``t`` rows, ``h`` heads: -inf, in ``stat_dtype`` of ``like`` (float32 for cuDNN's 16-bit inputs)."""
+    return torch.full((t, h), float("-inf"), dtype=stat_dtype(like.dtype), device=like.device)

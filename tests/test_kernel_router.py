@@ -1,0 +1,97 @@
+"""The cost router's decisions on CPU, with stand-in backends (exact float64 reference kernels under other names)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flexcp.kernels import AutoBackend, ReferenceBackend, attention, get_backend, register_backend
+from flexcp.kernels.costs import Cost
+from flexcp.mask import AttnMaskSpec, sliding_window
+from reference_attention import dense_attention
+
+
+class StandIn(ReferenceBackend):
+    """The reference kernel under another name; optionally refusing softcap (like cuDNN)."""
+
+    def __init__(self, name: str, no_softcap: bool = False) -> None:
+        super().__init__()
+        self.name, self.no_softcap = name, no_softcap
+
+    def unsupported(self, q, k, softcap):
+        return "stand-in: no softcap" if self.no_softcap and softcap > 0 else None
+
+
+register_backend("standin_group", lambda: StandIn("standin_group", no_softcap=True))
+register_backend("standin_rest", lambda: StandIn("standin_rest"))
+MIXED = AttnMaskSpec(
+    [(0, 30), (20, 60), (60, 84), (64, 100), (0, 18)],
+    [(0, 40), (40, 66), (0, 52), (52, 80), (66, 82)],
+    ["causal", "inv_causal", "bi_causal", "full", "full"],
+    104,
+    82,
+)
+
+
+def router(group: Cost, rest: Cost) -> AutoBackend:
+    costs = {"standin_group": group, "standin_rest": rest}
+    return AutoBackend(costs, whole=("standin_group", "standin_rest"), split=("standin_group", "standin_rest"), device_types=("cpu",))
+
+
+FAST = Cost({"full": 1000.0, "causal": 1000.0, "band": 1000.0}, 0.0, 0.0)
+SLOW = Cost({"full": 1.0, "causal": 1.0, "band": 1.0}, 0.0, 0.0)
+BANDS_SLOW = Cost({"full": 1000.0, "causal": 1000.0, "band": 1.0}, 0.0, 0.0)
+BANDS_FAST = Cost({"full": 1.0, "causal": 1.0, "band": 1000.0}, 0.0, 0.0)
+
+
+def routed(auto: AutoBackend, spec: AttnMaskSpec, softcap: float = 0.0) -> list[str]:
+    q = torch.zeros(spec.total_seqlen, 4, 16, dtype=torch.float64)
+    k = torch.zeros(spec.total_seqlen_k, 2, 16, dtype=torch.float64)
+    prep = auto.prepare(spec.table, spec.total_seqlen, spec.total_seqlen_k, q.device)
+    return [p["backend"] for p in auto.route(prep, q, k, softcap).describe()]
+
+
+def test_cheapest_whole_backend_wins():
+    assert routed(router(FAST, SLOW), MIXED) == ["standin_group"]
+    assert routed(router(SLOW, FAST), MIXED) == ["standin_rest"]
+
+
+def test_groups_split_by_cost():
+    """Bands cheap only on the rest backend, full/causal only on the group backend: two parts, in that order."""
+    assert routed(router(BANDS_SLOW, BANDS_FAST), MIXED) == ["standin_group", "standin_rest"]
+
+
+def test_launch_overhead_keeps_one_backend():
+    """A large per-launch cost on the group backend makes splitting lose to the rest backend alone."""
+    group = Cost({"full": 1000.0, "causal": 1000.0, "band": 1.0}, launch_us=1e9, slice_us=0.0)
+    assert routed(router(group, BANDS_FAST), MIXED) == ["standin_rest"]
+
+
+def test_unsupported_backend_is_skipped():
+    assert routed(router(FAST, SLOW), MIXED, softcap=5.0) == ["standin_rest"]
+
+
+def test_no_device_backend_means_reference():
+    auto = AutoBackend()  # CUDA-only backends: none can run CPU tensors
+    assert routed(auto, MIXED) == ["reference"]
+
+
+@pytest.mark.parametrize("costs", [(FAST, SLOW), (BANDS_SLOW, BANDS_FAST)], ids=["whole", "split"])
+@pytest.mark.parametrize("spec", [MIXED, sliding_window([50, 40], 9)], ids=["mixed", "window"])
+def test_routed_results_are_exact(costs, spec):
+    """Whatever the route, forward and backward equal dense float64 attention (split parts merge by lse)."""
+    name = f"router_{id(costs)}"
+    register_backend(name, lambda: router(*costs))
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(spec.total_seqlen, 4, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(spec.total_seqlen_k, 2, 16, generator=gen, dtype=torch.float64, requires_grad=True) for _ in "kv")
+    out, lse = attention(q, k, v, spec, backend=name)
+    ref, ref_lse = dense_attention(q, k, v, spec)
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), do)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)  # float64 in, float64-exact out
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-10, atol=1e-10)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-9, atol=1e-9)
+    assert get_backend(name).name == "auto"
