@@ -5,7 +5,7 @@ every section's values, the dp x cp factorization of the world, sequence length 
 group, the model, the data kind's own checks, missing files and packages), so a bad config
 fails before any process group, model or data is built. Checking writes nothing;
 :func:`resolve` is the one place that fills the derived values (``parallel.dp``,
-``model.tokenizer``), and nothing writes the config after it.
+``model.tokenizer``), and nothing in the recipe writes the config after it.
 """
 
 from __future__ import annotations
