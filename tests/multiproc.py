@@ -1,4 +1,4 @@
-"""Run a function on N CPU processes joined by a gloo process group (test helper).
+"""Run a function on N processes joined by a gloo process group, or NCCL with one GPU per rank (test helper).
 
 `run_spawned(fn, world_size, *args, **kwargs)` calls `fn(rank, world_size, *args, **kwargs)` on every
 rank and returns the per-rank results in rank order, or re-raises the first failure with the child's
@@ -43,8 +43,12 @@ class RankFailedError(RuntimeError):
     """A rank died, timed out, or raised an exception whose type cannot be rebuilt in the parent."""
 
 
-def run_spawned(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0, **kwargs: Any) -> list:
-    """Run `fn(rank, world_size, *args, **kwargs)` on `world_size` gloo ranks; return results in rank order.
+def run_spawned(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0, pg_backend: str = "gloo", **kwargs: Any
+) -> list:
+    """Run `fn(rank, world_size, *args, **kwargs)` on `world_size` ranks; return results in rank order.
+
+    ``pg_backend="nccl"`` joins them over NCCL instead of gloo, rank ``r`` on GPU ``r``.
 
     Arguments and results travel by pickle (tensors by value). The first failure to reach the parent
     (not necessarily the lowest failing rank: match messages rank-independently) is re-raised with the
@@ -56,21 +60,24 @@ def run_spawned(fn: Callable[..., Any], world_size: int, *args: Any, timeout: fl
     name = getattr(fn, "__name__", "<lambda>")
     if not callable(fn) or name == "<lambda>" or getattr(fn, "__qualname__", None) != name:
         raise ValueError(f"fn must be a module-level function (picklable by name), got {fn!r}")
-    pool = _pools.get(world_size)
+    if pg_backend not in ("gloo", "nccl"):
+        raise ValueError(f"pg_backend must be 'gloo' or 'nccl' (one GPU per rank), got {pg_backend!r}")
+    slot = (world_size, pg_backend)
+    pool = _pools.get(slot)
     if pool is None or not pool.alive():
         if pool is not None:
             pool.close()
-        pool = _pools[world_size] = _Pool(world_size)
+        pool = _pools[slot] = _Pool(world_size, pg_backend)
     try:
         return pool.run(fn, args, kwargs, timeout)
     except _TaskFailed as failed:
         if not failed.pool_reusable:
             pool.close()
-            _pools.pop(world_size, None)
+            _pools.pop(slot, None)
         raise failed.error from None
     except BaseException:
         pool.close()
-        _pools.pop(world_size, None)
+        _pools.pop(slot, None)
         raise
 
 
@@ -81,7 +88,7 @@ def shutdown_pools() -> None:
     _pools.clear()
 
 
-_pools: dict[int, "_Pool"] = {}
+_pools: dict[tuple[int, str], "_Pool"] = {}
 atexit.register(shutdown_pools)
 
 
@@ -93,7 +100,7 @@ class _TaskFailed(Exception):
 class _Pool:
     """`world_size` workers, each with one duplex pipe to the parent."""
 
-    def __init__(self, world_size: int) -> None:
+    def __init__(self, world_size: int, pg_backend: str = "gloo") -> None:
         self.world_size = world_size
         self.tmpdir = tempfile.mkdtemp(prefix="flexcp_gloo_")
         ctx = mp.get_context("forkserver")
@@ -103,13 +110,13 @@ class _Pool:
         for rank in range(world_size):
             parent_end, child_end = ctx.Pipe()
             store_path = os.path.join(self.tmpdir, "store")
-            proc = ctx.Process(target=_worker_main, args=(rank, world_size, store_path, child_end), daemon=True)
+            proc = ctx.Process(target=_worker_main, args=(rank, world_size, store_path, child_end, pg_backend), daemon=True)
             proc.start()
             child_end.close()
             self.conns.append(parent_end)
             self.procs.append(proc)
         try:
-            self._collect("gloo process group start-up", START_TIMEOUT_S)
+            self._collect(f"{pg_backend} process group start-up", START_TIMEOUT_S)
         except _TaskFailed as failed:
             self.close()
             raise failed.error from None
@@ -197,7 +204,7 @@ def _rebuild_error(what: str, rank: int, exc_type_bytes: bytes | None, text: str
 # ----------------------------------------------------------------------------------------- child side
 
 
-def _worker_main(rank: int, world_size: int, store_path: str, conn: Connection) -> None:
+def _worker_main(rank: int, world_size: int, store_path: str, conn: Connection, pg_backend: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         import torch
@@ -206,7 +213,9 @@ def _worker_main(rank: int, world_size: int, store_path: str, conn: Connection) 
         torch.set_num_threads(1)  # N ranks share a few CI cores
         store = dist.FileStore(store_path, world_size)
         timeout = datetime.timedelta(seconds=PG_TIMEOUT_S)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size, timeout=timeout)
+        if pg_backend == "nccl":
+            torch.cuda.set_device(rank)  # one GPU per rank
+        dist.init_process_group(pg_backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
         conn.send_bytes(pickle.dumps((True, pickle.dumps(None))))
     except BaseException as exc:
         conn.send_bytes(pickle.dumps((False, _describe(exc))))

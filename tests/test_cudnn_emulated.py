@@ -10,8 +10,8 @@ from cudnn_emulator import EmulatedCudnn
 from flexcp.kernels import ReferenceBackend
 from flexcp.mask import AttnMaskSpec, block_causal, prefix_tree, sliding_window, varlen
 from reference_attention import dense_attention
+from mask_cases import HARD_CASES
 from strategies import valid_specs
-from test_reference_attention import HARD_CASES
 
 CASES = dict(HARD_CASES)
 CASES.update(

@@ -17,9 +17,9 @@ from flexcp.kernels import AutoBackend, CudnnBackend, get_backend
 from flexcp.kernels.costs import COSTS, Cost
 from flexcp.kernels.cudnn.graphs import why_unavailable
 from flexcp.mask import AttnMaskSpec, block_causal, prefix_tree, sliding_window, varlen
+from gpu_checks import MIXED, check, make_inputs, run_backend, truth
+from mask_cases import HARD_CASES, rel_err
 from strategies import valid_specs
-from test_reference_attention import HARD_CASES, rel_err
-from test_triton_gpu import MIXED, check, make_inputs, run_backend, truth
 
 pytestmark = [
     pytest.mark.gpu,

@@ -16,8 +16,8 @@ from flexcp.kernels.cudnn.plan import (
 )
 from flexcp.mask import AttnMaskSpec, prefix_tree, sliding_window, varlen
 from reference_attention import coverage
+from mask_cases import HARD_CASES
 from strategies import valid_specs
-from test_reference_attention import HARD_CASES
 
 
 def entry_cells(sig, sq: int, sk: int) -> np.ndarray:

@@ -6,7 +6,6 @@ flexcp.attention on the global tensors. The zero-redundancy invariant is checked
 against the dense mask: rows received == distinct remote keys the rank's rows need.
 """
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -15,26 +14,8 @@ import flexcp
 from flexcp.mask import AttnMaskSpec
 from flexcp.runtime import build_key, calc_attn, clear_cache, dispatch, get_position_ids, undispatch
 from flexcp.runtime.key import lookup
+from mask_cases import random_spec
 from multiproc import run_spawned
-
-
-def _random_spec(seed: int) -> AttnMaskSpec:
-    """Random disjoint slices of all four types: a grid of cells, each with a random band."""
-    rng = np.random.default_rng(seed)
-    n = int(rng.integers(60, 120))
-    qcuts = np.unique(np.concatenate([[0, n], rng.integers(1, n, 4)]))
-    kcuts = np.unique(np.concatenate([[0, n], rng.integers(1, n, 4)]))
-    q, k, t = [], [], []
-    for a, b in zip(qcuts[:-1], qcuts[1:]):
-        for c, d in zip(kcuts[:-1], kcuts[1:]):
-            if rng.random() < 0.45:
-                kind = ["full", "causal", "inv_causal", "bi_causal"][int(rng.integers(4))]
-                if kind == "bi_causal" and d - c < b - a:
-                    kind = "causal"
-                q.append((int(a), int(b)))
-                k.append((int(c), int(d)))
-                t.append(kind)
-    return AttnMaskSpec(q, k, t, n)
 
 
 def _specs():
@@ -45,8 +26,8 @@ def _specs():
         "sliding": AttnMaskSpec.sliding_window([70, 33], 11),
         "two_sided": AttnMaskSpec.sliding_window([90], 7, causal=False),
         "empty_rows": AttnMaskSpec([(5, 30), (50, 80)], [(0, 20), (40, 80)], ["full", "causal"], 90),
-        "random_a": _random_spec(1),
-        "random_b": _random_spec(2),
+        "random_a": random_spec(1),
+        "random_b": random_spec(2),
     }
 
 

@@ -14,14 +14,14 @@ from flexcp.mask import AttnMaskSpec
 from flexcp.runtime import build_key, calc_attn, clear_cache, dispatch, undispatch
 from multiproc import run_spawned
 from reference_attention import dense_attention
-from test_dist_attn import _random_spec
+from mask_cases import random_spec
 
 SEEDS = [11, 12, 13, 14]
 RTOL = 1e-10
 
 
 def _specs() -> dict[str, AttnMaskSpec]:
-    specs = {f"random_{s}": _random_spec(s) for s in SEEDS}
+    specs = {f"random_{s}": random_spec(s) for s in SEEDS}
     specs["prefix_tree"] = AttnMaskSpec.prefix_tree([30, 12, 20, 1, 15], [[0, 1], [0, 2, 3], [0, 2, 4]])[0]
     specs["empty_rows"] = AttnMaskSpec([(5, 30), (50, 80)], [(0, 20), (40, 80)], ["full", "causal"], 90)
     return specs

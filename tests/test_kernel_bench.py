@@ -24,8 +24,8 @@ def test_flex_encoding_matches_spec(name: str) -> None:
 
 
 def test_prefix_and_window_shapes() -> None:
-    spec, _ = build_mask("prefix", 32768)
+    spec, _ = build_mask("prefix_tree", 32768)
     assert spec.q_ranges[0] == (0, 8192) and len(spec) == 1 + 2 * 8  # prompt self + (self, prompt) per completion
     assert all(e - s == 3072 for s, e in spec.q_ranges[1:])
-    spec, _ = build_mask("sliding", 8192)
+    spec, _ = build_mask("sliding_window", 8192)
     assert spec.row_key_counts().max() == 4096

@@ -57,6 +57,8 @@ def _env(bin_dir: str) -> dict[str, str]:
     """The environment of a set-up venv: flexcp importable, ``flexcp`` and ``torchrun`` on PATH, CPU only."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("OMP_NUM_THREADS", None)  # as a user's shell: the commands must be fast without it
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK"):
+        env.pop(var, None)  # a process group another test started in this process is not the user's launch
     path = [bin_dir, os.path.dirname(sys.executable), env.get("PATH", "")]
     os.makedirs(bin_dir, exist_ok=True)
     for name, module in (("flexcp", "flexcp.cli"), ("torchrun", "torch.distributed.run")):

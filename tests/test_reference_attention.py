@@ -16,27 +16,15 @@ from hypothesis import strategies as st
 
 from flexcp import AttnMaskSpec, attention
 from flexcp.kernels import ReferenceBackend, get_backend, prepared, register_backend
-from flexcp.mask import block_causal, prefix_tree, sliding_window, varlen
+from flexcp.mask import varlen
 from reference_attention import dense_attention
+from mask_cases import HARD_CASES, rel_err, spec_of
 from strategies import valid_specs
 
 register_backend("ref_q16_k32", lambda: ReferenceBackend(block_q=16, block_k=32))
 register_backend("ref_q5_k3", lambda: ReferenceBackend(block_q=5, block_k=3))
 BACKENDS = ["reference", "ref_q16_k32", "ref_q5_k3"]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """``||x - ref|| / max(||ref||, 0.25 * sqrt(n))`` in float64.
-
-    Inputs are unit-variance, so outputs and gradients have elements of order 0.1 to 10.
-    The floor only matters for tensors that are ~0 by cancellation (dq of a row with one
-    key is ``p * (dp - delta)`` with ``p = 1``, ``dp == delta``), where the ratio would
-    otherwise compare float32 rounding noise with float64 rounding noise.
-    """
-    x, ref = x.detach().double(), ref.detach().double()
-    floor = 0.25 * math.sqrt(max(ref.numel(), 1))
-    return float((x - ref).norm() / max(float(ref.norm()), floor))
 
 
 def check_against_dense(
@@ -110,53 +98,7 @@ def test_random_masks_softcap_and_scale(spec, scale, softcap, seed):
     check_against_dense(spec, 4, 2, d=64, softmax_scale=scale, softcap=softcap, seed=seed)
 
 
-# ------------------------------------------------------------------ named hard cases
-def _spec(slices, tq, tk=None):
-    return AttnMaskSpec([s[0] for s in slices], [s[1] for s in slices], [s[2] for s in slices], tq, tk)
-
-
-HARD_CASES = {
-    "empty_rows": _spec([((3, 9), (0, 6), "full"), ((12, 20), (2, 5), "causal"), ((20, 21), (0, 1), "full")], 24),
-    "no_slices": AttnMaskSpec([], [], [], 7, 5),
-    "zero_area_slices": _spec(
-        [((0, 6), (0, 0), "full"), ((0, 6), (0, 3), "bi_causal"), ((6, 9), (3, 5), "inv_causal")], 9
-    ),
-    "one_token_docs": varlen([1, 1, 3, 1, 2, 1]),
-    "one_token_q_and_k": _spec(
-        [((0, 1), (4, 5), "causal"), ((1, 2), (0, 1), "inv_causal"), ((2, 3), (2, 3), "bi_causal")], 3, 5
-    ),
-    "overlapping_q_ranges": _spec(
-        [
-            ((0, 20), (0, 7), "full"),
-            ((5, 20), (7, 19), "causal"),
-            ((0, 12), (19, 30), "inv_causal"),
-            ((10, 33), (30, 33), "bi_causal"),
-            ((2, 3), (33, 40), "full"),
-        ],
-        33,
-        40,
-    ),
-    "diagonal_complement": _spec([((0, 37), (0, 37), "causal"), ((0, 37), (1, 37), "inv_causal")], 37),
-    "uneven_lengths_q_gt_k": _spec([((0, 37), (0, 19), "causal"), ((37, 53), (5, 19), "bi_causal")], 53, 19),
-    "uneven_lengths_q_lt_k": _spec([((0, 19), (0, 53), "causal"), ((0, 19), (53, 70), "inv_causal")], 19, 70),
-    "sliding_window_crossing_tiles": sliding_window([70, 9, 1, 3], 20),
-    "two_sided_window": sliding_window([45, 30], 7, causal=False),
-    "prefix_tree": prefix_tree([17, 9, 23, 1, 11], [[0, 1], [0, 2, 3], [0, 2, 4]])[0],
-    "block_causal": block_causal([13, 1, 20, 16]),
-}
-for _kind in ("full", "causal", "inv_causal", "bi_causal"):  # sq != sk in both directions, every type
-    HARD_CASES[f"sq_ne_sk_{_kind}"] = _spec(
-        [
-            ((0, 21), (0, 8), _kind),
-            ((21, 27), (8, 40), _kind),
-            ((27, 50), (40, 41), _kind),
-            ((50, 51), (41, 60), _kind),
-        ],
-        51,
-        60,
-    )
-
-
+# ------------------------------------------------------------------ named hard cases (mask_cases.py)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", sorted(HARD_CASES))
 def test_hard_cases_float32(name, backend):
@@ -190,7 +132,7 @@ def test_diagonal_complement_equals_full():
     """CAUSAL plus the INV_CAUSAL piece strictly above its diagonal is the FULL square."""
     gen = torch.Generator().manual_seed(2)
     q, k, v = torch.randn(3, 37, 2, 64, generator=gen)
-    full = _spec([((0, 37), (0, 37), "full")], 37)
+    full = spec_of([((0, 37), (0, 37), "full")], 37)
     torch.testing.assert_close(attention(q, k, v, HARD_CASES["diagonal_complement"]), attention(q, k, v, full))
 
 
@@ -278,7 +220,7 @@ def test_rejects_dtype_and_device_mismatch():
         attention(q, k.to("meta"), v, SPEC8)
 
 
-def test_rejects_lengths_that_do_not_match_spec():
+def test_rejects_lengths_that_do_not_matchspec_of():
     q, k, v = _qkv(tq=9)
     with pytest.raises(ValueError, match=r"q has 9 tokens .* total_seqlen=8"):
         attention(q, k, v, SPEC8)
@@ -295,6 +237,6 @@ def test_rejects_bad_spec_softcap_and_backend():
         attention(q, k, v, SPEC8, softcap=-1.0)
     with pytest.raises(ValueError, match=r"backend='nope' is unknown"):
         attention(q, k, v, SPEC8, backend="nope")
-    overlapping = _spec([((0, 8), (0, 8), "full"), ((2, 3), (2, 3), "full")], 8)
+    overlapping = spec_of([((0, 8), (0, 8), "full"), ((2, 3), (2, 3), "full")], 8)
     with pytest.raises(ValueError, match=r"cover the same \(q, k\) cells"):
         attention(q, k, v, overlapping)

@@ -10,8 +10,6 @@ keys, out/dq exactly 0 there, relative errors within the dtype's tolerance.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
@@ -22,81 +20,14 @@ from flexcp.kernels import ReferenceBackend, attention, available_backends, regi
 from flexcp.kernels.torch_sdpa import TorchSdpaBackend as SdpaBackend
 from flexcp.kernels.triton import TritonBackend
 from flexcp.mask import AttnMaskSpec, prefix_tree, sliding_window, varlen
-from reference_attention import dense_attention
+from gpu_checks import DEVICE, MIXED, TRITON, check, make_inputs, run_backend, skip_unrunnable, truth
+from mask_cases import HARD_CASES, rel_err
 from strategies import valid_specs
-from test_reference_attention import HARD_CASES, rel_err
 
-
-def _device() -> str | None:
-    if torch.cuda.is_available():
-        return "cuda"
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        import importlib.util
-
-        return "cpu" if importlib.util.find_spec("triton") else None
-    return None
-
-
-DEVICE = _device()
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(DEVICE is None, reason="needs a CUDA GPU")]
-TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 1e-2}
-TRITON = TritonBackend()
 SDPA = SdpaBackend(TRITON)
 if "triton" not in available_backends():
     register_backend("triton", TritonBackend)
-
-
-def _skip_unrunnable(dtype: torch.dtype) -> None:
-    if DEVICE == "cpu" and dtype == torch.bfloat16:
-        pytest.skip("Triton's interpreter has no bfloat16 dot")
-
-
-def make_inputs(spec: AttnMaskSpec, hq: int, hkv: int, d: int, dtype: torch.dtype, seed: int = 0):
-    gen = torch.Generator(device=DEVICE).manual_seed(seed)
-    shapes = [(spec.total_seqlen, hq, d), (spec.total_seqlen_k, hkv, d), (spec.total_seqlen_k, hkv, d), (spec.total_seqlen, hq, d)]
-    return [torch.randn(s, generator=gen, device=DEVICE).to(dtype) for s in shapes]
-
-
-def poison_allocator() -> None:
-    """Leave NaN in freed cached memory so outputs the kernels fail to write show up."""
-    if DEVICE == "cuda":
-        torch.full((64 << 20,), float("nan"), device=DEVICE)  # freed at once, left in the cache
-
-
-def run_backend(backend, spec, q, k, v, do, scale, softcap):
-    prep = backend.prepare(spec.table, spec.total_seqlen, spec.total_seqlen_k, torch.device(DEVICE))
-    poison_allocator()
-    out, lse = backend.forward(q, k, v, prep, scale, softcap)
-    poison_allocator()
-    return (out, lse, *backend.backward(do, q, k, v, out, lse, prep, scale, softcap))
-
-
-def truth(spec, q, k, v, do, scale, softcap):
-    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
-    out, lse = dense_attention(*leaves, spec, scale, softcap)
-    return (out, lse, *torch.autograd.grad(out, leaves, do.double()))
-
-
-def check(spec, hq=2, hkv=1, d=64, dtype=torch.float32, softcap=0.0, backend=TRITON, seed=0, scale=None):
-    """Backend vs dense float64 truth on one mask; returns the backend's results."""
-    _skip_unrunnable(dtype)
-    q, k, v, do = make_inputs(spec, hq, hkv, d, dtype, seed)
-    scale = d**-0.5 if scale is None else scale
-    got = run_backend(backend, spec, q, k, v, do, scale, softcap)
-    ref = truth(spec, q, k, v, do, scale, softcap)
-    out, lse, dq, dk, dv = got
-    assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (spec.total_seqlen, hq)
-    assert all(x.dtype == torch.float32 for x in (dq, dk, dv))
-    for name, x in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv)):
-        assert torch.isfinite(x).all(), f"{name} has NaN/inf"
-    empty = torch.isinf(ref[1])
-    assert torch.equal(torch.isneginf(lse), empty) and not torch.isnan(lse).any()
-    assert (out[empty] == 0).all() and (dq[empty] == 0).all()
-    tol = TOL[dtype]
-    for name, x, r in zip(("out", "lse", "dq", "dk", "dv"), (out, lse[~empty], dq, dk, dv), (ref[0], ref[1][~empty], *ref[2:])):
-        err = rel_err(x, r)
-        assert err <= tol, f"{name}: relative error {err:.2e} > {tol:.0e}"
-    return got
 
 
 # ------------------------------------------------------------------ named hard cases
@@ -116,15 +47,6 @@ def test_hard_cases_float32_gqa(name):
 @pytest.mark.parametrize("name", sorted(HARD_CASES))
 def test_hard_cases_bfloat16_gqa(name):
     check(HARD_CASES[name], 8, 2, d=128, dtype=torch.bfloat16)
-
-
-MIXED = AttnMaskSpec(  # every type, sq != sk, overlapping q ranges, rows without keys, tiles crossing slices
-    [(0, 150), (100, 300), (300, 420), (320, 500), (0, 90)],
-    [(0, 200), (200, 330), (0, 260), (260, 400), (330, 410)],
-    ["causal", "inv_causal", "bi_causal", "full", "full"],
-    520,
-    410,
-)
 
 
 @pytest.mark.parametrize(
@@ -189,7 +111,7 @@ def test_empty_rows_and_unused_keys_are_exact_zeros():
 
 
 def test_backward_is_deterministic():
-    _skip_unrunnable(torch.bfloat16)
+    skip_unrunnable(torch.bfloat16)
     spec = varlen([700, 1500, 300, 1596])
     q, k, v, do = make_inputs(spec, 8, 2, 128, torch.bfloat16)
     first = run_backend(TRITON, spec, q, k, v, do, 0.1, 0.0)
@@ -251,7 +173,7 @@ def test_sdpa_falls_back_for_other_masks():
 
 # ------------------------------------------------------------------ through flexcp.attention
 def test_attention_api_autograd():
-    _skip_unrunnable(torch.bfloat16)
+    skip_unrunnable(torch.bfloat16)
     spec = prefix_tree([300, 100, 150], [[0, 1], [0, 2]])[0]
     q, k, v, do = make_inputs(spec, 4, 2, 128, torch.bfloat16)
     leaves = [x.requires_grad_() for x in (q, k, v)]

@@ -50,7 +50,7 @@ from ..runtime.placement import choose_plan
 from ..runtime.key import lookup
 from .cp_baselines import AllGatherScheme, CpScheme, RingScheme
 from .docdist import sample_pack
-from .solver_report import _cpu_name
+from .common import cpu_name
 
 MASKS = ("causal", "varlen", "prefix_tree", "sliding_window")
 SCHEMES = ("flexcp", "allgather", "ring")  # flexcp first: the others are checked against it
@@ -288,7 +288,7 @@ def _meta(args, argv: list[str], world: int, device: torch.device, label: str) -
         triton_version = None
     launcher = f"torchrun --nproc_per_node {world} -m flexcp.bench.cp_bench" if world > 1 else "flexcp bench cp"
     return {
-        "card": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "card": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "world_size": world,
         "kernel_backend": label,
         "torch": torch.__version__,

@@ -32,7 +32,7 @@ from ..kernels.triton import KernelConfig, LaunchConfigs, TritonBackend, default
 from ..mask import AttnMaskSpec, prefix_tree, sliding_window, varlen
 from .docdist import sample_pack
 
-MASKS = ("full", "causal", "varlen", "sliding", "prefix")
+MASKS = ("full", "causal", "varlen", "sliding_window", "prefix_tree")  # the mask families' own names
 OURS = ("triton", "cudnn", "torch_sdpa", "auto")  # flexcp backends, through the contract
 CONTENDERS = (*OURS, "cudnn_sdpa", "flex")
 REL_SLOTS = 512  # fixed size of FlexAttention's node-relation table, so one compiled kernel serves all masks
@@ -64,11 +64,11 @@ def build_mask(name: str, seqlen: int, seed: int = 0) -> tuple[AttnMaskSpec, Fle
         spec = varlen(lens.tolist())
         node = np.repeat(np.arange(len(lens)), lens).astype(np.int32)
         rel[np.arange(len(lens)), np.arange(len(lens))] = 2
-    elif name == "sliding":
+    elif name == "sliding_window":
         window = 4096
         spec = sliding_window([seqlen], window)
         rel[0, 0] = 2
-    elif name == "prefix":  # one prompt of S/4 and 8 completions of 3S/32 (8k + 8 x 3k at 32k)
+    elif name == "prefix_tree":  # one prompt of S/4 and 8 completions of 3S/32 (8k + 8 x 3k at 32k)
         lens = [seqlen // 4] + [3 * seqlen // 32] * 8
         lens[0] += seqlen - sum(lens)
         spec = prefix_tree(lens, [[0, c] for c in range(1, 9)])[0]

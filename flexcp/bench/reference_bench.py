@@ -32,7 +32,7 @@ import torch
 from ..kernels import attention, get_backend
 from ..mask import AttnMaskSpec, causal, varlen
 from .docdist import sample_pack
-from .solver_report import _cpu_name
+from .common import cpu_name
 
 MASKS = ("causal", "varlen")
 
@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     meta = {
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "threads": args.threads,
         "python": platform.python_version(),

@@ -26,19 +26,10 @@ import numpy as np
 
 from ..dispatch import DEFAULT_CHUNK_SIZE, SOLVERS, build_plan
 from ..mask import varlen
+from .common import cpu_name
 from .docdist import sample_doc_lengths, sample_pack
 
 SOLVER_ORDER = list(SOLVERS)  # greedy (default), lpt, zigzag, contiguous
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _timed_plan(lengths: np.ndarray, cp: int, chunk_size: int, solver: str) -> tuple[float, float]:
@@ -135,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     meta = {
-        "cpu": _cpu_name(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "numpy": np.__version__,

@@ -1,11 +1,10 @@
-"""Training data: every micro-batch is one packed sequence plus its attention mask.
+"""Training data: the data kinds (``data.kind``), each owning its config checks and building its source.
 
-Three sources, all random-access by micro-batch index (so a resumed run continues with
-exactly the batch it would have seen):
+A source is random-access by micro-batch index (so a resumed run continues with exactly
+the batch it would have seen); :mod:`.packing` lays each micro-batch out.
 
 - ``jsonl``: records with ``text`` (loss on every token) or chat ``messages`` (loss on
-  assistant turns only), packed to ``seq_len`` with document boundaries kept: a varlen
-  causal mask and per-document position ids.
+  assistant turns only), packed to ``seq_len`` with document boundaries kept.
 - ``rollouts``: RL groups ``{"prompt" | "messages", "completions": [...]}``, each laid out
   once as a prefix tree (the prompt shared by its completions) and packed; loss on the
   completions.
@@ -13,169 +12,36 @@ exactly the batch it would have seen):
   pairs sit in the second quarter of the sequence and are queried at its end, more than
   one shard's length (seq_len / cp, cp >= 2) later.
 
-Labels are pre-shifted (``labels[t]`` is the target of position ``t``; -100 = no loss)
-because dispatch permutes tokens across ranks.
+A new kind is one :class:`DataKind` subclass (its checks and its source) listed in
+:data:`DATA_KINDS`, all in this file; ``validate`` and ``build_source`` find it there.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import string
 import warnings
-from dataclasses import dataclass
-from typing import Any, Protocol
+from types import MappingProxyType
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
 
 from ..mask import AttnMaskSpec
-from .config import ConfigError, FinetuneConfig
+from .packing import (  # noqa: F401  (the layout's names, importable from here)
+    IGNORE_INDEX,
+    DataSource,
+    EpochPacker,
+    PackedSequence,
+    RolloutGroup,
+    next_fit,
+    pack_documents,
+    pack_rollouts,
+    shifted_labels,
+)
+from .schema import ConfigError, Filler, FinetuneConfig
 from .tokenizer import Tokenizer, check_messages
-
-IGNORE_INDEX = -100
-
-
-@dataclass(frozen=True)
-class PackedSequence:
-    """One global micro-batch (identical on every rank of a CP group)."""
-
-    input_ids: torch.Tensor
-    """``[S]`` int64 token ids."""
-    labels: torch.Tensor
-    """``[S]`` int64 pre-shifted targets, ``IGNORE_INDEX`` where there is no loss."""
-    position_ids: torch.Tensor
-    """``[S]`` int64 positions inside each document / prefix-tree path (RoPE)."""
-    spec: AttnMaskSpec
-    """The attention mask over the ``S`` tokens (padding rows attend to nothing)."""
-
-    @property
-    def num_label_tokens(self) -> int:
-        return int((self.labels != IGNORE_INDEX).sum())
-
-
-class DataSource(Protocol):
-    def get(self, index: int) -> PackedSequence:
-        """Micro-batch number ``index`` (deterministic; any index is valid, epochs repeat)."""
-
-
-# --------------------------------------------------------------------------------------- building
-
-
-def shifted_labels(ids: list[int], targets: list[bool]) -> list[int]:
-    """``labels[t] = ids[t + 1]`` where token ``t + 1`` is a target, else IGNORE_INDEX."""
-    out = [i if keep else IGNORE_INDEX for i, keep in zip(ids[1:], targets[1:])]
-    return out + [IGNORE_INDEX]
-
-
-def _finish(ids: list[int], labels: list[int], pos: list[int], spec: AttnMaskSpec, seq_len: int,
-            pad_id: int) -> PackedSequence:
-    pad = seq_len - len(ids)
-    as_long = lambda xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
-    return PackedSequence(
-        as_long(ids + [pad_id] * pad),
-        as_long(labels + [IGNORE_INDEX] * pad),
-        as_long(pos + list(range(pad))),
-        spec,
-    )
-
-
-def pack_documents(docs: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> PackedSequence:
-    """Concatenate ``(ids, labels)`` documents; varlen causal mask, positions restart per document."""
-    lengths = [len(ids) for ids, _ in docs]
-    if sum(lengths) > seq_len:
-        raise ValueError(f"documents of {sum(lengths)} tokens do not fit in seq_len={seq_len}")
-    ids = [t for d, _ in docs for t in d]
-    labels = [t for _, lab in docs for t in lab]
-    pos = [p for n in lengths for p in range(n)]
-    docs_only = AttnMaskSpec.varlen(lengths)
-    spec = AttnMaskSpec(docs_only.q_ranges, docs_only.k_ranges, docs_only.mask_types, seq_len)
-    return _finish(ids, labels, pos, spec, seq_len, pad_id)
-
-
-@dataclass(frozen=True)
-class RolloutGroup:
-    """A prompt and its completions as prefix-tree nodes.
-
-    The last prompt token is repeated at the head of every completion node, so each
-    path's pre-shifted labels stay inside its own nodes (that token's successor differs
-    per completion).
-    """
-
-    prompt: list[int]
-    completions: list[list[int]]
-
-    @property
-    def node_lengths(self) -> list[int]:
-        return [len(self.prompt) - 1] + [len(c) + 1 for c in self.completions]
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.node_lengths)
-
-
-def pack_rollouts(groups: list[RolloutGroup], seq_len: int, pad_id: int) -> PackedSequence:
-    """Lay out groups as one prefix-tree forest; loss on completion tokens only."""
-    node_lengths: list[int] = []
-    paths: list[list[int]] = []
-    ids: list[int] = []
-    labels: list[int] = []
-    pos: list[int] = []
-    for g in groups:
-        root, p = len(node_lengths), len(g.prompt)
-        node_lengths.append(p - 1)
-        ids += g.prompt[:-1]
-        labels += [IGNORE_INDEX] * (p - 1)
-        pos += list(range(p - 1))
-        for c in g.completions:
-            paths.append([root, len(node_lengths)])
-            node_lengths.append(len(c) + 1)
-            ids += [g.prompt[-1], *c]
-            labels += [*c, IGNORE_INDEX]
-            pos += list(range(p - 1, p + len(c)))
-    if len(ids) > seq_len:
-        raise ValueError(f"rollout groups of {len(ids)} tokens do not fit in seq_len={seq_len}")
-    spec, _ = AttnMaskSpec.prefix_tree(node_lengths + [seq_len - len(ids)], paths)
-    return _finish(ids, labels, pos, spec, seq_len, pad_id)
-
-
-def next_fit(lengths: list[int], seq_len: int) -> list[list[int]]:
-    """Group items in order into bins of at most ``seq_len`` tokens (a new bin when the next does not fit)."""
-    bins: list[list[int]] = []
-    used = seq_len + 1
-    for i, n in enumerate(lengths):
-        if used + n > seq_len:
-            bins.append([])
-            used = 0
-        bins[-1].append(i)
-        used += n
-    return bins
-
-
-class _EpochPacker:
-    """Items shuffled per epoch (seed, epoch), packed next-fit; micro-batch index -> (epoch, bin)."""
-
-    def __init__(self, lengths: list[int], seq_len: int, seed: int, shuffle: bool) -> None:
-        if not lengths:
-            raise ValueError("the dataset is empty")
-        self.lengths, self.seq_len, self.seed, self.shuffle = lengths, seq_len, seed, shuffle
-        self._epochs: list[list[list[int]]] = []
-
-    def _epoch(self, e: int) -> list[list[int]]:
-        while len(self._epochs) <= e:
-            n = len(self._epochs)
-            order = np.arange(len(self.lengths))
-            if self.shuffle:
-                order = np.random.default_rng([self.seed, n]).permutation(order)
-            bins = next_fit([self.lengths[i] for i in order], self.seq_len)
-            self._epochs.append([[int(order[i]) for i in b] for b in bins])
-        return self._epochs[e]
-
-    def items(self, index: int) -> list[int]:
-        e = 0
-        while index >= len(self._epoch(e)):
-            index -= len(self._epoch(e))
-            e += 1
-        return self._epoch(e)[index]
 
 
 def _read_jsonl(path: str) -> list[tuple[int, dict[str, Any]]]:
@@ -235,7 +101,7 @@ class JsonlSource:
                                  "records need at least one message with role 'assistant'")
             warnings.warn(f"{path}: skipped {len(no_target)} chat record(s) without an assistant turn (no loss to "
                           f"train on) at line(s) {lines}", RuntimeWarning, stacklevel=2)
-        self.packer = _EpochPacker([len(d) for d, _ in self.docs], seq_len, seed, shuffle)
+        self.packer = EpochPacker([len(d) for d, _ in self.docs], seq_len, seed, shuffle)
 
     def _tokenize(self, rec: dict[str, Any], where: str) -> tuple[list[int], list[bool]]:
         bos = [] if self.tok.bos_id is None else [self.tok.bos_id]
@@ -265,7 +131,7 @@ class RolloutSource:
                     f"{path}: rollout group {n} needs {g.num_tokens} tokens > data.seq_len={seq_len}; "
                     "raise data.seq_len or shorten the group"
                 )
-        self.packer = _EpochPacker([g.num_tokens for g in self.groups], seq_len, seed, shuffle)
+        self.packer = EpochPacker([g.num_tokens for g in self.groups], seq_len, seed, shuffle)
 
     def _group(self, rec: dict[str, Any], where: str) -> RolloutGroup:
         comps = rec.get("completions")
@@ -295,7 +161,7 @@ class RolloutSource:
 
 RECALL_KEYS = string.ascii_uppercase
 RECALL_VALUES = string.digits + "#$%&*+/<=>@^~"
-RECALL_FILLER = {"repeat": ".", "random": string.ascii_lowercase}
+RECALL_FILLER: Mapping[Filler, str] = MappingProxyType({"repeat": ".", "random": string.ascii_lowercase})
 RECALL_QUERY = "?"
 
 
@@ -319,7 +185,7 @@ class RecallSource:
     """
 
     def __init__(self, seq_len: int, num_pairs: int, num_values: int, seed: int, bos_id: int | None,
-                 filler: str = "repeat") -> None:
+                 filler: Filler = "repeat") -> None:
         if seq_len < recall_min_seq_len(num_pairs) or num_pairs > len(RECALL_KEYS):
             raise ValueError(f"recall: seq_len={seq_len} / num_pairs={num_pairs} leave no room for the pairs")
         self.seq_len, self.num_pairs, self.seed = seq_len, num_pairs, seed
@@ -349,14 +215,95 @@ class RecallSource:
         return PackedSequence(t(ids), t(labels), torch.arange(s), self.spec)
 
 
+# ------------------------------------------------------------------------------------- data kinds
+
+
+class DataKind:
+    """One value of ``data.kind``: the checks it needs of the config and the source it builds."""
+
+    name: str
+
+    def problems(self, cfg: FinetuneConfig) -> Iterator[str]:
+        """What is wrong with ``cfg`` for this kind (its values are already in range)."""
+        raise NotImplementedError
+
+    def build(self, cfg: FinetuneConfig, tok: Tokenizer, path: str | None, shuffle: bool | None) -> DataSource:
+        """The source (``path`` / ``shuffle``: instead of ``data.path`` / ``data.shuffle``, for held-out data)."""
+        raise NotImplementedError
+
+
+class FileKind(DataKind):
+    """A kind that reads ``data.path`` (and ``eval.path``, its held-out set) as JSONL with ``source``."""
+
+    sample: str
+    """The sample file under flexcp/train/samples/ an error suggests."""
+    source: type[JsonlSource] | type[RolloutSource]
+
+    def problems(self, cfg: FinetuneConfig) -> Iterator[str]:
+        d, e = cfg.data, cfg.eval
+        if d.path is None:
+            yield (f"data.kind={d.kind!r} reads a JSONL file: set data.path (a sample to try: "
+                   f"data.path=flexcp/train/samples/{self.sample})")
+        elif not os.path.isfile(d.path):
+            yield f"data.path={d.path!r}: no such file"
+        if e.path is not None and not os.path.isfile(e.path):
+            yield f"eval.path={e.path!r}: no such file"
+        elif e.path is None and e.every:
+            yield (f"eval.every={e.every} with data.kind={d.kind!r} needs held-out data: set eval.path "
+                   "to a JSONL file in data.path's format (or eval.every=0)")
+
+    def build(self, cfg: FinetuneConfig, tok: Tokenizer, path: str | None, shuffle: bool | None) -> DataSource:
+        d = cfg.data
+        return self.source(path or d.path, tok, d.seq_len, cfg.train.seed, d.shuffle if shuffle is None else shuffle)
+
+
+class JsonlKind(FileKind):
+    name, sample, source = "jsonl", "sft_chat.jsonl", JsonlSource
+
+
+class RolloutsKind(FileKind):
+    name, sample, source = "rollouts", "rollouts.jsonl", RolloutSource
+
+    def problems(self, cfg: FinetuneConfig) -> Iterator[str]:
+        if cfg.model.attn_implementation != "magi":
+            yield ("data.kind='rollouts' needs model.attn_implementation='magi': HF "
+                   f"{cfg.model.attn_implementation!r} attention cannot express a prefix-tree mask")
+        yield from super().problems(cfg)
+
+
+class RecallKind(DataKind):
+    """Synthetic recall (``data.recall``); its held-out set is unseen synthetic sequences, so no eval.path."""
+
+    name = "recall"
+
+    def problems(self, cfg: FinetuneConfig) -> Iterator[str]:
+        d, r = cfg.data, cfg.data.recall
+        if r.num_pairs > len(RECALL_KEYS):
+            yield (f"data.recall.num_pairs must be <= {len(RECALL_KEYS)} (one distinct key letter per pair); "
+                   f"got {r.num_pairs}")
+        if r.num_values > len(RECALL_VALUES):
+            yield f"data.recall.num_values must be <= {len(RECALL_VALUES)}; got {r.num_values}"
+        need = recall_min_seq_len(r.num_pairs)
+        if d.seq_len < need:
+            yield (f"data.seq_len={d.seq_len} is too short for data.recall.num_pairs={r.num_pairs}: the pairs "
+                   f"must fit in the second quarter of the sequence; use data.seq_len >= {need}")
+        if cfg.eval.path is not None:
+            files = " / ".join(repr(k.name) for k in DATA_KINDS.values() if isinstance(k, FileKind))
+            yield (f"eval.path is for data.kind {files}; the recall task evaluates on held-out synthetic "
+                   "sequences: leave eval.path unset")
+
+    def build(self, cfg: FinetuneConfig, tok: Tokenizer, path: str | None, shuffle: bool | None) -> DataSource:
+        if tok.vocab_size < 128:
+            raise ConfigError(f"data.kind='recall' uses ASCII token ids; the tokenizer has only {tok.vocab_size}")
+        d, r = cfg.data, cfg.data.recall
+        return RecallSource(d.seq_len, r.num_pairs, r.num_values, cfg.train.seed, tok.bos_id, r.filler)
+
+
+DATA_KINDS: Mapping[str, DataKind] = MappingProxyType({k.name: k for k in (RecallKind(), JsonlKind(), RolloutsKind())})
+"""Every ``data.kind``, by name (read-only)."""
+
+
 def build_source(cfg: FinetuneConfig, tok: Tokenizer, path: str | None = None,
                  shuffle: bool | None = None) -> DataSource:
     """The data source named by ``cfg.data.kind`` (``path`` / ``shuffle``: instead of ``data.path`` / ``data.shuffle``)."""
-    d = cfg.data
-    if d.kind == "recall":
-        if tok.vocab_size < 128:
-            raise ConfigError(f"data.kind='recall' uses ASCII token ids; the tokenizer has only {tok.vocab_size}")
-        r = d.recall
-        return RecallSource(d.seq_len, r.num_pairs, r.num_values, cfg.train.seed, tok.bos_id, r.filler)
-    cls = JsonlSource if d.kind == "jsonl" else RolloutSource
-    return cls(path or d.path, tok, d.seq_len, cfg.train.seed, d.shuffle if shuffle is None else shuffle)
+    return DATA_KINDS[cfg.data.kind].build(cfg, tok, path, shuffle)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import FinetuneConfig
+from .schema import FinetuneConfig
 from .data import DataSource, build_source
 from .tokenizer import Tokenizer
 

@@ -32,7 +32,7 @@ from .parallel import ParallelDims, apply_fsdp, build_parallel, init_distributed
 from .stall import StallWatch
 from .tokenizer import load_tokenizer
 
-__all__ = ["EVAL_INDEX_BASE", "Trainer", "WarmupCosine", "close_distributed"]
+__all__ = ("EVAL_INDEX_BASE", "Trainer", "WarmupCosine", "close_distributed")
 
 
 class WarmupCosine:

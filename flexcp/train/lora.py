@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from .config import ConfigError, LoraConfig
+from .schema import ConfigError, LoraConfig
 
 PEFT_PREFIX = "base_model.model."
 """Where the HF model sits inside a ``PeftModelForCausalLM``."""

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from types import MappingProxyType
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from .config import ConfigError, ModelConfig
+from .schema import ConfigError, ModelConfig
+from .tokenizer import TOKENIZER_FILES
 
 _LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                  num_key_value_heads=8, vocab_size=32000, rope_theta=500000.0)
 
-PRESETS: dict[str, dict[str, Any]] = {
+PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
     # the demo's model: a 2-layer Llama that learns the recall task on two CPU cores in two minutes
     # (init std ~ 1.2 / sqrt(hidden): attention logits start large enough to find the value quickly)
     "tiny": dict(hidden_size=64, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
@@ -21,9 +24,31 @@ PRESETS: dict[str, dict[str, Any]] = {
     "llama-1b": _LLAMA_1B,
     # the same shapes as a Mistral-style model: every layer attends a sliding window of 4096 keys
     "mistral-1b": dict(_LLAMA_1B, model_type="mistral", sliding_window=4096),
-}
-"""Each preset is HF config fields; ``model_type`` (default ``"llama"``) names the architecture."""
-_PRESET_DEFAULTS = dict(max_position_embeddings=1 << 20, tie_word_embeddings=False, use_cache=False)
+})
+"""The built-in architectures (``model.preset``), read-only: HF config fields; ``model_type`` (default
+``"llama"``) names the architecture."""
+_PRESET_DEFAULTS: Mapping[str, Any] = MappingProxyType(dict(max_position_embeddings=1 << 20, tie_word_embeddings=False,
+                                                             use_cache=False))
+
+
+def model_problems(m: ModelConfig) -> Iterator[str]:
+    """What is wrong with the ``model`` section beyond its values: the checkpoint, preset, overrides and tokenizer."""
+    path_ok = m.path is None or os.path.isfile(os.path.join(m.path, "config.json"))
+    if not path_ok:
+        yield (f"model.path={m.path!r} is not a Hugging Face checkpoint directory (no config.json there); "
+               "download the model first (no network is used) or leave model.path unset for the built-in preset")
+    elif m.path is None and m.preset not in PRESETS:
+        yield f"model.preset={m.preset!r} is not one of {', '.join(map(repr, PRESETS))}"
+    try:
+        check_overrides(m.overrides, m.path is not None, m.preset)
+    except ConfigError as exc:
+        yield str(exc)
+    if not path_ok and m.tokenizer is None:
+        return  # the tokenizer is the checkpoint's: its problem is the one above
+    tok = m.tokenizer_or_default()
+    if tok != "byte" and not any(os.path.isfile(os.path.join(tok, f)) for f in TOKENIZER_FILES):
+        yield (f"model.tokenizer={tok!r} holds no tokenizer ({', '.join(TOKENIZER_FILES)}); set model.tokenizer to "
+               "a tokenizer directory, or 'byte' for the built-in byte-level tokenizer")
 
 
 def check_overrides(overrides: dict[str, Any], has_path: bool, preset: str = "tiny") -> None:

@@ -18,18 +18,19 @@ import argparse
 import json
 import os
 import random
-from typing import Callable
+from types import MappingProxyType
+from typing import Callable, Mapping
 
 SAMPLES_DIR = os.path.join(os.path.dirname(__file__), "samples")
 WORDS = ("river", "stone", "maple", "cloud", "ember", "quartz", "lantern", "harbor", "violet", "meadow",
          "copper", "falcon", "summit", "willow", "canyon", "orchid", "glacier", "thunder", "pepper", "sparrow")
 SYSTEM = "You are a careful assistant. Answer briefly."
-FILES = {  # name -> (generator, records, seed)
+FILES: Mapping[str, tuple[str, int, int]] = MappingProxyType({  # name -> (generator, records, seed)
     "sft_chat.jsonl": ("chat", 400, 1),
     "sft_chat_eval.jsonl": ("chat", 40, 2),
     "rollouts.jsonl": ("rollouts", 240, 3),
     "rollouts_eval.jsonl": ("rollouts", 24, 4),
-}
+})
 
 
 def _task(rng: random.Random) -> tuple[str, str, list[str]]:
@@ -71,7 +72,8 @@ def rollout_record(rng: random.Random) -> dict:
     return {"prompt": f"Question: {question}\nAnswer: ", "completions": completions[: rng.randint(2, 4)]}
 
 
-GENERATORS: dict[str, Callable[[random.Random], dict]] = {"chat": chat_record, "rollouts": rollout_record}
+GENERATORS: Mapping[str, Callable[[random.Random], dict]] = MappingProxyType({"chat": chat_record,
+                                                                            "rollouts": rollout_record})
 
 
 def render(name: str) -> str:

@@ -14,6 +14,8 @@ import os
 from typing import Any
 
 BYTE_TOKENIZER_FILE = "flexcp_tokenizer.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", BYTE_TOKENIZER_FILE)
+"""A directory holding any of these is a tokenizer :func:`load_tokenizer` can read."""
 
 
 class Tokenizer:

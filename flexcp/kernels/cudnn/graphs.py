@@ -173,6 +173,12 @@ class _Declare:
         t.set_ragged_offset(self.tensors[offsets] if offsets in self.tensors else self.offsets(offsets))
         return self._add(name, t)
 
+    def qkv(self) -> tuple[Any, Any, Any]:
+        """The q, k, v inputs every graph starts from."""
+        key = self.key
+        return (self.thd("q", key.hq, key.max_q, "off_q"), self.thd("k", key.hkv, key.max_k, "off_k"),
+                self.thd("v", key.hkv, key.max_k, "off_v"))
+
     def stats_layout(self) -> tuple[list, list]:
         b, h, s = self.key.batch, self.key.hq, self.key.max_q
         return [b, h, s, 1], [s * h, 1, h, 1]
@@ -203,9 +209,7 @@ def _build_forward(key: GraphKey, handle: Any) -> Built:
     cudnn = cudnn_module()
     g = _new_graph(cudnn, key, handle)
     dec = _Declare(cudnn, g, key)
-    q = dec.thd("q", key.hq, key.max_q, "off_q")
-    k = dec.thd("k", key.hkv, key.max_k, "off_k")
-    v = dec.thd("v", key.hkv, key.max_k, "off_v")
+    q, k, v = dec.qkv()
     o, stats = g.sdpa(
         name="sdpa", q=q, k=k, v=v, generate_stats=True, attn_scale=key.scale, use_padding_mask=True,
         seq_len_q=dec.lengths("seq_q"), seq_len_kv=dec.lengths("seq_k"), **mask_args(cudnn, key.sig, key.max_k),
@@ -222,9 +226,7 @@ def _build_backward(key: GraphKey, handle: Any) -> Built:
     cudnn = cudnn_module()
     g = _new_graph(cudnn, key, handle)
     dec = _Declare(cudnn, g, key)
-    q = dec.thd("q", key.hq, key.max_q, "off_q")
-    k = dec.thd("k", key.hkv, key.max_k, "off_k")
-    v = dec.thd("v", key.hkv, key.max_k, "off_v")
+    q, k, v = dec.qkv()
     o = dec.thd("o", key.hq, key.max_q, "off_o")
     do = dec.thd("do", key.hq, key.max_q, "off_do")
     dim, stride = dec.stats_layout()
