@@ -124,8 +124,7 @@ def test_import_map_is_read():
     assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
-KNOWN_CYCLES = {"magi_attn_utils": "issue 16 item 1: its modules write the package's state through "
-                                   "`import flexcp.magi_attn_utils as _state`; the HF registry refactor removes that"}
+KNOWN_CYCLES: dict[str, str] = {}
 """Layers with a cycle someone is removing: a strict xfail, so the test fails once the cycle is gone."""
 
 
