@@ -175,7 +175,7 @@ def magi_prepare_packed_cp(model, batch: dict, cp_group):
     """Context-parallel prep for a packed (THD) batch on the custom-model path; ``(new_batch, key)``.
 
     Takes the global THD batch (flat ``input_ids``/``labels``/``position_ids`` plus
-    ``cu_seqlens``, optionally ``cu_seqlens_padded``), builds the per-document key with
+    ``cu_seqlens``, optionally ``cu_seqlens_padded``), builds the per-document key of
     :func:`build_flex_key` (padding rows of a padded layout attend to nothing) and
     dispatches the sequence with flexcp's load balancer. ``new_batch`` holds the local
     flat ``input_ids``, real per-document ``position_ids``, ``labels`` (padding -100) and
