@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 
 import flexcp.magi_attn_utils as mau  # noqa: E402
 from multiproc import run_spawned  # noqa: E402
-from test_hf_parity import VOCAB, make_model  # noqa: E402
+from hf_models import VOCAB, make_model  # noqa: E402
 
 
 def _ids(n=40, seed=3):

@@ -24,7 +24,7 @@ import flexcp.magi_attn_utils as mau  # noqa: E402
 from flexcp.mask import AttnMaskSpec, causal, sliding_window, varlen  # noqa: E402
 from multiproc import run_spawned  # noqa: E402
 from reference_attention import dense_attention  # noqa: E402
-from test_hf_parity import VOCAB, make_case, make_model  # noqa: E402
+from hf_models import VOCAB, make_case, make_model  # noqa: E402
 
 SEED_SIGNATURES = {
     "_build_self_key": ["cp_group", "seqlen", "num_heads_q", "num_heads_kv", "head_dim", "device"],
