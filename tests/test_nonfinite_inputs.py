@@ -11,8 +11,10 @@ import torch
 import flexcp
 from flexcp.kernels import ReferenceBackend, register_backend
 from flexcp.mask import AttnMaskSpec
+from cudnn_emulator import EmulatedCudnn
 
 register_backend("reference_tiles8", lambda: ReferenceBackend(block_q=8, block_k=8))  # unmasked tiles too
+register_backend("cudnn_emulated", lambda: EmulatedCudnn(fallback=ReferenceBackend()))  # cuDNN's launches on CPU
 
 SPEC = AttnMaskSpec.varlen([20, 30, 14])
 DOC0 = slice(0, 20)
@@ -31,7 +33,7 @@ def _inputs(seed=0):
     return [torch.randn(64, h, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2, 4)]
 
 
-@pytest.mark.parametrize("backend", ["reference", "reference_tiles8"])
+@pytest.mark.parametrize("backend", ["reference", "reference_tiles8", "cudnn_emulated"])
 @pytest.mark.parametrize("which", ["q", "k", "v"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_value_stays_in_its_document(which, bad, backend):
@@ -94,9 +96,9 @@ def _gpu_backends():
 @pytest.mark.parametrize("which", ["q", "k", "v"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_value_stays_in_its_rows_on_gpu(which, bad, backend):
-    """GPU backends in bf16: the other documents are bitwise unchanged. Triton also keeps the earlier
-    rows of the bad key's own causal document finite; cuDNN does not (its kernel multiplies masked-out
-    probabilities by V inside a slice: a documented limitation, measured on cuDNN 9.19)."""
+    """GPU backends in bf16: the other documents are unchanged (to bf16 rounding: a cuDNN call whose V
+    holds a NaN/inf runs on Triton) and, for V, the earlier rows of its own causal document (which do
+    not attend token 5) stay finite."""
     g = torch.Generator().manual_seed(0)
     q, k, v, w = (torch.randn(64, h, 64, generator=g).to("cuda", torch.bfloat16) for h in (4, 2, 2, 4))
     clean = _run(q, k, v, w, backend)
@@ -105,6 +107,6 @@ def test_non_finite_value_stays_in_its_rows_on_gpu(which, bad, backend):
     got = _run(tensors["q"], tensors["k"], tensors["v"], w, backend)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, clean):
         assert torch.isfinite(a[REST]).all(), f"{backend} {which}={bad}: {name} of other documents is not finite"
-        assert torch.equal(a[REST], b[REST]), f"{backend} {which}={bad}: {name} of other documents changed"
-    if which == "v" and backend == "triton":
+        torch.testing.assert_close(a[REST].float(), b[REST].float(), rtol=2e-2, atol=2e-2)
+    if which == "v":
         assert torch.isfinite(got[0][:5]).all(), f"{backend}: rows before the bad key became non-finite"

@@ -24,6 +24,18 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def all_finite(v: torch.Tensor) -> bool:
+    """Whether V is free of NaN/inf (one reduction and one host sync).
+
+    cuDNN's kernels multiply masked-out probabilities (exact zeros) by V inside a launch, so
+    one non-finite value would reach rows that do not attend it (measured on cuDNN 9.19).
+    The cuDNN-based backends check V once per call and run such a call on their fallback
+    (Triton), which confines the value to the rows that attend it; the backward sees the
+    same V, so it takes the same route.
+    """
+    return bool(torch.isfinite(v).all())
+
+
 class AttnBackend(ABC):
     """One way of computing ``(out, lse)`` and its gradients for a slice mask."""
 

@@ -18,7 +18,7 @@ import torch
 
 from ..mask.geometry import SliceTable
 from ..mask.types import CAUSAL, FULL
-from .backend import AttnBackend
+from .backend import AttnBackend, all_finite
 
 
 @dataclass(frozen=True)
@@ -86,7 +86,7 @@ class TorchSdpaBackend(AttnBackend):
         )
 
     def forward(self, q, k, v, prep: SdpaPrep, softmax_scale, softcap, out_dtype=None):
-        if not self.fast_path_ok(prep, q, k, softcap, out_dtype):
+        if not self.fast_path_ok(prep, q, k, softcap, out_dtype) or _leaks_non_finite(prep, v):
             return self.fallback.forward(q, k, v, prep.fallback, softmax_scale, softcap, out_dtype)
         r = prep.rect
         groups = q.shape[1] // k.shape[1]
@@ -104,7 +104,7 @@ class TorchSdpaBackend(AttnBackend):
         return out, lse
 
     def backward(self, do, q, k, v, out, lse, prep: SdpaPrep, softmax_scale, softcap):
-        if not self.fast_path_ok(prep, q, k, softcap):
+        if not self.fast_path_ok(prep, q, k, softcap) or _leaks_non_finite(prep, v):
             return self.fallback.backward(do, q, k, v, out, lse, prep.fallback, softmax_scale, softcap)
         r = prep.rect
         sq, sk = r.qe - r.qs, r.ke - r.ks
@@ -121,6 +121,11 @@ class TorchSdpaBackend(AttnBackend):
         )  # fmt: skip
         dq = _placed(grads[0], r.qs, q.shape)
         return dq, _placed(grads[1], r.ks, k.shape), _placed(grads[2], r.ks, v.shape)
+
+
+def _leaks_non_finite(prep: SdpaPrep, v: torch.Tensor) -> bool:
+    """A causal rectangle whose V holds a NaN/inf: cuDNN would spread it to rows that do not attend it."""
+    return prep.rect.causal and not all_finite(v)
 
 
 def _heads(x: torch.Tensor, groups: int) -> torch.Tensor:

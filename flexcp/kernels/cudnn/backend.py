@@ -7,7 +7,8 @@ float32; the backward takes the *final* out and lse (merged across launches, or 
 CP stages by the distributed layer), so every launch's dQ/dK/dV are exact partials, and
 sums them (private dK/dV rows of launches with shared keys are index-added).
 A launch whose graph cuDNN refuses runs on ``fallback`` (Triton by default) instead, so
-one mask may use both backends in one call.
+one mask may use both backends in one call; so does every launch of a call whose V holds
+a NaN/inf (``backend.all_finite``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from ...mask.geometry import SliceTable, clip_band
 from ...mask.types import BI_CAUSAL, CAUSAL, FULL, INV_CAUSAL
-from ..backend import AttnBackend, stat_dtype
+from ..backend import AttnBackend, all_finite, stat_dtype
 from ..compose import GradSum, merge_into
 from .graphs import GraphCache, GraphKey, why_unavailable
 from .plan import UNBOUNDED, Launch, covered_rows, launch_bucket, launch_rows_overlap, plan_launches, to_entries
@@ -165,7 +166,8 @@ class CudnnBackend(AttnBackend):
         want = out_dtype or q.dtype
         if not prep.launches or tq == 0:
             return torch.zeros(tq, hq, d, dtype=want, device=q.device), _neg_inf(tq, hq, q)
-        on_cudnn = [self._runs_on_cudnn(la, q, k, softmax_scale, False) for la in prep.launches]
+        finite = all_finite(v)
+        on_cudnn = [finite and self._runs_on_cudnn(la, q, k, softmax_scale, False) for la in prep.launches]
         if len(prep.launches) == 1 and on_cudnn[0]:
             alloc = torch.empty if prep.full_q else torch.zeros
             out = alloc(tq, hq, d, dtype=q.dtype, device=q.device)
@@ -211,8 +213,9 @@ class CudnnBackend(AttnBackend):
         do16 = do.to(q.dtype).contiguous()
         lse = lse.to(stat_dtype(q.dtype)).contiguous()
         hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+        finite = all_finite(v)
         for i, la in enumerate(prep.launches):
-            if not self._runs_on_cudnn(la, q, k, softmax_scale, True):
+            if not (finite and self._runs_on_cudnn(la, q, k, softmax_scale, True)):
                 parts = self.fallback.backward(do, q, k, v, out, lse, self._fallback_prep(prep, i), softmax_scale, softcap)
                 for acc, part in zip((dq, dk, dv), parts):
                     acc.add(part)
