@@ -160,3 +160,14 @@ def test_key_cache_is_bounded_and_keeps_the_latest(monkeypatch):
     with pytest.raises(ValueError, match="build_key again"):
         lookup(keys[0])
     clear_cache()
+
+
+def test_keys_are_released_at_exit():
+    """The exit hook (registered at import) forgets every key: their plans hold process groups."""
+    from flexcp.runtime import api
+
+    key = build_key(AttnMaskSpec.causal(16), None, num_heads_q=2, num_heads_kv=2, head_dim=8, chunk_size=4)
+    assert lookup(key) is not None
+    api._release_at_exit()
+    with pytest.raises(Exception):
+        lookup(key)

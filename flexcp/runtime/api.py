@@ -7,6 +7,8 @@ A CP group of size one (or ``None``) is the identity plus chunk padding.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import numbers
 
 import torch
@@ -135,6 +137,21 @@ def clear_cache() -> None:
     """Forget every built key (their plans) and the kernels' schedules."""
     clear()
     SCHEDULES.clear()
+
+
+def _release_at_exit() -> None:
+    """Drop the cached keys and collect while the interpreter is still whole.
+
+    The keys' states hold process groups and communication buffers; gloo objects freed
+    during interpreter teardown instead can abort a process that finished cleanly
+    ("terminate called without an active exception": 1 in 10 two-rank torchrun runs of
+    the README's HF snippet on a loaded 2-core machine, none in 40 with this release).
+    """
+    clear_cache()
+    gc.collect()
+
+
+atexit.register(_release_at_exit)
 
 
 def calc_attn(
