@@ -8,24 +8,13 @@ distributed stage (host and remote tables) go through it.
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from typing import Any
 
-import numpy as np
 import torch
 
 from ..mask.geometry import SliceTable
 from .backend import AttnBackend
-
-
-def table_digest(table: SliceTable) -> str:
-    """A digest of the slice table's contents (equal tables, equal digests)."""
-    h = hashlib.blake2b(digest_size=16)
-    for arr in (table.qs, table.qe, table.ks, table.ke, table.types):
-        h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
-        h.update(b"|")
-    return h.hexdigest()
 
 
 class ScheduleCache:
@@ -36,7 +25,7 @@ class ScheduleCache:
         self._entries: "OrderedDict[tuple, Any]" = OrderedDict()
 
     def get(self, backend: AttnBackend, table: SliceTable, tq: int, tk: int, device: torch.device) -> Any:
-        key = (backend, table_digest(table), int(tq), int(tk), str(device))
+        key = (backend, table.digest, int(tq), int(tk), str(device))
         if key in self._entries:
             self._entries.move_to_end(key)
             return self._entries[key]

@@ -9,7 +9,9 @@ have closed forms that need no per-token loops.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -38,6 +40,17 @@ class SliceTable:
 
     def __len__(self) -> int:
         return int(self.qs.shape[0])
+
+    @cached_property
+    def digest(self) -> str:
+        """A digest of the contents (equal tables, equal digests); computed once, as tables are never mutated.
+
+        It keys the kernels' schedule cache, which every attention call (and CP stage) consults."""
+        h = hashlib.blake2b(digest_size=16)
+        for arr in (self.qs, self.qe, self.ks, self.ke, self.types):
+            h.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
+            h.update(b"|")
+        return h.hexdigest()
 
     @property
     def lo(self) -> np.ndarray:
