@@ -169,5 +169,5 @@ def test_keys_are_released_at_exit():
     key = build_key(AttnMaskSpec.causal(16), None, num_heads_q=2, num_heads_kv=2, head_dim=8, chunk_size=4)
     assert lookup(key) is not None
     api._release_at_exit()
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="not built on this process"):
         lookup(key)
