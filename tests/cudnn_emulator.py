@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from flexcp.kernels import ReferenceBackend
 from flexcp.kernels.cudnn import CudnnBackend
 from flexcp.kernels.cudnn.graphs import CacheStats, GraphKey
 from flexcp.kernels.cudnn.plan import UNBOUNDED
@@ -83,10 +84,13 @@ class EmulatedGraphs:
 
 
 class EmulatedCudnn(CudnnBackend):
-    """The cuDNN backend's orchestration over :class:`EmulatedGraphs` (any device, any float dtype)."""
+    """The cuDNN backend's orchestration over :class:`EmulatedGraphs` (any device, any float dtype).
+
+    The fallback (refused launches, the gated non-finite recompute) defaults to the reference.
+    """
 
     def __init__(self, fallback=None) -> None:
-        super().__init__(fallback=fallback, graphs=EmulatedGraphs())
+        super().__init__(fallback=fallback or ReferenceBackend(), graphs=EmulatedGraphs())
 
     def unsupported(self, q, k, softcap):
         return "the emulator has no softcap" if softcap > 0 else None

@@ -51,12 +51,12 @@ def poison_allocator() -> None:
         torch.full((64 << 20,), float("nan"), device=DEVICE)  # freed at once, left in the cache
 
 
-def run_backend(backend, spec, q, k, v, do, scale, softcap):
+def run_backend(backend, spec, q, k, v, do, scale, softcap, grad_dtype=None):
     prep = backend.prepare(spec.table, spec.total_seqlen, spec.total_seqlen_k, torch.device(DEVICE))
     poison_allocator()
     out, lse = backend.forward(q, k, v, prep, scale, softcap)
     poison_allocator()
-    return (out, lse, *backend.backward(do, q, k, v, out, lse, prep, scale, softcap))
+    return (out, lse, *backend.backward(do, q, k, v, out, lse, prep, scale, softcap, grad_dtype))
 
 
 def truth(spec, q, k, v, do, scale, softcap):
@@ -65,16 +65,21 @@ def truth(spec, q, k, v, do, scale, softcap):
     return (out, lse, *torch.autograd.grad(out, leaves, do.double()))
 
 
-def check(spec, hq=2, hkv=1, d=64, dtype=torch.float32, softcap=0.0, backend=TRITON, seed=0, scale=None):
-    """Backend vs dense float64 truth on one mask; returns the backend's results."""
+def check(spec, hq=2, hkv=1, d=64, dtype=torch.float32, softcap=0.0, backend=TRITON, seed=0, scale=None, grad_dtype=None):
+    """Backend vs dense float64 truth on one mask; returns the backend's results.
+
+    ``grad_dtype``: None asks for float32 partials, ``"input"`` for gradients in ``dtype``
+    (what ``flexcp.attention`` asks for).
+    """
     skip_unrunnable(dtype)
     q, k, v, do = make_inputs(spec, hq, hkv, d, dtype, seed)
     scale = d**-0.5 if scale is None else scale
-    got = run_backend(backend, spec, q, k, v, do, scale, softcap)
+    gdt = dtype if grad_dtype == "input" else grad_dtype
+    got = run_backend(backend, spec, q, k, v, do, scale, softcap, gdt)
     ref = truth(spec, q, k, v, do, scale, softcap)
     out, lse, dq, dk, dv = got
     assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (spec.total_seqlen, hq)
-    assert all(x.dtype == torch.float32 for x in (dq, dk, dv))
+    assert all(x.dtype == (gdt or torch.float32) for x in (dq, dk, dv))
     for name, x in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv)):
         assert torch.isfinite(x).all(), f"{name} has NaN/inf"
     empty = torch.isinf(ref[1])

@@ -73,3 +73,26 @@ def test_one_launch_writes_in_place():
     backend = EmulatedCudnn()
     assert_exact(*run(backend, varlen([5, 60, 1, 30])))
     assert backend.graphs.runs == 2
+
+
+@pytest.mark.parametrize("name", ["docs", "prefix", "shared_k", "overlapping_q", "window", "blocks"])
+def test_sixteen_bit_gradients_match_the_float32_sums(name):
+    """``grad_dtype=bf16`` (written in place where nothing overlaps, else summed in float32 and
+    converted once) equals the float32 partials rounded to bf16, and both match dense float64."""
+    spec = CASES[name]
+    backend = EmulatedCudnn()
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(spec.total_seqlen, 4, 8, generator=gen).bfloat16()
+    k, v = (torch.randn(spec.total_seqlen_k, 2, 8, generator=gen).bfloat16() for _ in "kv")
+    do = torch.randn(q.shape, generator=gen).bfloat16()
+    prep = backend.prepare(spec.table, spec.total_seqlen, spec.total_seqlen_k, q.device)
+    out, lse = backend.forward(q, k, v, prep, 0.3, 0.0)
+    g32 = backend.backward(do, q, k, v, out, lse, prep, 0.3, 0.0)
+    g16 = backend.backward(do, q, k, v, out, lse, prep, 0.3, 0.0, torch.bfloat16)
+    assert all(g.dtype == torch.float32 for g in g32) and all(g.dtype == torch.bfloat16 for g in g16)
+    for a, b in zip(g16, g32):
+        assert torch.equal(a, b.bfloat16())
+    leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    ref, _ = dense_attention(*leaves, spec, 0.3)
+    for g, r in zip(g32, torch.autograd.grad(ref, leaves, do.double())):
+        torch.testing.assert_close(g.double(), r, rtol=2e-2, atol=2e-2)

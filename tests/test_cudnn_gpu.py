@@ -30,18 +30,21 @@ CUDNN = CudnnBackend()
 DTYPES = [torch.bfloat16, torch.float16]
 
 
-def check_all(spec: AttnMaskSpec, hq: int, hkv: int, d: int, dtype: torch.dtype, backend=CUDNN, seed: int = 0):
-    """:func:`check`, plus dK/dV exactly 0 on keys no row attends."""
-    out = check(spec, hq, hkv, d=d, dtype=dtype, backend=backend, seed=seed)
+def check_all(spec: AttnMaskSpec, hq: int, hkv: int, d: int, dtype: torch.dtype, backend=CUDNN, seed: int = 0,
+              grad_dtype="input"):
+    """:func:`check` (gradients in the inputs' dtype unless ``grad_dtype=None``: float32 partials),
+    plus dK/dV exactly 0 on keys no row attends."""
+    out = check(spec, hq, hkv, d=d, dtype=dtype, backend=backend, seed=seed, grad_dtype=grad_dtype)
     unused = ~spec.to_dense(device=out[3].device).any(dim=0)
     assert (out[3][unused] == 0).all() and (out[4][unused] == 0).all()
     return out
 
 
+@pytest.mark.parametrize("grads", [None, "input"], ids=["f32_grads", "input_grads"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
 @pytest.mark.parametrize("name", sorted(HARD_CASES))
-def test_hard_cases(name, dtype):
-    check_all(HARD_CASES[name], 8, 2, 128, dtype)
+def test_hard_cases(name, dtype, grads):
+    check_all(HARD_CASES[name], 8, 2, 128, dtype, grad_dtype=grads)
 
 
 SHAPES = {

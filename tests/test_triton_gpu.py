@@ -44,9 +44,10 @@ def test_hard_cases_float32_gqa(name):
         assert rel_err(x[fin], r[fin]) <= 2e-5
 
 
+@pytest.mark.parametrize("grads", [None, "input"], ids=["f32_grads", "input_grads"])
 @pytest.mark.parametrize("name", sorted(HARD_CASES))
-def test_hard_cases_bfloat16_gqa(name):
-    check(HARD_CASES[name], 8, 2, d=128, dtype=torch.bfloat16)
+def test_hard_cases_bfloat16_gqa(name, grads):
+    check(HARD_CASES[name], 8, 2, d=128, dtype=torch.bfloat16, grad_dtype=grads)
 
 
 @pytest.mark.parametrize(
@@ -162,7 +163,8 @@ def test_sdpa_fast_path(spec, heads):
     prep = SDPA.prepare(spec.table, spec.total_seqlen, spec.total_seqlen_k, torch.device(DEVICE))
     q, k, _, _ = make_inputs(spec, *heads, 128, torch.bfloat16)
     assert SdpaBackend.fast_path_ok(prep, q, k, 0.0)
-    check(spec, *heads, d=128, dtype=torch.bfloat16, backend=SDPA)
+    for grads in (None, "input"):
+        check(spec, *heads, d=128, dtype=torch.bfloat16, backend=SDPA, grad_dtype=grads)
 
 
 def test_sdpa_falls_back_for_other_masks():

@@ -173,6 +173,9 @@ def run_case(
     dev = q.device
     scale = d**-0.5
     fwd_flops = 4.0 * area * hq * d
+    # gradients as their callers take them: final (flexcp.attention, remote CP stages: the inputs'
+    # dtype) or float32 accumulators (a host stage beside remote ones)
+    grad_dtype = None if mask.endswith("_host") else q.dtype
 
     def record(name: str, fwd, fwdbwd) -> None:
         ms = [_bench_ms(fwd, rep_ms), _bench_ms(fwdbwd, rep_ms)]
@@ -193,7 +196,7 @@ def run_case(
 
         def fwdbwd(backend=backend, prep=prep):
             out, lse = backend.forward(q, k, v, prep, scale, 0.0)
-            return backend.backward(do, q, k, v, out, lse, prep, scale, 0.0)
+            return backend.backward(do, q, k, v, out, lse, prep, scale, 0.0, grad_dtype)
 
         outs[name] = fwd()[0]
         record(name, fwd, fwdbwd)

@@ -3,10 +3,13 @@
 Forward: all remote stages' K/V casts are issued at once (async, one all-to-all each,
 K and V together), the host stage is computed while they travel, then each remote
 stage as its data arrives; partial ``(out, lse)`` merge in float32 (float64 for float64
-inputs). Backward re-casts K/V (nothing remote is kept between passes), computes dq
-locally and each stage's dK/dV partials, which are GroupReduced (in the partials' dtype,
-float32 or float64) to their owners while the next stage computes; a stage with no work
-still sends zeros of that dtype, so every rank's all-to-all has the same byte sizes.
+inputs). Backward re-casts K/V (nothing remote is kept between passes), computes the
+host stage's gradients as float32 accumulators (float64 for float64 inputs; in the
+inputs' dtype when there is no remote stage: they are then final) and each remote
+stage's partials in the inputs' dtype (what cuDNN's kernels write; they travel at that
+width), GroupReduced into the owners' accumulators while the next stage computes; a
+stage with no work still sends zeros of that dtype, so every rank's all-to-all has the
+same byte sizes.
 """
 
 from __future__ import annotations
@@ -70,15 +73,19 @@ class DistAttnFunction(torch.autograd.Function):
         host, stage_preps = state.preps(backend, q.device)
         dout = dout.contiguous()
         handles = state.cast_kv(k, v)
-        dq, dk, dv = backend.backward(dout, q, k, v, out, lse, host, ctx.scale, ctx.softcap)
+        # with remote stages the host's gradients are the float32 accumulators; alone they are final
+        final_dtype = None if state.plan.stages else q.dtype
+        dq, dk, dv = backend.backward(dout, q, k, v, out, lse, host, ctx.scale, ctx.softcap, final_dtype)
         reductions = []
         for stage, prep, cast_plan, handle in zip(state.plan.stages, stage_preps, state.cast_plans, handles):
             k_r, v_r = (t.contiguous() for t in handle.wait())
+            # a remote stage's partials come in the inputs' dtype (cuDNN writes them so; they travel
+            # at that width) and are summed into the float32 accumulators; an empty stage sends the same
             if len(stage.table):
-                dq_s, dk_s, dv_s = backend.backward(dout, q, k_r, v_r, out, lse, prep, ctx.scale, ctx.softcap)
+                dq_s, dk_s, dv_s = backend.backward(dout, q, k_r, v_r, out, lse, prep, ctx.scale, ctx.softcap, q.dtype)
                 dq += dq_s
             else:
-                dk_s, dv_s = torch.zeros_like(k_r, dtype=dk.dtype), torch.zeros_like(v_r, dtype=dv.dtype)
+                dk_s, dv_s = torch.zeros_like(k_r), torch.zeros_like(v_r)
             reductions.append(group_reduce([dk_s, dv_s], cast_plan, state.group, out=[dk, dv],
                                            reduce_dtype=dk.dtype, async_op=True))
         for r in reductions:

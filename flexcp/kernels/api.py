@@ -81,7 +81,8 @@ class _FlexAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ctx.backend.backward(dout.contiguous(), q, k, v, out, lse, ctx.prep, ctx.scale, ctx.softcap)
+        # one call covers the whole mask: gradients come back in the inputs' dtype, no extra conversion
+        dq, dk, dv = ctx.backend.backward(dout.contiguous(), q, k, v, out, lse, ctx.prep, ctx.scale, ctx.softcap, q.dtype)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 

@@ -4,7 +4,9 @@ A backend computes attention of THD tensors over a slice mask, in two stateless 
 that the single-device autograd function and the distributed attention both drive:
 ``forward`` returns ``(out, lse)``; ``backward`` recomputes probabilities from the
 *final* ``lse`` (which may merge several calls, e.g. one per CP stage) and returns this
-call's share of ``(dq, dk, dv)`` in float32. Statistics and gradients are float64 for
+call's share of ``(dq, dk, dv)``: in float32 for callers that accumulate partials, or in
+the inputs' dtype (``grad_dtype``) for callers that use them as they are, so kernels that
+write 16-bit gradients skip two conversion passes. Statistics and gradients are float64 for
 float64 inputs (:func:`stat_dtype`), so float64 in is float64-exact out. ``prepare`` turns the slice table into
 whatever host/device schedule the backend wants and is reusable across calls.
 """
@@ -24,16 +26,23 @@ def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def all_finite(v: torch.Tensor) -> bool:
-    """Whether V is free of NaN/inf (one reduction and one host sync).
+def finiteness_gate(v: torch.Tensor) -> torch.Tensor:
+    """A one-element float32 device tensor that is not finite when V holds a NaN/inf; no host sync.
 
     cuDNN's kernels multiply masked-out probabilities (exact zeros) by V inside a launch, so
     one non-finite value would reach rows that do not attend it (measured on cuDNN 9.19).
-    The cuDNN-based backends check V once per call and run such a call on their fallback
-    (Triton), which confines the value to the rows that attend it; the backward sees the
-    same V, so it takes the same route.
+    The cuDNN-based backends therefore run as usual and then hand this gate to their
+    fallback's ``*_into`` methods, which recompute the call (confining the value to the rows
+    that attend it) only when the gate is not finite. The gate is V's float32 sum: one
+    reduction, no sync (a host check cost 10-40% of a call, measured on the H200); a sum that
+    overflows from finite values is a harmless false alarm (the exact path runs).
     """
-    return bool(torch.isfinite(v).all())
+    return v.sum(dtype=torch.float32).reshape(1)
+
+
+def gate_open(gate: torch.Tensor | None) -> bool:
+    """Host-side reading of :func:`finiteness_gate` (one sync), for backends without a device-side gate."""
+    return gate is None or not bool(torch.isfinite(gate).all())
 
 
 class AttnBackend(ABC):
@@ -78,8 +87,23 @@ class AttnBackend(ABC):
         prep: Any,
         softmax_scale: float,
         softcap: float,
+        grad_dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """This call's ``(dq, dk, dv)`` in ``stat_dtype(q.dtype)``, using the final ``out``/``lse`` of the rows."""
+        """This call's ``(dq, dk, dv)`` in ``grad_dtype`` (None: ``stat_dtype(q.dtype)``), from the final ``out``/``lse``."""
+
+    def forward_into(self, q, k, v, prep: Any, softmax_scale: float, softcap: float,
+                     out: torch.Tensor, lse: torch.Tensor, gate: torch.Tensor | None = None) -> None:
+        """Write ``forward`` into ``out``/``lse`` when ``gate`` (see :func:`finiteness_gate`) is open or None."""
+        if gate_open(gate):
+            o, l = self.forward(q, k, v, prep, softmax_scale, softcap, out.dtype)
+            out.copy_(o), lse.copy_(l)
+
+    def backward_into(self, do, q, k, v, out, lse, prep: Any, softmax_scale: float, softcap: float,
+                      grads: tuple, gate: torch.Tensor | None = None) -> None:
+        """Write ``backward`` into ``grads = (dq, dk, dv)`` when ``gate`` is open or None."""
+        if gate_open(gate):
+            for g, part in zip(grads, self.backward(do, q, k, v, out, lse, prep, softmax_scale, softcap, grads[0].dtype)):
+                g.copy_(part)
 
 
 _REGISTRY: dict[str, Callable[[], AttnBackend]] = {}

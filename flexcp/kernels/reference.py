@@ -117,7 +117,7 @@ class ReferenceBackend(AttnBackend):
         return out, lse
 
     # ------------------------------------------------------------ backward
-    def backward(self, do, q, k, v, out, lse, prep: TileSchedule, softmax_scale, softcap):
+    def backward(self, do, q, k, v, out, lse, prep: TileSchedule, softmax_scale, softcap, grad_dtype=None):
         tq, hq, d = q.shape
         hkv = k.shape[1]
         g = hq // hkv
@@ -153,6 +153,6 @@ class ReferenceBackend(AttnBackend):
                     ds = ds.masked_fill(~mask, 0.0)
                 dq[r0:r1] += torch.einsum("hgqk,khd->qhgd", ds, k_fin[c0:c1])
                 dk[c0:c1] += torch.einsum("hgqk,qhgd->khd", ds, q_fin[r0:r1])
-        gdt = stat_dtype(q.dtype)
+        gdt = grad_dtype or stat_dtype(q.dtype)
         return dq.reshape(tq, hq, d).to(gdt), dk.to(gdt), dv.to(gdt)
 

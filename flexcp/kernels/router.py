@@ -185,13 +185,13 @@ class AutoBackend(AttnBackend):
                 merge_into(out, lse, o, l)
         return out.to(out_dtype or q.dtype), lse
 
-    def backward(self, do, q, k, v, out, lse, prep: AutoPrep, softmax_scale, softcap):
+    def backward(self, do, q, k, v, out, lse, prep: AutoPrep, softmax_scale, softcap, grad_dtype=None):
         route = self.route(prep, q, k, softcap)
         if len(route.parts) == 1:
             p = route.parts[0]
-            return p.backend.backward(do, q, k, v, out, lse, p.prep, softmax_scale, softcap)
+            return p.backend.backward(do, q, k, v, out, lse, p.prep, softmax_scale, softcap, grad_dtype)
         sums = [GradSum(x.shape, x.device, q.dtype) for x in (q, k, v)]
-        for p in route.parts:
+        for p in route.parts:  # float32 partials, summed, converted once
             for acc, g in zip(sums, p.backend.backward(do, q, k, v, out, lse, p.prep, softmax_scale, softcap)):
                 acc.add(g)
-        return tuple(s.result() for s in sums)
+        return tuple(s.result().to(grad_dtype or s.dtype) for s in sums)

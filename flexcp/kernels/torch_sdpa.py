@@ -6,7 +6,9 @@ PyTorch's cuDNN attention returns the log-sum-exp and its backward takes ``out``
 whole mask is a single slice that is FULL, or CAUSAL with as many query as key rows
 (then bottom-right and top-left alignment agree), with 16-bit inputs (GQA by
 repeating k/v heads), head dim <= 128 (multiple of 8) and no softcap; anything else goes to the fallback
-(Triton by default). Measured, not assumed: see docs/benchmarks.md.
+(Triton by default). Measured, not assumed: see docs/benchmarks.md. On a causal rectangle
+cuDNN lets a NaN/inf in V reach rows that do not attend it, so the fallback then recomputes
+the call behind a device-side gate (``backend.finiteness_gate``, no host sync).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch
 
 from ..mask.geometry import SliceTable
 from ..mask.types import CAUSAL, FULL
-from .backend import AttnBackend, all_finite
+from .backend import AttnBackend, finiteness_gate
 
 
 @dataclass(frozen=True)
@@ -86,8 +88,14 @@ class TorchSdpaBackend(AttnBackend):
         )
 
     def forward(self, q, k, v, prep: SdpaPrep, softmax_scale, softcap, out_dtype=None):
-        if not self.fast_path_ok(prep, q, k, softcap, out_dtype) or _leaks_non_finite(prep, v):
+        if not self.fast_path_ok(prep, q, k, softcap, out_dtype):
             return self.fallback.forward(q, k, v, prep.fallback, softmax_scale, softcap, out_dtype)
+        out, lse = self._forward(q, k, v, prep, softmax_scale)
+        if prep.rect.causal:
+            self.fallback.forward_into(q, k, v, prep.fallback, softmax_scale, softcap, out, lse, gate=finiteness_gate(v))
+        return out, lse
+
+    def _forward(self, q, k, v, prep: SdpaPrep, softmax_scale):
         r = prep.rect
         groups = q.shape[1] // k.shape[1]
         res = torch.ops.aten._scaled_dot_product_cudnn_attention(
@@ -103,9 +111,16 @@ class TorchSdpaBackend(AttnBackend):
         lse[r.qs : r.qe] = lse_r
         return out, lse
 
-    def backward(self, do, q, k, v, out, lse, prep: SdpaPrep, softmax_scale, softcap):
-        if not self.fast_path_ok(prep, q, k, softcap) or _leaks_non_finite(prep, v):
-            return self.fallback.backward(do, q, k, v, out, lse, prep.fallback, softmax_scale, softcap)
+    def backward(self, do, q, k, v, out, lse, prep: SdpaPrep, softmax_scale, softcap, grad_dtype=None):
+        if not self.fast_path_ok(prep, q, k, softcap):
+            return self.fallback.backward(do, q, k, v, out, lse, prep.fallback, softmax_scale, softcap, grad_dtype)
+        grads = self._backward(do, q, k, v, out, lse, prep, softmax_scale, grad_dtype or torch.float32)
+        if prep.rect.causal:
+            self.fallback.backward_into(do, q, k, v, out, lse, prep.fallback, softmax_scale, softcap, grads,
+                                        gate=finiteness_gate(v))
+        return grads
+
+    def _backward(self, do, q, k, v, out, lse, prep: SdpaPrep, softmax_scale, gdt: torch.dtype):
         r = prep.rect
         sq, sk = r.qe - r.qs, r.ke - r.ks
         rows = slice(r.qs, r.qe)
@@ -119,13 +134,7 @@ class TorchSdpaBackend(AttnBackend):
             _bhsd(out[rows].to(q.dtype).contiguous()), lse_r, unused, unused, None, None, None, sq, sk, 0.0, r.causal,
             scale=float(softmax_scale),
         )  # fmt: skip
-        dq = _placed(grads[0], r.qs, q.shape)
-        return dq, _placed(grads[1], r.ks, k.shape), _placed(grads[2], r.ks, v.shape)
-
-
-def _leaks_non_finite(prep: SdpaPrep, v: torch.Tensor) -> bool:
-    """A causal rectangle whose V holds a NaN/inf: cuDNN would spread it to rows that do not attend it."""
-    return prep.rect.causal and not all_finite(v)
+        return tuple(_placed(g, start, x.shape, gdt) for g, start, x in zip(grads[:3], (r.qs, r.ks, r.ks), (q, k, v)))
 
 
 def _heads(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -133,17 +142,18 @@ def _heads(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
-def _placed(g: torch.Tensor, start: int, shape: torch.Size) -> torch.Tensor:
-    """A ``[1, h, s, d]`` SDPA gradient as float32 THD rows ``[start, start + s)`` of a zero tensor of ``shape``.
+def _placed(g: torch.Tensor, start: int, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """A ``[1, h, s, d]`` SDPA gradient as ``dtype`` THD rows ``[start, start + s)`` of a zero tensor of ``shape``.
 
-    With GQA (``h`` a multiple of ``shape[1]``) the repeated heads' gradients are summed back.
+    With GQA (``h`` a multiple of ``shape[1]``) the repeated heads' gradients are summed back
+    (in float32). A gradient that already has the shape and dtype is returned without a copy.
     """
     g = g[0].permute(1, 0, 2)
     if g.shape[1] != shape[1]:
         g = g.float().reshape(g.shape[0], shape[1], g.shape[1] // shape[1], g.shape[2]).sum(2)
     if g.shape[0] == shape[0]:
-        return g.float().contiguous()
-    full = torch.zeros(shape, dtype=torch.float32, device=g.device)
+        return g.to(dtype).contiguous()
+    full = torch.zeros(shape, dtype=dtype, device=g.device)
     full[start : start + g.shape[0]] = g
     return full
 

@@ -6,9 +6,14 @@ in place when one launch covers every written row, else merges launches by lse i
 float32; the backward takes the *final* out and lse (merged across launches, or across
 CP stages by the distributed layer), so every launch's dQ/dK/dV are exact partials, and
 sums them (private dK/dV rows of launches with shared keys are index-added).
+With ``grad_dtype`` equal to the inputs' dtype, launches with pairwise disjoint query rows
+write dQ straight into the caller's gradient (and disjoint key rows dK/dV), no float32
+buffers or conversions; what overlaps is summed in float32 and converted once.
 A launch whose graph cuDNN refuses runs on ``fallback`` (Triton by default) instead, so
-one mask may use both backends in one call; so does every launch of a call whose V holds
-a NaN/inf (``backend.all_finite``).
+one mask may use both backends in one call. cuDNN's launches let a NaN/inf in V reach
+rows that do not attend it, so after every call that ran on cuDNN the fallback
+recomputes the whole call behind a device-side gate (``backend.finiteness_gate``): a few
+microseconds when V is finite, the exact confined result when it is not, no host sync.
 """
 
 from __future__ import annotations
@@ -21,10 +26,10 @@ import torch
 
 from ...mask.geometry import SliceTable, clip_band
 from ...mask.types import BI_CAUSAL, CAUSAL, FULL, INV_CAUSAL
-from ..backend import AttnBackend, all_finite, stat_dtype
+from ..backend import AttnBackend, finiteness_gate, stat_dtype
 from ..compose import GradSum, merge_into
 from .graphs import GraphCache, GraphKey, why_unavailable
-from .plan import UNBOUNDED, Launch, covered_rows, launch_bucket, launch_rows_overlap, plan_launches, to_entries
+from .plan import UNBOUNDED, Launch, covered_rows, launch_bucket, launch_rows_overlap, plan_launches, row_depth, to_entries
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 128
@@ -48,6 +53,9 @@ class CudnnPrep:
     launches: list
     shared_rows: list  # per launch: rows also written by another launch
     full_q: bool  # the launches together write every query row
+    table: SliceTable  # the whole mask, for the fallback's gated recompute
+    disjoint_keys: bool  # no key row is in two entries (dK/dV can be written in place)
+    full_k: bool  # the launches together touch every key row
     _tensors: dict = field(default_factory=dict, repr=False)
     _fallback: dict = field(default_factory=dict, repr=False)
 
@@ -133,8 +141,12 @@ class CudnnBackend(AttnBackend):
 
     def prepare(self, table: SliceTable, tq: int, tk: int, device: torch.device) -> CudnnPrep:
         launches = plan_launches(to_entries(table), tk)
-        full_q = covered_rows(launches, int(tq)) == int(tq)
-        return CudnnPrep(int(tq), int(tk), torch.device(device), launches, launch_rows_overlap(launches, int(tq)), full_q)
+        tq, tk = int(tq), int(tk)
+        key_depth = row_depth(launches, tk, keys=True)
+        return CudnnPrep(
+            tq, tk, torch.device(device), launches, launch_rows_overlap(launches, tq), covered_rows(launches, tq) == tq,
+            table.nonempty(), bool((key_depth <= 1).all()), bool((key_depth > 0).all()),
+        )
 
     # ------------------------------------------------------------------ helpers
     def _key(self, la: Launch, q: torch.Tensor, k: torch.Tensor, scale: float, backward: bool) -> GraphKey:
@@ -154,9 +166,11 @@ class CudnnBackend(AttnBackend):
             self.refused[la.sig] = f"{type(e).__name__}: {e}"
             return False
 
-    def _fallback_prep(self, prep: CudnnPrep, i: int) -> Any:
+    def _fallback_prep(self, prep: CudnnPrep, i: int | None) -> Any:
+        """The fallback's schedule of launch ``i`` (None: of the whole mask)."""
         if i not in prep._fallback:
-            prep._fallback[i] = self.fallback.prepare(launch_table(prep.launches[i]), prep.tq, prep.tk, prep.device)
+            table = prep.table if i is None else launch_table(prep.launches[i])
+            prep._fallback[i] = self.fallback.prepare(table, prep.tq, prep.tk, prep.device)
         return prep._fallback[i]
 
     # ------------------------------------------------------------------ forward
@@ -166,14 +180,23 @@ class CudnnBackend(AttnBackend):
         want = out_dtype or q.dtype
         if not prep.launches or tq == 0:
             return torch.zeros(tq, hq, d, dtype=want, device=q.device), _neg_inf(tq, hq, q)
-        finite = all_finite(v)
-        on_cudnn = [finite and self._runs_on_cudnn(la, q, k, softmax_scale, False) for la in prep.launches]
+        on_cudnn = [self._runs_on_cudnn(la, q, k, softmax_scale, False) for la in prep.launches]
         if len(prep.launches) == 1 and on_cudnn[0]:
             alloc = torch.empty if prep.full_q else torch.zeros
             out = alloc(tq, hq, d, dtype=q.dtype, device=q.device)
             lse = torch.empty(tq, hq, dtype=stat_dtype(q.dtype), device=q.device) if prep.full_q else _neg_inf(tq, hq, q)
             self._forward_launch(prep, 0, q, k, v, out, lse, softmax_scale, span=False)
-            return out.to(want), lse
+            out = out.to(want)
+        else:
+            out, lse = self._forward_merged(q, k, v, prep, on_cudnn, softmax_scale, softcap, want)
+        if any(on_cudnn):
+            self.fallback.forward_into(q, k, v, self._fallback_prep(prep, None), softmax_scale, softcap, out, lse,
+                                       gate=finiteness_gate(v))
+        return out, lse
+
+    def _forward_merged(self, q, k, v, prep: CudnnPrep, on_cudnn: list, scale: float, softcap: float, want):
+        """Launches (cuDNN or fallback) merged by lse in float32."""
+        tq, hq, d = q.shape
         acc = stat_dtype(q.dtype)
         out = torch.zeros(tq, hq, d, dtype=acc, device=q.device)
         lse = _neg_inf(tq, hq, q)
@@ -183,10 +206,10 @@ class CudnnBackend(AttnBackend):
                 covered = int(la.sq.sum()) == r1 - r0  # then every row of the span is written
                 o_t = (torch.empty if covered else torch.zeros)(r1 - r0, hq, d, dtype=q.dtype, device=q.device)
                 l_t = torch.empty(r1 - r0, hq, dtype=acc, device=q.device) if covered else _neg_inf(r1 - r0, hq, q)
-                self._forward_launch(prep, i, q, k, v, o_t, l_t, softmax_scale, span=True)
+                self._forward_launch(prep, i, q, k, v, o_t, l_t, scale, span=True)
                 merge_into(out[r0:r1], lse[r0:r1], o_t, l_t)
             else:
-                o_f, l_f = self.fallback.forward(q, k, v, self._fallback_prep(prep, i), softmax_scale, softcap, acc)
+                o_f, l_f = self.fallback.forward(q, k, v, self._fallback_prep(prep, i), scale, softcap, acc)
                 merge_into(out, lse, o_f, l_f)
         return out.to(want), lse
 
@@ -204,49 +227,47 @@ class CudnnBackend(AttnBackend):
         )  # fmt: skip
 
     # ----------------------------------------------------------------- backward
-    def backward(self, do, q, k, v, out, lse, prep: CudnnPrep, softmax_scale, softcap):
+    def backward(self, do, q, k, v, out, lse, prep: CudnnPrep, softmax_scale, softcap, grad_dtype=None):
         self._check(q, k, v, softcap)
-        dq, dk, dv = (GradSum(x.shape, x.device, q.dtype) for x in (q, k, v))
+        want = grad_dtype or stat_dtype(q.dtype)
         if not prep.launches or q.shape[0] == 0:
-            return dq.result(), dk.result(), dv.result()
+            return tuple(torch.zeros(x.shape, dtype=want, device=x.device) for x in (q, k, v))
+        on_cudnn = [self._runs_on_cudnn(la, q, k, softmax_scale, True) for la in prep.launches]
+        # 16-bit gradients wanted and every launch on cuDNN: write straight into them where nothing overlaps
+        direct = want == q.dtype and all(on_cudnn)
+        sink = _GradSink(q, k, v, prep, direct_q=direct and not any(prep.shared_rows), direct_k=direct and prep.disjoint_keys)
         o16 = out.to(q.dtype).contiguous()
         do16 = do.to(q.dtype).contiguous()
         lse = lse.to(stat_dtype(q.dtype)).contiguous()
-        hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
-        finite = all_finite(v)
         for i, la in enumerate(prep.launches):
-            if not (finite and self._runs_on_cudnn(la, q, k, softmax_scale, True)):
-                parts = self.fallback.backward(do, q, k, v, out, lse, self._fallback_prep(prep, i), softmax_scale, softcap)
-                for acc, part in zip((dq, dk, dv), parts):
-                    acc.add(part)
-                continue
-            t = prep.tensors(i, hq, hkv, d)
-            r0, r1 = la.row_span
-            c0, c1 = la.key_span
-            gdt = q.dtype  # cuDNN's dQ/dK/dV dtype (float32 outputs were measured wrong on cuDNN 9.19)
-            # every row of a span some entry covers is written; the others must read as zero
-            dq_t = _buffer(r1 - r0, int(la.sq.sum()) == r1 - r0, hq, d, gdt, q.device)
-            private = la.private is not None
-            krows = la.private_rows if private else c1 - c0
-            dk_t, dv_t = (_buffer(krows, private or int(la.sk.sum()) == krows, hkv, d, gdt, q.device) for _ in "kv")
-            self.graphs.run(
-                self._key(la, q, k, softmax_scale, True),
-                {
-                    "q": q, "k": k, "v": v, "o": o16, "do": do16, "stats": lse, "dq": dq_t, "dk": dk_t, "dv": dv_t,
-                    "seq_q": t.seq_q, "seq_k": t.seq_k, "off_q": t.off["off_q"], "off_k": t.off["off_k"],
-                    "off_v": t.off["off_k"], "off_o": t.off["off_q"], "off_do": t.off["off_q"],
-                    "off_stats": t.off["off_stats"], "off_dq": t.off["off_q_span"], "off_dk": t.off["off_dk"],
-                    "off_dv": t.off["off_dk"],
-                },
-            )  # fmt: skip
-            dq.add_rows(r0, dq_t)
-            if t.key_index is None:
-                dk.add_rows(c0, dk_t)
-                dv.add_rows(c0, dv_t)
+            if on_cudnn[i]:
+                self._backward_launch(prep, i, q, k, v, o16, do16, lse, softmax_scale, sink)
             else:
-                dk.add_index(t.key_index, dk_t)
-                dv.add_index(t.key_index, dv_t)
-        return dq.result(), dk.result(), dv.result()
+                parts = self.fallback.backward(do, q, k, v, out, lse, self._fallback_prep(prep, i), softmax_scale, softcap)
+                for acc, part in zip(sink.sums, parts):
+                    acc.add(part)
+        grads = sink.result(want)
+        if any(on_cudnn):
+            self.fallback.backward_into(do, q, k, v, out, lse, self._fallback_prep(prep, None), softmax_scale, softcap,
+                                        grads, gate=finiteness_gate(v))
+        return grads
+
+    def _backward_launch(self, prep, i, q, k, v, o16, do16, lse, scale, sink: "_GradSink") -> None:
+        la = prep.launches[i]
+        hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+        t = prep.tensors(i, hq, hkv, d)
+        dq_t, off_dq = sink.dq_target(la, t)
+        (dk_t, dv_t), off_dk = sink.dkv_target(la, t)
+        self.graphs.run(
+            self._key(la, q, k, scale, True),
+            {
+                "q": q, "k": k, "v": v, "o": o16, "do": do16, "stats": lse, "dq": dq_t, "dk": dk_t, "dv": dv_t,
+                "seq_q": t.seq_q, "seq_k": t.seq_k, "off_q": t.off["off_q"], "off_k": t.off["off_k"],
+                "off_v": t.off["off_k"], "off_o": t.off["off_q"], "off_do": t.off["off_q"],
+                "off_stats": t.off["off_stats"], "off_dq": off_dq, "off_dk": off_dk, "off_dv": off_dk,
+            },
+        )  # fmt: skip
+        sink.collect(la, t, dq_t, dk_t, dv_t)
 
     def _check(self, q, k, v, softcap) -> None:
         why = self.unsupported(q, k, softcap)
@@ -255,6 +276,56 @@ class CudnnBackend(AttnBackend):
         for name, x in (("q", q), ("k", k), ("v", v)):
             if not x.is_contiguous():
                 raise ValueError(f"{name} must be contiguous THD for the cudnn backend (call .contiguous())")
+
+
+class _GradSink:
+    """Where one backward's launches write dQ/dK/dV: in place into the final 16-bit gradients
+    (``direct_q`` / ``direct_k``: nothing overlaps), else into per-launch buffers summed in float32.
+
+    cuDNN writes 16-bit gradients: its float32 gradient outputs built and ran on cuDNN 9.19 but
+    gave wrong results (measured), so they are not used.
+    """
+
+    def __init__(self, q, k, v, prep: CudnnPrep, direct_q: bool, direct_k: bool) -> None:
+        self.q, self.k = q, k
+        self.sums = [GradSum(x.shape, x.device, q.dtype) for x in (q, k, v)]
+        self.dq = _buffer(q.shape[0], prep.full_q, q.shape[1], q.shape[2], q.dtype, q.device) if direct_q else None
+        self.dkv = [_buffer(k.shape[0], prep.full_k, k.shape[1], k.shape[2], q.dtype, q.device) for _ in "kv"] if direct_k else None
+
+    def dq_target(self, la: Launch, t: LaunchTensors) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.dq is not None:
+            return self.dq, t.off["off_q"]
+        r0, r1 = la.row_span
+        # every row of a span some entry covers is written; the others must read as zero
+        return _buffer(r1 - r0, int(la.sq.sum()) == r1 - r0, self.q.shape[1], self.q.shape[2], self.q.dtype, self.q.device), t.off["off_q_span"]
+
+    def dkv_target(self, la: Launch, t: LaunchTensors) -> tuple[list, torch.Tensor]:
+        if self.dkv is not None:
+            return self.dkv, t.off["off_k"]
+        c0, c1 = la.key_span
+        private = la.private is not None
+        krows = la.private_rows if private else c1 - c0
+        covered = private or int(la.sk.sum()) == krows
+        return [_buffer(krows, covered, self.k.shape[1], self.k.shape[2], self.q.dtype, self.q.device) for _ in "kv"], t.off["off_dk"]
+
+    def collect(self, la: Launch, t: LaunchTensors, dq_t, dk_t, dv_t) -> None:
+        """Add a launch's buffers to the float32 sums (nothing to do for what was written in place)."""
+        dq, dk, dv = self.sums
+        if self.dq is None:
+            dq.add_rows(la.row_span[0], dq_t)
+        if self.dkv is not None:
+            return
+        if t.key_index is None:
+            dk.add_rows(la.key_span[0], dk_t)
+            dv.add_rows(la.key_span[0], dv_t)
+        else:
+            dk.add_index(t.key_index, dk_t)
+            dv.add_index(t.key_index, dv_t)
+
+    def result(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dq = self.dq if self.dq is not None else self.sums[0].result().to(dtype)
+        dk, dv = self.dkv if self.dkv is not None else (s.result().to(dtype) for s in self.sums[1:])
+        return dq, dk, dv
 
 
 def _buffer(rows: int, covered: bool, heads: int, d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -11,7 +11,9 @@ A slice becomes entries of one *signature* ``(L, R)``:
 * FULL -> ``(None, None)``;
 * CAUSAL (bottom-right) -> the square causal ``(None, 0)`` on its last ``min(sq, sk)``
   rows and keys, plus, when it has fewer rows than keys, a FULL entry on the keys left of
-  that square (cuDNN's BOTTOM_RIGHT alignment was measured wrong on such rectangles);
+  that square. (Measured on cuDNN 9.19: BOTTOM_RIGHT alignment with a right bound of 0 is
+  exact on such rectangles, but ran 7% slower than the two entries on an 8k x 32k
+  rectangle, and 30% slower than TOP_LEFT on squares; docs/benchmarks.md);
 * BI_CAUSAL (``j' - i'`` in ``[0, sk - sq]``) -> ``(1, sk - sq)``;
 * INV_CAUSAL (``j' >= i'``) -> ``(1, UNBOUNDED)`` (the right bound becomes the graph's key
   length, so it never binds);
@@ -275,11 +277,16 @@ def launch_rows_overlap(launches: list[Launch], tq: int) -> list[bool]:
     return out
 
 
-def covered_rows(launches: list[Launch], n: int, keys: bool = False) -> int:
-    """How many of ``n`` rows (query rows, or key rows with ``keys=True``) some launch touches."""
+def row_depth(launches: list[Launch], n: int, keys: bool = False) -> np.ndarray:
+    """Per row of ``n`` (query rows, or key rows with ``keys=True``): how many entries touch it."""
     mark = np.zeros(n + 1, dtype=np.int64)
     for la in launches:
         s, c = (la.ks, la.sk) if keys else (la.qs, la.sq)
         np.add.at(mark, s, 1)
         np.add.at(mark, s + c, -1)
-    return int((np.cumsum(mark)[:n] > 0).sum())
+    return np.cumsum(mark)[:n]
+
+
+def covered_rows(launches: list[Launch], n: int, keys: bool = False) -> int:
+    """How many of ``n`` rows (query rows, or key rows with ``keys=True``) some launch touches."""
+    return int((row_depth(launches, n, keys) > 0).sum())

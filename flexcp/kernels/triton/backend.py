@@ -101,37 +101,50 @@ class TritonBackend(AttnBackend):
         return TritonPrep(table.nonempty(), int(tq), int(tk), torch.device(device))
 
     def forward(self, q, k, v, prep: TritonPrep, softmax_scale, softcap, out_dtype=None):
-        from .fwd import launch_forward
-
-        _check_inputs(self, q, k, v, softcap, softmax_scale)
         tq, hq, d = q.shape
         out = torch.empty(tq, hq, d, dtype=out_dtype or q.dtype, device=q.device)
         lse = torch.empty(tq, hq, dtype=torch.float32, device=q.device)
-        if tq == 0:
-            return out, lse
-        if prep.empty:
-            return out.zero_(), lse.fill_(float("-inf"))
-        cfg = self._configs(q.dtype, d).fwd
-        launch_forward(q, k, v, out, lse, prep.schedule("q", cfg), float(softmax_scale), float(softcap), cfg)
+        self.forward_into(q, k, v, prep, softmax_scale, softcap, out, lse)
         return out, lse
 
-    def backward(self, do, q, k, v, out, lse, prep: TritonPrep, softmax_scale, softcap):
+    def forward_into(self, q, k, v, prep: TritonPrep, softmax_scale, softcap, out, lse, gate=None) -> None:
+        """The forward written into ``out``/``lse``; with ``gate``, only when it is open (decided on the device)."""
+        from .fwd import launch_forward
+
+        _check_inputs(self, q, k, v, softcap, softmax_scale)
+        if q.shape[0] == 0:
+            return
+        if prep.empty:
+            if gate is None:
+                out.zero_(), lse.fill_(float("-inf"))
+            return  # a gated call changes nothing here: no row attends a key
+        cfg = self._configs(q.dtype, q.shape[-1]).fwd
+        launch_forward(q, k, v, out, lse, prep.schedule("q", cfg), float(softmax_scale), float(softcap), cfg, gate)
+
+    def backward(self, do, q, k, v, out, lse, prep: TritonPrep, softmax_scale, softcap, grad_dtype=None):
+        # the schedules cover every row and key, so the kernels write every element (in grad_dtype)
+        gdt = grad_dtype or torch.float32
+        grads = tuple(torch.empty(x.shape, dtype=gdt, device=x.device) for x in (q, k, v))
+        self.backward_into(do, q, k, v, out, lse, prep, softmax_scale, softcap, grads)
+        return grads
+
+    def backward_into(self, do, q, k, v, out, lse, prep: TritonPrep, softmax_scale, softcap, grads, gate=None) -> None:
+        """The backward written into ``grads = (dq, dk, dv)`` (any float dtype); with ``gate``, only when it is open."""
         from .bwd import backward_rowstats, launch_dkdv, launch_dq
 
         _check_inputs(self, q, k, v, softcap, softmax_scale)
+        dq, dk, dv = grads
         if prep.empty or q.shape[0] == 0:
-            return tuple(torch.zeros(x.shape, dtype=torch.float32, device=x.device) for x in (q, k, v))
-        # the schedules cover every row and key, so the kernels write every element
-        dk = torch.empty(k.shape, dtype=torch.float32, device=k.device)
-        dv = torch.empty(v.shape, dtype=torch.float32, device=v.device)
+            if gate is None:
+                for g in grads:
+                    g.zero_()
+            return
         do = _last_dim_contiguous(do.to(q.dtype))
-        lse2, delta = backward_rowstats(do, _last_dim_contiguous(out), lse)
+        lse2, delta = backward_rowstats(do, _last_dim_contiguous(out), lse, gate)
         cfgs = self._configs(q.dtype, q.shape[-1])
         scale, cap = float(softmax_scale), float(softcap)
-        dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-        launch_dkdv(q, k, v, do, lse2, delta, dk, dv, prep.schedule("k", cfgs.dkdv), scale, cap, cfgs.dkdv)
-        launch_dq(q, k, v, do, lse2, delta, dq, prep.schedule("q", cfgs.dq), scale, cap, cfgs.dq)
-        return dq, dk, dv
+        launch_dkdv(q, k, v, do, lse2, delta, dk, dv, prep.schedule("k", cfgs.dkdv), scale, cap, cfgs.dkdv, gate)
+        launch_dq(q, k, v, do, lse2, delta, dq, prep.schedule("q", cfgs.dq), scale, cap, cfgs.dq, gate)
 
 
 def _interpreting() -> bool:

@@ -17,20 +17,22 @@ from __future__ import annotations
 
 import torch
 
-from .common import block_prologue, dot_precision, finite_or_zero, full_run, load_rows, logits2, masked_run, masked_tile, softmax_consts
+from .common import block_prologue, dot_precision, gate_is_open, finite_or_zero, full_run, load_rows, logits2, masked_run, masked_tile, softmax_consts
 from .lang import jit, tl, triton
 
 
 @jit
 def _rowstats_kernel(
-    O, DO, LSE, LSE2, DELTA,
+    O, DO, LSE, LSE2, DELTA, Gate,
     stride_ot, stride_oh, stride_dot, stride_doh,
     T, HQ,
-    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr, GATED: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     h = tl.program_id(1)
     ok = rows < T
+    if GATED:
+        ok = ok & gate_is_open(Gate)
     offs_d = tl.arange(0, HEAD_DIM)
     o = tl.load(O + h * stride_oh + rows[:, None] * stride_ot + offs_d[None, :], mask=ok[:, None], other=0.0)
     do = tl.load(DO + h * stride_doh + rows[:, None] * stride_dot + offs_d[None, :], mask=ok[:, None], other=0.0)
@@ -63,14 +65,14 @@ def _dkdv_step(k, v, q, do, lse2, delta, dk, dv, keep, c1, c2, SOFTCAP: tl.const
 @jit
 def _dkdv_kernel(
     Q, K, V, DO, LSE2, DELTA, DK, DV,
-    Blocks, Order, Full, Masked,
+    Blocks, Order, Full, Masked, Gate,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     TQ, HKV, GROUP, c1, c2, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-    SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+    SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, GATED: tl.constexpr,
 ):  # fmt: skip
-    hk, col0, col1, f0, f1, m0, m1 = block_prologue(Blocks, Order, tl.program_id(0), HKV)
+    hk, col0, col1, f0, f1, m0, m1 = block_prologue(Blocks, Order, tl.program_id(0), HKV, Gate, GATED)
 
     cols = col0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -103,8 +105,8 @@ def _dkdv_kernel(
                 delta = tl.load(DELTA + h * TQ + mm + offs_m, mask=row_ok, other=0.0)
                 dk, dv = _dkdv_step(k, v, q, do, lse2, delta, dk, dv, keep, c1, c2, SOFTCAP, True, DOT_PREC)
 
-    tl.store(DK + hk * stride_dkh + cols[:, None] * stride_dkt + offs_d[None, :], dk * sm_scale, mask=col_ok[:, None])
-    tl.store(DV + hk * stride_dvh + cols[:, None] * stride_dvt + offs_d[None, :], dv, mask=col_ok[:, None])
+    tl.store(DK + hk * stride_dkh + cols[:, None] * stride_dkt + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + hk * stride_dvh + cols[:, None] * stride_dvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
 
 
 @jit
@@ -127,14 +129,14 @@ def _dq_step(q, do, k, v, lse2, delta, dq, keep, c1, c2, SOFTCAP: tl.constexpr, 
 @jit
 def _dq_kernel(
     Q, K, V, DO, LSE2, DELTA, DQ,
-    Blocks, Order, Full, Masked,
+    Blocks, Order, Full, Masked, Gate,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh,
     TQ, HQ, GROUP, c1, c2, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+    SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, GATED: tl.constexpr,
 ):  # fmt: skip
-    h, row0, row1, f0, f1, m0, m1 = block_prologue(Blocks, Order, tl.program_id(0), HQ)
+    h, row0, row1, f0, f1, m0, m1 = block_prologue(Blocks, Order, tl.program_id(0), HQ, Gate, GATED)
     hk = h // GROUP
 
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -163,51 +165,54 @@ def _dq_kernel(
             v = load_rows(v_ptrs, n0, stride_vt, col_ok, True)
             dq = _dq_step(q, do, k, v, lse2, delta, dq, keep, c1, c2, SOFTCAP, True, DOT_PREC)
 
-    tl.store(DQ + h * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :], dq * sm_scale, mask=row_ok[:, None])
+    tl.store(DQ + h * stride_dqh + rows[:, None] * stride_dqt + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
-def backward_rowstats(do: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(lse2, delta)`` float32 ``[h, t]``: log2-domain lse (+inf on rows without keys) and rowsum(dO * out)."""
+def backward_rowstats(do: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, gate=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lse2, delta)`` float32 ``[h, t]``: log2-domain lse (+inf on rows without keys) and rowsum(dO * out).
+
+    With ``gate`` (``backend.finiteness_gate``) they are written only when the gate is open.
+    """
     t, h, d = do.shape
     lse2 = torch.empty(h, t, dtype=torch.float32, device=do.device)
     delta = torch.empty_like(lse2)
     block = 64
     _rowstats_kernel[(triton.cdiv(t, block), h)](
-        out, do, lse.contiguous(), lse2, delta,
+        out, do, lse.contiguous(), lse2, delta, lse2 if gate is None else gate,
         out.stride(0), out.stride(1), do.stride(0), do.stride(1),
-        t, h, HEAD_DIM=d, BLOCK=block, num_warps=4,
+        t, h, HEAD_DIM=d, BLOCK=block, GATED=gate is not None, num_warps=4,
     )  # fmt: skip
     return lse2, delta
 
 
-def launch_dkdv(q, k, v, do, lse2, delta, dk, dv, sched, softmax_scale: float, softcap: float, cfg) -> None:
-    """dK/dV over a key-block schedule (``transposed_schedule``); dk/dv float32 [tk, hkv, d]."""
+def launch_dkdv(q, k, v, do, lse2, delta, dk, dv, sched, softmax_scale: float, softcap: float, cfg, gate=None) -> None:
+    """dK/dV over a key-block schedule (``transposed_schedule``) into dk/dv ``[tk, hkv, d]`` (any float dtype)."""
     tq, hq, d = q.shape
     hkv = k.shape[1]
     c1, c2 = softmax_consts(softmax_scale, softcap)
     _dkdv_kernel[(sched.num_blocks * hkv,)](
         q, k, v, do, lse2, delta, dk, dv,
-        sched.blocks, sched.order, sched.full, sched.masked,
+        sched.blocks, sched.order, sched.full, sched.masked, sched.blocks if gate is None else gate,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         tq, hkv, hq // hkv, c1, c2, softmax_scale,
         HEAD_DIM=d, BLOCK_N=sched.block, BLOCK_M=sched.tile,
-        SOFTCAP=softcap > 0, DOT_PREC=dot_precision(q.dtype),
+        SOFTCAP=softcap > 0, DOT_PREC=dot_precision(q.dtype), GATED=gate is not None,
         num_warps=cfg.warps, num_stages=cfg.stages,
     )  # fmt: skip
 
 
-def launch_dq(q, k, v, do, lse2, delta, dq, sched, softmax_scale: float, softcap: float, cfg) -> None:
-    """dQ over a query-block schedule (``forward_schedule``); dq float32 [tq, hq, d]."""
+def launch_dq(q, k, v, do, lse2, delta, dq, sched, softmax_scale: float, softcap: float, cfg, gate=None) -> None:
+    """dQ over a query-block schedule (``forward_schedule``) into dq ``[tq, hq, d]`` (any float dtype)."""
     tq, hq, d = q.shape
     c1, c2 = softmax_consts(softmax_scale, softcap)
     _dq_kernel[(sched.num_blocks * hq,)](
         q, k, v, do, lse2, delta, dq,
-        sched.blocks, sched.order, sched.full, sched.masked,
+        sched.blocks, sched.order, sched.full, sched.masked, sched.blocks if gate is None else gate,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dq.stride(0), dq.stride(1),
         tq, hq, hq // k.shape[1], c1, c2, softmax_scale,
         HEAD_DIM=d, BLOCK_M=sched.block, BLOCK_N=sched.tile,
-        SOFTCAP=softcap > 0, DOT_PREC=dot_precision(q.dtype),
+        SOFTCAP=softcap > 0, DOT_PREC=dot_precision(q.dtype), GATED=gate is not None,
         num_warps=cfg.warps, num_stages=cfg.stages,
     )  # fmt: skip

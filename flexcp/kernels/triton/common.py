@@ -17,8 +17,12 @@ LOG2E = 1.4426950408889634
 
 
 @jit
-def block_prologue(Blocks, Order, pid, NH):
-    """``(head, row0, row1, f0, f1, m0, m1)`` of program ``pid``: heaviest blocks first, ``NH`` heads per block."""
+def block_prologue(Blocks, Order, pid, NH, Gate, GATED: tl.constexpr):
+    """``(head, row0, row1, f0, f1, m0, m1)`` of program ``pid``: heaviest blocks first, ``NH`` heads per block.
+
+    ``GATED``: the program runs only when the float at ``Gate`` is not finite (``x - x`` is
+    then NaN); otherwise it owns no rows and no runs, so it loads and stores nothing.
+    """
     blk = tl.load(Order + pid // NH)
     h = pid % NH
     row0 = tl.load(Blocks + blk * 6)
@@ -27,7 +31,19 @@ def block_prologue(Blocks, Order, pid, NH):
     f1 = tl.load(Blocks + blk * 6 + 3)
     m0 = tl.load(Blocks + blk * 6 + 4)
     m1 = tl.load(Blocks + blk * 6 + 5)
+    if GATED:
+        go = gate_is_open(Gate)
+        row1 = tl.where(go, row1, row0)
+        f1 = tl.where(go, f1, f0)
+        m1 = tl.where(go, m1, m0)
     return h, row0, row1, f0, f1, m0, m1
+
+
+@jit
+def gate_is_open(Gate):
+    """Whether the float at ``Gate`` is NaN or +-inf."""
+    x = tl.load(Gate)
+    return ~((x - x) == 0.0)
 
 
 @jit

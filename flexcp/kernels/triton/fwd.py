@@ -45,13 +45,13 @@ def _fwd_step(q, k, v, acc, l_i, m_i, keep, c1, c2, SOFTCAP: tl.constexpr, MASKE
 @jit
 def _fwd_kernel(
     Q, K, V, O, LSE,
-    Blocks, Order, Full, Masked,
+    Blocks, Order, Full, Masked, Gate,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     HQ, GROUP, c1, c2,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr,
+    SOFTCAP: tl.constexpr, DOT_PREC: tl.constexpr, GATED: tl.constexpr,
 ):  # fmt: skip
-    h, row0, row1, f0, f1, m0, m1 = block_prologue(Blocks, Order, tl.program_id(0), HQ)
+    h, row0, row1, f0, f1, m0, m1 = block_prologue(Blocks, Order, tl.program_id(0), HQ, Gate, GATED)
     hk = h // GROUP
     rows = row0 + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -86,18 +86,21 @@ def _fwd_kernel(
     tl.store(LSE + rows * HQ + h, lse, mask=row_ok)
 
 
-def launch_forward(q, k, v, out, lse, sched, softmax_scale: float, softcap: float, cfg) -> None:
-    """Run the forward kernel; ``sched`` holds the device arrays of a query-block schedule."""
+def launch_forward(q, k, v, out, lse, sched, softmax_scale: float, softcap: float, cfg, gate=None) -> None:
+    """Run the forward kernel; ``sched`` holds the device arrays of a query-block schedule.
+
+    With ``gate`` (``backend.finiteness_gate``) the kernel writes only when the gate is open.
+    """
     tq, hq, d = q.shape
     c1, c2 = softmax_consts(softmax_scale, softcap)
     grid = (sched.num_blocks * hq,)
     _fwd_kernel[grid](
         q, k, v, out, lse,
-        sched.blocks, sched.order, sched.full, sched.masked,
+        sched.blocks, sched.order, sched.full, sched.masked, sched.blocks if gate is None else gate,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         hq, hq // k.shape[1], c1, c2,
         HEAD_DIM=d, BLOCK_M=sched.block, BLOCK_N=sched.tile,
-        SOFTCAP=softcap > 0, DOT_PREC=dot_precision(q.dtype),
+        SOFTCAP=softcap > 0, DOT_PREC=dot_precision(q.dtype), GATED=gate is not None,
         num_warps=cfg.warps, num_stages=cfg.stages,
     )  # fmt: skip
 
