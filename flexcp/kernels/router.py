@@ -131,7 +131,7 @@ class AutoBackend(AttnBackend):
                 if single_rect(table) is None:
                     continue
             cost = self.costs[name]
-            options[name] = (cost.seconds(flops, len(table), heads, gqa=gqa) + cost.per_call(prep.tq, heads), [(name, table)])
+            options[name] = (cost.seconds(flops, len(table), heads, gqa=gqa), [(name, table)])
         if self.split[0] in runnable:
             options.update(self._split_option(runnable, table, prep, heads, hd, gqa))
             # the group backend's whole-mask cost counts each of its launches
@@ -159,12 +159,11 @@ class AutoBackend(AttnBackend):
             on_group = g_cost.seconds(f, len(la), heads, gqa=gqa) + shared * span * heads * g_cost.shared_row_ns * 1e-9
             on_rest = r_cost.seconds(f, len(la), heads, launches=0, gqa=gqa) if r_cost else float("inf")
             (mine if on_group <= on_rest else theirs).append((la, on_group, on_rest))
-        per_call = g_cost.per_call(prep.tq, heads)
-        out = {"_group_whole": (sum(c for _, c, _ in mine + theirs) + per_call, None)}
+        out = {"_group_whole": (sum(c for _, c, _ in mine + theirs), None)}
         if not mine or not theirs:
             return out  # the whole-mask options cover this
         merge = prep.tq * heads * g_cost.shared_row_ns * 1e-9  # the two parts' outputs merge over the rows
-        split = sum(c for _, c, _ in mine) + sum(t for _, _, t in theirs) + r_cost.launch_us * 1e-6 + merge + per_call
+        split = sum(c for _, c, _ in mine) + sum(t for _, _, t in theirs) + r_cost.launch_us * 1e-6 + merge
         parts = [(group, SliceTable.concat([launch_table(la) for la, _, _ in mine])),
                  (rest, SliceTable.concat([launch_table(la) for la, _, _ in theirs]))]  # fmt: skip
         out[f"{group}+{rest}"] = (split, parts)
