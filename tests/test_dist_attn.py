@@ -171,3 +171,34 @@ def test_keys_are_released_at_exit():
     api._release_at_exit()
     with pytest.raises(ValueError, match="not built on this process"):
         lookup(key)
+
+
+def _bf16_case(rank, world_size):
+    spec = _specs()["prefix_tree"]
+    q, k, v, w = (x.bfloat16() for x in _global_inputs(spec, 4, 2, 8, 7))
+    key = build_key(spec, dist.group.WORLD, num_heads_q=4, num_heads_kv=2, head_dim=8, chunk_size=8, num_stages=2)
+    ql, kl, vl = (dispatch(x, key).requires_grad_() for x in (q, k, v))
+    out, _ = calc_attn(ql, kl, vl, key)
+    (out.float() * dispatch(w, key).float()).sum().backward()
+    result = [undispatch(x, key) for x in (out.detach(), ql.grad, kl.grad, vl.grad)]
+    stages = len(lookup(key).state.plan.stages)
+    clear_cache()
+    return result, stages
+
+
+@pytest.mark.parametrize("cp", [2, 3])
+def test_bf16_remote_stage_partials_sum_to_the_single_process_result(cp):
+    """Remote stages hand back 16-bit partials (what cuDNN writes; they travel at that width) that are
+    summed into float32 accumulators: bf16 gradients at cp > 1 match one process within bf16 rounding."""
+    spec = _specs()["prefix_tree"]
+    q, k, v, w = (x.bfloat16() for x in _global_inputs(spec, 4, 2, 8, 7))
+    leaves = [x.double().requires_grad_() for x in (q, k, v)]
+    out, _ = flexcp.attention(*leaves, spec)
+    (out * w.double()).sum().backward()
+    truth = [out.detach(), *(x.grad for x in leaves)]
+    for rank_result, stages in run_spawned(_bf16_case, cp, timeout=300):
+        assert stages >= 1, "the case must have a remote stage"
+        for what, got, want in zip(("out", "dq", "dk", "dv"), rank_result, truth):
+            assert got.dtype == torch.bfloat16, f"{what} is {got.dtype}"
+            err = float((got.double() - want).norm() / want.norm())
+            assert err < 1e-2, f"cp={cp} {what}: relative error {err:.2e}"

@@ -110,3 +110,37 @@ def test_non_finite_value_stays_in_its_rows_on_gpu(which, bad, backend):
         torch.testing.assert_close(a[REST].float(), b[REST].float(), rtol=2e-2, atol=2e-2)
     if which == "v":
         assert torch.isfinite(got[0][:5]).all(), f"{backend}: rows before the bad key became non-finite"
+
+
+@pytest.mark.parametrize("bad", [None, float("nan"), float("inf"), float("-inf")])
+def test_finiteness_gate_opens_only_for_non_finite_values(bad):
+    from flexcp.kernels.backend import finiteness_gate, gate_open
+
+    v = torch.randn(64, 2, 8, dtype=torch.bfloat16)
+    if bad is not None:
+        v[40, 1, 5] = bad
+    gate = finiteness_gate(v)
+    assert gate.shape == (1,) and gate.dtype == torch.float32
+    assert gate_open(gate) == (bad is not None)
+
+
+def test_gated_writes_happen_only_behind_an_open_gate():
+    """``forward_into`` / ``backward_into`` leave the buffers alone behind a closed gate, and write the
+    plain results behind an open one (an overflowing sum of finite values is a false alarm: exact anyway)."""
+    from flexcp.kernels.backend import finiteness_gate
+
+    q, k, v, w = _inputs(2)
+    ref = ReferenceBackend()
+    prep = ref.prepare(SPEC.table, 64, 64, q.device)
+    out, lse = ref.forward(q, k, v, prep, 0.3, 0.0)
+    grads = ref.backward(w, q, k, v, out, lse, prep, 0.3, 0.0)
+    buf = [torch.full_like(out, 7.0), torch.full_like(lse, 7.0)]
+    gbuf = [torch.full_like(g, 7.0) for g in grads]
+    ref.forward_into(q, k, v, prep, 0.3, 0.0, *buf, gate=finiteness_gate(v))
+    ref.backward_into(w, q, k, v, out, lse, prep, 0.3, 0.0, gbuf, gate=finiteness_gate(v))
+    assert all((b == 7.0).all() for b in buf + gbuf)
+    huge = torch.full((1,), float("inf"))  # what finiteness_gate gives for an overflowing sum
+    ref.forward_into(q, k, v, prep, 0.3, 0.0, *buf, gate=huge)
+    ref.backward_into(w, q, k, v, out, lse, prep, 0.3, 0.0, gbuf, gate=huge)
+    for got, want in zip(buf + gbuf, (out, lse, *grads)):
+        assert torch.equal(got, want)
