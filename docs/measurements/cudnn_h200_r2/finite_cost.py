@@ -1,25 +1,19 @@
-"""Cost of the per-call all_finite host sync: flexcp.attention fwd+bwd with the check and with it patched out."""
-import json, sys, time
+"""(Runs at commit 48f7eeb, which had all_finite.) Cost of the per-call all_finite host sync: flexcp.attention fwd+bwd with the check and with it patched out."""
+import json, sys
 import torch, triton
-import flexcp
 from flexcp.kernels import backend as kb
 from flexcp.kernels.cudnn import backend as cb
 from flexcp.kernels import torch_sdpa as ts
 from flexcp.bench.kernel_bench import build_mask
+from probe_common import attention_step, inputs
 
 res = []
 for mask, S in (("causal", 8192), ("varlen", 8192), ("varlen", 32768), ("prefix_tree", 32768)):
     spec, _ = build_mask(mask, S)
     for hq, hkv in ((16, 16), (32, 8)):
-        torch.manual_seed(0)
-        q = torch.randn(S, hq, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        k = torch.randn(S, hkv, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        v = torch.randn(S, hkv, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        do = torch.randn(S, hq, 128, device="cuda", dtype=torch.bfloat16)
+        q, k, v, do = inputs(S, hq, hkv, grad=True)
         for backend in ("cudnn", "auto"):
-            def step():
-                out, _ = flexcp.attention(q, k, v, spec, backend=backend)
-                out.backward(do)
+            step = attention_step(q, k, v, do, spec, backend)
             row = {"mask": mask, "S": S, "heads": f"{hq}:{hkv}", "backend": backend}
             for label, fn in (("checked", kb.all_finite), ("unchecked", lambda v: True)):
                 cb.all_finite = fn; ts.all_finite = fn

@@ -1,5 +1,4 @@
 """CPU: graph-cache hit rate and padded rows of the cuDNN plan over 200 corpus packs (LRU 256, fwd + bwd keys)."""
-import sys
 from collections import OrderedDict
 import numpy as np
 from flexcp.bench.docdist import sample_pack
