@@ -203,3 +203,17 @@ def test_eval_on_held_out_jsonl(tmp_path):
     run_spawned(_fit_twice, 1, cfg, timeout=300)
     (record,) = [r for r in _records(tmp_path / "jsonl") if "eval_loss" in r]
     assert record["step"] == 2 and record["eval_sequences"] == 2 and np.isfinite(record["eval_loss"])
+
+
+def test_tensorboard_on_without_tensorboard_installed_gives_a_notice(monkeypatch):
+    import importlib.util
+
+    from flexcp.train import loggers
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(loggers.importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    notice = loggers.missing_sink_notice(True)
+    assert "TensorBoard is not installed" in notice and "pip install tensorboard" in notice
+    assert "logging.tensorboard=false" in notice
+    assert loggers.missing_sink_notice(False) is None
+    assert loggers.build_sinks("unused", True, False, None, {}) == []  # nothing written to tb/

@@ -58,6 +58,11 @@ def fmt_number(v: Any) -> str:
     return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
 
 
+def plural(n: int, noun: str) -> str:
+    """``"1 sequence"``, ``"2 sequences"``: a count in plain words for the console."""
+    return f"{fmt_number(n)} {noun}{'' if n == 1 else 's'}"
+
+
 class _Plain:
     def __init__(self, total: int, initial: int) -> None:
         self.n = initial
