@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Iterator, Literal
 
-from ..dispatch.plan import DEFAULT_CHUNK_SIZE
+from ..sharding.plan import DEFAULT_CHUNK_SIZE
 
 
 class ConfigError(ValueError):
