@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 
 from ..comm import agree
-from ..dispatch import DEFAULT_CHUNK_SIZE
-from ..dispatch import ops as _ops
+from ..sharding import DEFAULT_CHUNK_SIZE
+from ..sharding import ops as _ops
 from ..dist_attn.function import DistAttnFunction, DistAttnState
 from ..dist_attn.plan import build_rank_plans
 from ..kernels import SCHEDULES, check_qkv, resolve_scale, select_backend

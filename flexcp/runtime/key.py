@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from ..comm import agree
 from ..comm.agreement import check_setting
-from ..dispatch import DispatchPlan
+from ..sharding import DispatchPlan
 from ..dist_attn.function import DistAttnState
 from ..mask import AttnMaskSpec
 
