@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from ...mask.geometry import BIG, SliceTable, clip_band
-from ..backend import AttnBackend, finiteness_gate, stat_dtype
+from ..backend import AttnBackend, Offer, finiteness_gate, stat_dtype
+from ..costs import FLOPS_PER_CELL, Cost
 from ..compose import GradSum, merge_into
 from .graphs import GraphCache, GraphKey, why_unavailable
 from .plan import UNBOUNDED, Launch, covered_rows, launch_bucket, launch_rows_overlap, plan_launches, row_depth, to_entries
@@ -168,6 +169,20 @@ class CudnnBackend(AttnBackend):
             tq, tk, torch.device(device), launches, launch_rows_overlap(launches, tq), covered_rows(launches, tq) == tq,
             table.nonempty(), bool((key_depth <= 1).all()), bool((key_depth > 0).all()),
         )
+
+    def offer(self, table: SliceTable, tq: int, tk: int, cost: Cost, *, heads_q: int, heads_kv: int,
+              head_dim: int) -> Offer:
+        """One part per launch of the plan, each paying ``cost.launch_us``; a launch whose rows another
+        launch also writes pays ``cost.shared_row_ns`` per row and head of its span (buffers and merge)."""
+        launches = plan_launches(to_entries(table), tk)
+        seconds = []
+        for la, shared in zip(launches, launch_rows_overlap(launches, tq)):
+            kind = {(None, None): "full", (None, 0): "causal"}.get(la.sig, "band")
+            work = cost.seconds({kind: la.area() * FLOPS_PER_CELL * head_dim * heads_q}, len(la), heads_q,
+                                gqa=heads_q != heads_kv)
+            span = la.row_span[1] - la.row_span[0]
+            seconds.append(work + shared * span * heads_q * cost.shared_row_ns * 1e-9)
+        return Offer(tuple(launch_table(la) for la in launches), tuple(seconds))
 
     # ------------------------------------------------------------------ helpers
     def padded_reason(self, device: int, head_dim: int) -> str | None:
