@@ -9,6 +9,8 @@ the inputs' dtype (``grad_dtype``) for callers that use them as they are, so ker
 write 16-bit gradients skip two conversion passes. Statistics and gradients are float64 for
 float64 inputs (:func:`stat_dtype`), so float64 in is float64-exact out. ``prepare`` turns the slice table into
 whatever host/device schedule the backend wants and is reusable across calls.
+``extra_memory_bytes`` predicts the device memory a call needs beyond its own tensors, so the
+router (``backend="auto"``) can keep every route under a memory budget.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ from ..mask.geometry import SliceTable
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype of lse, merged partials and gradient partials: float64 for float64 inputs, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def qkv_bytes(tq: int, tk: int, *, heads_q: int, heads_kv: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes of q ``[tq, heads_q, head_dim]`` plus k and v ``[tk, heads_kv, head_dim]`` in ``dtype``."""
+    return (int(tq) * heads_q + 2 * int(tk) * heads_kv) * head_dim * dtype.itemsize
 
 
 def finiteness_gate(v: torch.Tensor) -> torch.Tensor:
@@ -90,6 +97,19 @@ class AttnBackend(ABC):
         grad_dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This call's ``(dq, dk, dv)`` in ``grad_dtype`` (None: ``stat_dtype(q.dtype)``), from the final ``out``/``lse``."""
+
+    def extra_memory_bytes(self, prep: Any, *, heads_q: int, heads_kv: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Predicted peak device bytes of one forward+backward call with ``prep`` beyond q, k, v, out, lse,
+        dout and the gradients themselves (workspaces, padding, float32 accumulators).
+
+        The router (``backend="auto"``) never chooses a route whose prediction exceeds its memory
+        budget. Default, conservative for backends that do not say: a ``stat_dtype`` copy of q, k, v
+        and one of their gradients (what a backend that computes in float32 and accumulates
+        float32 partials holds), read from ``prep.tq`` / ``prep.tk``; backends whose schedule lacks
+        them, or that know better, override it.
+        """
+        return 2 * qkv_bytes(prep.tq, prep.tk, heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim,
+                             dtype=stat_dtype(dtype))
 
     def forward_into(self, q, k, v, prep: Any, softmax_scale: float, softcap: float,
                      out: torch.Tensor, lse: torch.Tensor, gate: torch.Tensor | None = None) -> None:

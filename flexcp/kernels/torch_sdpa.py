@@ -87,6 +87,17 @@ class TorchSdpaBackend(AttnBackend):
             and softcap == 0
         )
 
+    def extra_memory_bytes(self, prep: SdpaPrep, *, heads_q: int, heads_kv: int, head_dim: int, dtype: torch.dtype) -> int:
+        """On the rectangle: k/v and their gradients repeated to ``heads_q`` heads (GQA), a float32 dQ-sized
+        workspace (assumed, not measured) and the fallback's gated recompute; elsewhere the fallback's need."""
+        shape = dict(heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim, dtype=dtype)
+        fallback = self.fallback.extra_memory_bytes(prep.fallback, **shape)
+        r = prep.rect
+        if r is None:
+            return fallback
+        repeated = 4 * (r.ke - r.ks) * heads_q * head_dim * dtype.itemsize if heads_q != heads_kv else 0
+        return repeated + (r.qe - r.qs) * heads_q * head_dim * 4 + fallback
+
     def forward(self, q, k, v, prep: SdpaPrep, softmax_scale, softcap, out_dtype=None):
         if not self.fast_path_ok(prep, q, k, softcap, out_dtype):
             return self.fallback.forward(q, k, v, prep.fallback, softmax_scale, softcap, out_dtype)

@@ -14,8 +14,8 @@ import numbers
 import torch
 import torch.distributed as dist
 
-from ..dispatch import DEFAULT_CHUNK_SIZE
-from ..dispatch import ops as _ops
+from ..sharding import DEFAULT_CHUNK_SIZE
+from ..sharding import ops as _ops
 from ..dist_attn.function import DistAttnFunction, DistAttnState
 from ..dist_attn.plan import build_rank_plans
 from ..kernels import SCHEDULES, check_qkv, resolve_scale, select_backend

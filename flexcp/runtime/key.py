@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..dispatch import DispatchPlan
+from ..sharding import DispatchPlan
 from ..dist_attn.function import DistAttnState
 from ..mask import AttnMaskSpec
 

@@ -24,8 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ...mask.geometry import SliceTable, clip_band
-from ...mask.types import BI_CAUSAL, CAUSAL, FULL, INV_CAUSAL
+from ...mask.geometry import BIG, SliceTable, clip_band
 from ..backend import AttnBackend, finiteness_gate, stat_dtype
 from ..compose import GradSum, merge_into
 from .graphs import GraphCache, GraphKey, why_unavailable
@@ -96,14 +95,21 @@ def _launch_tensors(la: Launch, hq: int, hkv: int, d: int, device: torch.device)
 
 
 def launch_table(la: Launch) -> SliceTable:
-    """The launch's cells as typed slices (for running it on another backend)."""
+    """The launch's cells as typed slices (for running it on another backend).
+
+    cuDNN's band is TOP_LEFT, counted from each entry's own start: ``i' - L < j' <= i' + R``
+    with ``i' = i - qs`` and ``j' = j - ks``. In the mask's coordinates that is the band
+    ``ks - qs - L + 1 <= j - i <= ks - qs + R``, which :func:`clip_band` cuts into typed
+    slices. (Translating by signature alone is wrong: a BI_CAUSAL square ``sq == sk`` has
+    the signature ``(1, 0)`` of a one-token window, but unlike a window's squares it need
+    not sit on the diagonal ``qs == ks``.)
+    """
     left, right = la.sig
-    qe, ke = la.qs + la.sq, la.ks + la.sk
-    if left is not None and right == 0:  # fused sliding window: a band over squares
-        t, _ = clip_band(la.qs, qe, la.ks, ke, np.full_like(la.qs, 1 - left), np.zeros_like(la.qs))
-        return t
-    kind = {(None, None): FULL, (None, 0): CAUSAL}.get(la.sig, INV_CAUSAL if right == UNBOUNDED else BI_CAUSAL)
-    return SliceTable(la.qs.copy(), qe, la.ks.copy(), ke, np.full_like(la.qs, kind))
+    shift = la.ks - la.qs
+    lo = np.full_like(la.qs, -BIG) if left is None else shift - left + 1
+    hi = np.full_like(la.qs, BIG) if right is None or right == UNBOUNDED else shift + right
+    t, _ = clip_band(la.qs, la.qs + la.sq, la.ks, la.ks + la.sk, lo, hi)
+    return t
 
 
 class CudnnBackend(AttnBackend):
