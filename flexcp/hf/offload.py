@@ -59,18 +59,23 @@ class _Block:
             self.pinned = False
         self.buf = torch.empty(0, dtype=torch.uint8)
 
+    def __del__(self) -> None:
+        self.free()
+
 
 class HostArena:
-    """Host memory for one step's offloaded tensors: carved in order, reset per step, sized to the step.
+    """Host memory for one step's offloaded tensors: carved in order, rewound per step, sized to the steps.
 
-    :meth:`take` carves ``nbytes`` (aligned to 512) from the current block, opening a new
-    block of exactly the shortfall when it is full; :meth:`reset` (between steps) rewinds,
-    and when the step used several blocks replaces them by one of the step's total, so a
-    steady run holds one block of exactly what a step saves.
+    :meth:`take` carves ``nbytes`` (aligned to 512) from the current block, moving on to the
+    next block when it does not fit and opening a new block of exactly ``nbytes`` after the
+    last; :meth:`reset` (between steps) rewinds, so a run whose steps save the same tensors
+    reuses exactly the blocks its first step opened. When the blocks hold more than
+    ``slack`` times what the last step used (the sizes changed), they are replaced by one
+    block of that size.
     """
 
-    def __init__(self, pin: bool) -> None:
-        self.pin = pin
+    def __init__(self, pin: bool, slack: float = 1.25) -> None:
+        self.pin, self.slack = pin, slack
         self.blocks: list[_Block] = []
         self.current = 0
         self.high_water = 0
@@ -100,10 +105,11 @@ class HostArena:
         return self.take(nbytes)
 
     def reset(self) -> None:
-        """Rewind for the next step; several blocks become one of the high-water size."""
-        if len(self.blocks) > 1:
+        """Rewind for the next step; blocks far larger than the last step's use become one block of that use."""
+        used = self.used_bytes
+        if len(self.blocks) > 1 and self.capacity_bytes > self.slack * used:
             self.release()
-            self.blocks = [_Block(self.high_water, self.pin)]
+            self.blocks = [_Block(used, self.pin)] if used else []
         for b in self.blocks:
             b.used = 0
         self.current = 0
