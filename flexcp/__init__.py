@@ -12,6 +12,7 @@ imported on first use.
 
 from .kernels import attention, available_backends
 from .mask import AttnMaskSpec, AttnMaskType
+from .sharding import IGNORE_INDEX
 from .runtime import (
     DistAttnKey,
     build_key,
@@ -45,6 +46,7 @@ __all__ = [
     "FlexCPMixin",
     "FlexCPSFTTrainer",
     "FlexCPTrainer",
+    "IGNORE_INDEX",
     "__version__",
     "attention",
     "available_backends",

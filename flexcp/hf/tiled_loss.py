@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .tiled_mlp import _unwrap, autocast_state, recompute_autocast
+from ..magi_attn_utils.heads import unwrap_model
+from ..sharding import IGNORE_INDEX
+from .tiled_mlp import autocast_state, recompute_autocast
 
 __all__ = ["LinearCrossEntropy", "linear_cross_entropy", "logit_softcap", "recompute_final_norm", "tile_loss"]
-
-IGNORE_INDEX = -100
 
 
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
@@ -115,7 +115,7 @@ def recompute_final_norm(model: nn.Module) -> bool:
     unit per token, the input's 2 alone once recomputed). Returns False when the model has
     no ``norm`` on its decoder (nothing changed).
     """
-    base = _unwrap(model)
+    base = unwrap_model(model)
     norm = getattr(base.get_decoder(), "norm", None) if hasattr(base, "get_decoder") else None
     if not isinstance(norm, nn.Module):
         return False
@@ -197,7 +197,7 @@ def tile_loss(model: nn.Module, chunk_tokens: int = 8192) -> None:
     """
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be a positive int (tokens per loss chunk); got {chunk_tokens!r}")
-    base = _unwrap(model)
+    base = unwrap_model(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
     if not isinstance(head, nn.Linear):
         raise ValueError(f"{type(base).__name__}: the tiled loss needs an nn.Linear LM head "

@@ -22,6 +22,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
+from ..magi_attn_utils.heads import unwrap_model
+
 __all__ = ["TiledMLPFunction", "decoder_layers_of", "tile_mlp", "tiled_rows"]
 
 
@@ -115,16 +117,9 @@ def _tiled_forward(module: nn.Module, plain: Callable[..., torch.Tensor]) -> Cal
     return forward
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The HF model inside DDP / FSDP1 (``.module``) and PEFT (``get_base_model``) wrappers."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def decoder_layers_of(model: nn.Module) -> Sequence[nn.Module]:
     """The decoder layers of an HF causal LM (``model.get_decoder().layers``), through wrappers."""
-    base = _unwrap(model)
+    base = unwrap_model(model)
     decoder = base.get_decoder() if hasattr(base, "get_decoder") else None
     layers = getattr(decoder, "layers", None)
     if layers is None:

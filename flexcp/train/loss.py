@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..hf.tiled_loss import linear_cross_entropy, logit_softcap
-from .packing import IGNORE_INDEX
+from ..sharding import IGNORE_INDEX
 
 
 class CausalLMLoss(nn.Module):
