@@ -60,12 +60,9 @@ class FlexCPMixin:
         self._flexcp_cp_size = cp_size
         self.cp_chunk_size = cp_chunk_size
         super().__init__(*args, **kwargs)
-<<<<<<< HEAD
+        check_flexcp_attention(self.model, type(self).__name__)
         self.activation_offload = apply_levers(self.model, tiled_mlp, tiled_loss, offload_activations,
                                                self.args.device)
-=======
-        check_flexcp_attention(self.model, type(self).__name__)
->>>>>>> main
         self.cp_mesh: CPMesh = build_cp_mesh(cp_size, self.args.device.type)
         if cp_size > 1:
             self._check_cp_setup()
