@@ -11,6 +11,7 @@ imported on first use.
 
 from .kernels import attention, available_backends
 from .mask import AttnMaskSpec, AttnMaskType
+from .sharding import IGNORE_INDEX
 from .runtime import (
     DistAttnKey,
     build_key,
@@ -43,6 +44,7 @@ __all__ = [
     "FlexCPMixin",
     "FlexCPSFTTrainer",
     "FlexCPTrainer",
+    "IGNORE_INDEX",
     "__version__",
     "attention",
     "available_backends",

@@ -25,16 +25,11 @@ from torch import nn
 from transformers import Trainer
 
 from ..magi_attn_utils import DEFAULT_CHUNK_SIZE, register_magi_attention
+from ..magi_attn_utils.heads import check_flexcp_attention, unwrap_model
+from ..sharding import IGNORE_INDEX
 from .batch import shard_batch, shifted_labels
 from .data import share_batches_in_cp_groups
 from .mesh import CPMesh, build_cp_mesh
-
-
-def _base_model(model: nn.Module) -> nn.Module:
-    """The HF model inside DDP / FSDP / PEFT wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 class FlexCPMixin:
@@ -43,7 +38,8 @@ class FlexCPMixin:
     Use as ``class MyTrainer(FlexCPMixin, Trainer)``; :class:`FlexCPTrainer` and
     :class:`flexcp.hf.FlexCPSFTTrainer` are the two ready-made ones. The model must use
     ``attn_implementation="magi"`` (registered when the trainer is built, or earlier by
-    :func:`flexcp.hf.register_magi_attention`, which ``from_pretrained`` needs).
+    :func:`flexcp.hf.register_magi_attention`, which ``from_pretrained`` needs); another
+    attention implementation is refused at every ``cp_size``.
     ``cp_chunk_size`` is the dispatch chunk of the load balancer (tokens).
     """
 
@@ -56,6 +52,7 @@ class FlexCPMixin:
         self._flexcp_cp_size = cp_size
         self.cp_chunk_size = cp_chunk_size
         super().__init__(*args, **kwargs)
+        check_flexcp_attention(self.model, type(self).__name__)
         self.cp_mesh: CPMesh = build_cp_mesh(cp_size, self.args.device.type)
         if cp_size > 1:
             self._check_cp_setup()
@@ -70,13 +67,7 @@ class FlexCPMixin:
                 "gradients would not be averaged across ranks; on CPU pass TrainingArguments(use_cpu=True) "
                 "(accelerate treats a CPU torchrun launch as one process otherwise)"
             )
-        model = _base_model(self.model)
-        impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
-        if impl != "magi":
-            raise ValueError(
-                f"cp_size={self.cp_mesh.cp} needs the model loaded with attn_implementation='magi' (got {impl!r}): "
-                "call flexcp.hf.register_magi_attention(), then from_pretrained(..., attn_implementation='magi')"
-            )
+        model = unwrap_model(self.model)
         pc = getattr(self.accelerator, "parallelism_config", None)
         if pc is not None and (pc.cp_size > 1 or pc.sp_size > 1 or pc.tp_size > 1):
             raise ValueError(
@@ -160,7 +151,7 @@ class FlexCPMixin:
         inputs = self._prepare_inputs(inputs)
         targets = inputs.get("shift_labels")
         targets = shifted_labels(inputs["labels"]) if targets is None else targets
-        count = targets.ne(-100).sum().clamp(min=1)
+        count = targets.ne(IGNORE_INDEX).sum().clamp(min=1)
         scale = self.accelerator.num_processes // self.get_tp_size() if self.args.average_tokens_across_devices else 1
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs, num_items_in_batch=count).detach() / scale

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .packing import IGNORE_INDEX
+from ..sharding import IGNORE_INDEX
 
 
 def _chunk_loss(
