@@ -9,6 +9,7 @@ TRL trainer (the cp = 1 reference); ``cp=N`` runs the flexcp trainer with ``cp_s
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import tempfile
 
@@ -186,4 +187,12 @@ def run_example(rank: int, world: int, argv: list[str]) -> dict:
     spec = importlib.util.spec_from_file_location("flexcp_example_sft_cp", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main(argv)
+    warned: list[str] = []
+    catcher = logging.Handler(logging.WARNING)
+    catcher.emit = lambda record: warned.append(record.getMessage())
+    logging.getLogger("trl").addHandler(catcher)
+    try:
+        result = module.main(argv)
+    finally:
+        logging.getLogger("trl").removeHandler(catcher)
+    return {**result, "trl_warnings": warned}

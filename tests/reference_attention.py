@@ -1,4 +1,4 @@
-"""Test oracles: the mask cells straight from DESIGN.md section 3, and dense float64 attention.
+"""Test oracles: the mask cells straight from ``AttnMaskType``'s definition, and dense float64 attention.
 
 Both are O(S^2) on purpose and meant for small tests only; other test files import them.
 """

@@ -15,7 +15,7 @@ import torch
 from flexcp.bench import cp_bench
 from flexcp.bench.cp_baselines import block_table
 from flexcp.cli import BENCHES
-from flexcp.dispatch import build_plan
+from flexcp.sharding import build_plan
 from flexcp.mask import AttnMaskSpec
 from multiproc import run_spawned
 

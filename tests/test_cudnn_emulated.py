@@ -69,6 +69,18 @@ def test_refused_launch_runs_on_the_fallback():
     assert backend.graphs.runs == 4  # the causal square and its FULL part, forward and backward
 
 
+OFF_DIAGONAL_SQUARES = AttnMaskSpec([(0, 8), (7, 9), (9, 10)], [(5, 7), (8, 10), (8, 9)], ["causal", "full", "bi_causal"], 10)
+"""The first case of ../shared/repro/router_split_cells.py: a BI_CAUSAL square off the diagonal."""
+
+
+def test_refused_window_signature_keeps_off_diagonal_squares():
+    """A BI_CAUSAL square (``sq == sk``) has the one-token window's signature ``(1, 0)``; refused, it runs on the
+    fallback through ``launch_table``, which must keep its cells though it is not on the diagonal (it lost them)."""
+    backend = EmulatedCudnn(fallback=ReferenceBackend())
+    backend.refused[(1, 0)] = "pretend cuDNN refused this band"
+    assert_exact(*run(backend, OFF_DIAGONAL_SQUARES))
+
+
 def test_one_launch_writes_in_place():
     backend = EmulatedCudnn()
     assert_exact(*run(backend, varlen([5, 60, 1, 30])))

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from flexcp.dispatch import build_plan, dispatch, undispatch
+from flexcp.sharding import build_plan, dispatch, undispatch
 from flexcp.mask import block_causal, causal, sliding_window, varlen
 from multiproc import run_spawned
 

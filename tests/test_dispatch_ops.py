@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from flexcp.dispatch import build_plan, dispatch, position_ids, undispatch
+from flexcp.sharding import build_plan, dispatch, position_ids, undispatch
 from flexcp.mask import causal, sliding_window, varlen
 
 PLANS = [

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flexcp.bench.docdist import sample_pack
-from flexcp.dispatch import SOLVERS, DispatchPlan, build_plan
-from flexcp.dispatch.solver import contiguous, lpt, refine_swaps, zigzag
+from flexcp.sharding import SOLVERS, DispatchPlan, build_plan
+from flexcp.sharding.solver import contiguous, lpt, refine_swaps, zigzag
 from flexcp.mask import AttnMaskSpec, block_causal, causal, prefix_tree, sliding_window, varlen
 from strategies import valid_specs
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from flexcp.dispatch.plan import build_plan
+from flexcp.sharding.plan import build_plan
 from flexcp.dist_attn.merge import merge_partials
 from flexcp.dist_attn.plan import build_rank_plans
 from flexcp.kernels import ReferenceBackend, attention

@@ -105,8 +105,12 @@ def test_readme_example_script_gives_the_same_run_at_cp1_and_cp2(tmp_path) -> No
     out = run_spawned(cases.run_example, 2, argv + ["--cp-size", "2", "--output-dir", str(tmp_path / "cp2")],
                       timeout=TIMEOUT)
     assert len(ref["losses"]) == 4 and ref["losses"][-1] < ref["losses"][0]
+    for rank in [ref] + out:  # the synthetic pairs tokenize with the prompt as a prefix: no sample is cut
+        assert not [w for w in rank["trl_warnings"] if "not a prefix" in w], rank["trl_warnings"]
     for rank in out:
         torch.testing.assert_close(torch.tensor(rank["losses"]), torch.tensor(ref["losses"]), atol=2e-5, rtol=0)
+        torch.testing.assert_close(torch.tensor(rank["grad_norms"]), torch.tensor(ref["grad_norms"]), atol=1e-4, rtol=1e-4)
+        assert rank["num_tokens"] == ref["num_tokens"]  # TRL's count of the global batch, not of padded shards
     assert (tmp_path / "cp2" / "model.safetensors").exists()
 
 

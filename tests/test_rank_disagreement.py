@@ -1,8 +1,9 @@
-"""Ranks that disagree after build_key get a clear error on every rank (gloo, cp = 2), never an abort.
+"""Ranks that disagree get a clear error on every rank (gloo, cp = 2), never an abort or silently different results.
 
-Per call this costs a collective, so it is the FLEXCP_CHECK=1 debug check; build_key's own
-check runs always (and with FLEXCP_CHECK=1 even with check=False). A rank that stalls makes the
-others time out with a report naming it (train.stall), under the recipe's process-group timeout.
+Every calc_attn / undispatch call exchanges an 8-byte fingerprint of its settings before its first
+sized transfer (no FLEXCP_CHECK needed); build_key's own check runs always (and with
+FLEXCP_CHECK=1 even with check=False). A rank that stalls makes the others time out with a
+report naming it (train.stall), under the recipe's process-group timeout.
 """
 
 import datetime
@@ -28,7 +29,8 @@ def _qkv(key, dtype=torch.float32):
 
 
 def _scenario(rank, world_size, case):
-    os.environ["FLEXCP_CHECK"] = "1"
+    if case == "check_false":
+        os.environ["FLEXCP_CHECK"] = "1"
     group = dist.group.WORLD
     try:
         kw = dict(num_heads_q=2, num_heads_kv=2, head_dim=8, chunk_size=8)
@@ -43,6 +45,18 @@ def _scenario(rank, world_size, case):
         elif case == "softcap":
             key = build_key(SPEC_A, group, **kw)
             calc_attn(*_qkv(key), key, softcap=float(rank))
+        elif case == "scale":
+            key = build_key(SPEC_A, group, **kw)
+            calc_attn(*_qkv(key), key, softmax_scale=0.25 + rank)
+        elif case == "grad":  # rank 1 evaluates (no gradients) while rank 0 trains: its backward would hang
+            key = build_key(SPEC_A, group, **kw)
+            calc_attn(*[x.detach().requires_grad_(rank == 0) for x in _qkv(key)], key)
+        elif case == "masks_unchecked":  # build_key(check=False) with different masks: caught at the first call
+            key = build_key(SPEC_A if rank == 0 else SPEC_B, group, check=False, **kw)
+            calc_attn(*_qkv(key), key)
+        elif case == "undispatch_dtype":
+            key = build_key(SPEC_A, group, **kw)
+            undispatch(dispatch(torch.randn(64, 3, dtype=torch.float64 if rank else torch.float32), key), key)
         elif case == "undispatch":
             key = build_key(SPEC_A, group, **kw)
             undispatch(dispatch(torch.randn(64, 2 + rank), key), key)
@@ -53,17 +67,22 @@ def _scenario(rank, world_size, case):
     except ValueError as exc:
         return str(exc)
     finally:
-        del os.environ["FLEXCP_CHECK"]
+        os.environ.pop("FLEXCP_CHECK", None)
         clear_cache()
     return None
 
 
-@pytest.mark.parametrize("case", ["dtype", "keys", "check_false", "softcap"])
+DIFFERS = {"dtype": "dtype", "keys": "key", "check_false": "mask", "softcap": "softcap", "scale": "softmax_scale",
+           "grad": "grad", "masks_unchecked": "key", "undispatch_dtype": "dtype"}
+
+
+@pytest.mark.parametrize("case", list(DIFFERS))
 def test_disagreeing_ranks_get_a_clear_error_on_every_rank(case):
     messages = run_spawned(_scenario, 2, case, timeout=120)
     for m in messages:
         assert m is not None and "disagree" in m, m
-    if case == "dtype":
+        assert f"disagree about {DIFFERS[case]}" in m and "rank 0" in m and "rank 1" in m, m
+    if case in ("dtype", "undispatch_dtype"):
         assert all("torch.float64" in m and "torch.float32" in m for m in messages)
 
 
@@ -111,4 +130,4 @@ def test_recipe_sets_the_process_group_timeout(monkeypatch):
 
 def test_undispatch_shape_mismatch_is_caught():
     for m in run_spawned(_scenario, 2, "undispatch"):
-        assert m is not None and m.startswith("undispatch (FLEXCP_CHECK=1): the ranks of cp_group disagree"), m
+        assert m is not None and m.startswith("undispatch: the ranks of the group disagree about shape"), m

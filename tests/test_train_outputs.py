@@ -44,10 +44,16 @@ def test_last_step_is_always_logged(tmp_path, capsys):
     for n in range(1, 6):
         log.log(_step(n))
     log.close()
-    assert [r["step"] for r in _records(tmp_path)] == [1, 5]  # steps=5, log_every=10
-    assert [s for s, _ in sink.logged] == [1, 5] and sink.closed
+    records = _records(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]  # one record per step, whatever log_every is
+    assert [r["loss"] for r in records] == [1.0, 0.5, 1 / 3, 0.25, 0.2]  # each step's own loss
+    assert [s for s, _ in sink.logged] == [1, 2, 3, 4, 5] and sink.closed
     out = capsys.readouterr().out
-    assert "step      5 | loss 0.3208 | acc 0.500 (mean of 4)" in out  # steps 2..5 since the last line
+    lines = [line for line in out.splitlines() if line.startswith("step")]
+    assert len(lines) == 2 and lines[0].startswith("step      1 | loss 1.0000 | acc 0.500 | lr")  # first step: no mean
+    assert lines[1].startswith("step      5 | loss 0.2000 | acc 0.500 | loss_avg4 0.3208 | acc_avg4 0.500 | lr")
+    summary = out[out.index("summary:"):]
+    assert "loss                     0.2\n" in summary and "loss_avg5                0.4567" in summary  # last 5 steps
 
 
 def test_stopping_early_records_the_last_step(tmp_path):
@@ -55,7 +61,7 @@ def test_stopping_early_records_the_last_step(tmp_path):
     for n in range(1, 4):
         log.log(_step(n))
     log.close()
-    assert [r["step"] for r in _records(tmp_path)] == [1, 3]
+    assert [r["step"] for r in _records(tmp_path)] == [1, 2, 3]
 
 
 def test_summary_of_no_steps_has_no_nan(tmp_path, capsys):
@@ -169,7 +175,7 @@ def test_eval_is_logged_and_a_finished_run_is_left_alone(tmp_path):
     records = _records(out)
     evals = [r for r in records if "eval_loss" in r]
     assert [r["step"] for r in evals] == [3, 4]  # eval.every=3 and after the last step
-    assert [r["step"] for r in records if "loss" in r] == [1, 3, 4]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     np.testing.assert_allclose([evals[-1]["eval_loss"], evals[-1]["eval_acc"]], got["direct"], rtol=1e-12)
     assert got["summary"]["eval_loss"] == evals[-1]["eval_loss"]
     assert 0 < evals[-1]["eval_loss"] < 20 and 0 <= evals[-1]["eval_acc"] <= 1
@@ -197,3 +203,17 @@ def test_eval_on_held_out_jsonl(tmp_path):
     run_spawned(_fit_twice, 1, cfg, timeout=300)
     (record,) = [r for r in _records(tmp_path / "jsonl") if "eval_loss" in r]
     assert record["step"] == 2 and record["eval_sequences"] == 2 and np.isfinite(record["eval_loss"])
+
+
+def test_tensorboard_on_without_tensorboard_installed_gives_a_notice(monkeypatch):
+    import importlib.util
+
+    from flexcp.train import loggers
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(loggers.importlib.util, "find_spec", lambda name, *a: None if name == "tensorboard" else real(name, *a))
+    notice = loggers.missing_sink_notice(True)
+    assert "TensorBoard is not installed" in notice and "pip install tensorboard" in notice
+    assert "logging.tensorboard=false" in notice
+    assert loggers.missing_sink_notice(False) is None
+    assert loggers.build_sinks("unused", True, False, None, {}) == []  # nothing written to tb/

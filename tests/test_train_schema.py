@@ -8,7 +8,7 @@ import typing
 
 import pytest
 
-from flexcp.dispatch.plan import DEFAULT_CHUNK_SIZE
+from flexcp.sharding.plan import DEFAULT_CHUNK_SIZE
 from flexcp.train.config import check, load_config, resolve, validate
 from flexcp.train.data import DATA_KINDS, RECALL_FILLER, FileKind
 from flexcp.train.schema import Bound, Filler, FinetuneConfig, Section

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..dispatch import DispatchPlan
-from ..dispatch import ops as dispatch_ops
+from ..sharding import DispatchPlan
+from ..sharding import ops as dispatch_ops
 from ..dist_attn.merge import merge_partials
 from ..kernels.backend import AttnBackend
 from ..mask.geometry import SliceTable, clip_band, slice_areas

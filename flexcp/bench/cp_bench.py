@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..dispatch import DEFAULT_CHUNK_SIZE, SOLVERS, build_plan
+from ..sharding import DEFAULT_CHUNK_SIZE, SOLVERS, build_plan
 from ..kernels import select_backend
 from ..kernels.backend import AttnBackend
 from ..mask import AttnMaskSpec, causal, prefix_tree, sliding_window, varlen

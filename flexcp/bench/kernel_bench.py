@@ -146,7 +146,7 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def stage_masks(cp_sizes=(4, 8), per_rank: int = 32768, chunk: int = 2048) -> list[tuple[str, AttnMaskSpec]]:
     """Rank 0's host and remote-stage tables from real plans (greedy dispatch, one remote stage)."""
-    from ..dispatch import build_plan
+    from ..sharding import build_plan
     from ..dist_attn.plan import build_rank_plans
 
     out = []

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..dispatch import DEFAULT_CHUNK_SIZE, SOLVERS, build_plan
+from ..sharding import DEFAULT_CHUNK_SIZE, SOLVERS, build_plan
 from ..mask import varlen
 from .common import cpu_name
 from .docdist import sample_doc_lengths, sample_pack

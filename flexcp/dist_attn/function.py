@@ -12,6 +12,10 @@ stage's partials in the inputs' dtype (what cuDNN's kernels write; they travel a
 width), GroupReduced into the owners' accumulators while the next stage computes; a
 stage with no work still sends zeros of that dtype, so every rank's all-to-all has the
 same byte sizes.
+
+Before its first transfer the forward proves that every rank passes the same key, dtypes,
+shapes, ``scale``, ``softcap`` and whether q/k/v need gradients (:func:`flexcp.comm.agree`: one 8-byte fingerprint
+per rank); the backward's sizes follow from what the forward agreed.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..comm import CastPlan, group_cast, group_reduce
+from ..comm import CastPlan, agree, group_cast, group_reduce
 from ..kernels.backend import AttnBackend, stat_dtype
 from ..kernels.cache import schedule_for
 from .merge import merge_partials
@@ -29,11 +33,16 @@ from .plan import RankAttnPlan
 
 
 class DistAttnState:
-    """A rank's plan bound to its process group, with its comm plans."""
+    """A rank's plan bound to its process group, with its comm plans.
 
-    def __init__(self, plan: RankAttnPlan, group: dist.ProcessGroup | None) -> None:
+    ``tag`` identifies the plan's key across ranks (equal on every rank that built the same key);
+    it goes into each call's agreement fingerprint.
+    """
+
+    def __init__(self, plan: RankAttnPlan, group: dist.ProcessGroup | None, tag: int = 0) -> None:
         self.plan = plan
         self.group = group
+        self.tag = tag
         self.cast_plans = [
             CastPlan(plan.rank, s.send_rows, s.recv_counts) for s in plan.stages
         ]
@@ -44,14 +53,25 @@ class DistAttnState:
         host = schedule_for(backend, p.host_table, p.local_len, p.local_len, device)
         return host, [schedule_for(backend, s.table, p.local_len, s.recv_len, device) for s in p.stages]
 
+    def agree(self, q: torch.Tensor, k: torch.Tensor, scale: float, softcap: float, grad: bool) -> None:
+        """Every rank of the group passes the same key and call settings, or every rank raises naming what differs."""
+        agree("calc_attn", {"key": self.tag, "dtype": q.dtype, "kv_dtype": k.dtype, "q_shape": tuple(q.shape),
+                            "kv_shape": tuple(k.shape), "softmax_scale": scale, "softcap": softcap, "grad": grad},
+              self.group, "every rank must pass the same key (the same build_key result), q/k/v dtype, "
+              "softmax_scale, softcap and grad mode")
+
     def cast_kv(self, k: torch.Tensor, v: torch.Tensor) -> list:
         """Start every remote stage's K/V transfer; returns one handle per stage."""
         return [group_cast([k, v], cp, self.group, async_op=True) for cp in self.cast_plans]
 
 
 def dist_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: DistAttnState, backend: AttnBackend,
-                 scale: float, softcap: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)`` of the local shard over the whole sequence: host stage while the casts travel, then each remote stage."""
+                 scale: float, softcap: float, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of the local shard over the whole sequence: host stage while the casts travel, then each remote stage.
+
+    ``grad`` (whether q/k/v need gradients) goes into the ranks' agreement fingerprint.
+    """
+    state.agree(q, k, scale, softcap, grad=grad)
     host, stage_preps = state.preps(backend, q.device)
     handles = state.cast_kv(k, v)
     # partials merge in float32 (float64 inputs: float64); with no remote stage the host result is final
@@ -63,6 +83,27 @@ def dist_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: DistA
             o, l = backend.forward(q, k_r, v_r, prep, scale, softcap, out_dtype=stat_dtype(q.dtype))
             out, lse = merge_partials(out, lse, o, l)
     return out.to(q.dtype), lse
+=======
+class DistAttnFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, state: DistAttnState, backend: AttnBackend, scale: float, softcap: float):
+        state.agree(q, k, scale, softcap, grad=any(ctx.needs_input_grad[:3]))
+        host, stage_preps = state.preps(backend, q.device)
+        handles = state.cast_kv(k, v)
+        # partials merge in float32 (float64 inputs: float64); with no remote stage the host result is final
+        partial_dtype = stat_dtype(q.dtype) if state.plan.stages else None
+        out, lse = backend.forward(q, k, v, host, scale, softcap, out_dtype=partial_dtype)
+        for stage, prep, handle in zip(state.plan.stages, stage_preps, handles):
+            k_r, v_r = (t.contiguous() for t in handle.wait())
+            if len(stage.table):
+                o, l = backend.forward(q, k_r, v_r, prep, scale, softcap, out_dtype=stat_dtype(q.dtype))
+                out, lse = merge_partials(out, lse, o, l)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.state, ctx.backend, ctx.scale, ctx.softcap = state, backend, scale, softcap
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+>>>>>>> main
 
 
 def dist_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..dispatch.plan import DispatchPlan
+from ..sharding.plan import DispatchPlan
 from ..mask.geometry import SliceTable, clip_band
 
 

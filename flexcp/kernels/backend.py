@@ -9,21 +9,32 @@ the inputs' dtype (``grad_dtype``) for callers that use them as they are, so ker
 write 16-bit gradients skip two conversion passes. Statistics and gradients are float64 for
 float64 inputs (:func:`stat_dtype`), so float64 in is float64-exact out. ``prepare`` turns the slice table into
 whatever host/device schedule the backend wants and is reusable across calls.
+Two questions let the router (``backend="auto"``) choose without knowing any backend's
+internals: ``offer`` says which parts of a slice table a backend runs and what each costs, and
+``extra_memory_bytes`` predicts the device memory a call needs beyond its own tensors, which
+the router keeps under a budget.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
-from ..mask.geometry import SliceTable
+from ..mask.geometry import SliceTable, slice_areas
+from .costs import Cost, flops_by_kind
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype of lse, merged partials and gradient partials: float64 for float64 inputs, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def qkv_bytes(tq: int, tk: int, *, heads_q: int, heads_kv: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes of q ``[tq, heads_q, head_dim]`` plus k and v ``[tk, heads_kv, head_dim]`` in ``dtype``."""
+    return (int(tq) * heads_q + 2 * int(tk) * heads_kv) * head_dim * dtype.itemsize
 
 
 def finiteness_gate(v: torch.Tensor) -> torch.Tensor:
@@ -43,6 +54,29 @@ def finiteness_gate(v: torch.Tensor) -> torch.Tensor:
 def gate_open(gate: torch.Tensor | None) -> bool:
     """Host-side reading of :func:`finiteness_gate` (one sync), for backends without a device-side gate."""
     return gate is None or not bool(torch.isfinite(gate).all())
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What a backend runs of a slice table (:meth:`AttnBackend.offer`), with modeled fwd+bwd seconds.
+
+    ``parts`` are sub-tables holding disjoint cells of the asked table (cells the backend cannot
+    run are in none); ``seconds[i]`` is part ``i``'s time inside one call of the backend and
+    ``call_s`` that call's overhead, however many parts it runs. A backend that runs a mask as
+    pieces (cuDNN's launches) offers one part per piece, so the router may move pieces elsewhere.
+    """
+
+    parts: tuple = ()
+    seconds: tuple = ()
+    call_s: float = 0.0
+
+    @property
+    def total_s(self) -> float:
+        """Modeled seconds of one call running every part."""
+        return self.call_s + sum(self.seconds)
+
+    def cells(self) -> int:
+        return int(sum(int(slice_areas(p).sum()) for p in self.parts))
 
 
 class AttnBackend(ABC):
@@ -90,6 +124,30 @@ class AttnBackend(ABC):
         grad_dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This call's ``(dq, dk, dv)`` in ``grad_dtype`` (None: ``stat_dtype(q.dtype)``), from the final ``out``/``lse``."""
+
+    def offer(self, table: SliceTable, tq: int, tk: int, cost: Cost, *, heads_q: int, heads_kv: int,
+              head_dim: int) -> Offer:
+        """The parts of ``table`` (over ``tq`` x ``tk`` rows) this backend runs, each costed by ``cost``.
+
+        Default: all of it as one part, in one call (``cost.launch_us`` once). Asked only of backends
+        whose ``unsupported`` is None for the inputs at hand.
+        """
+        work = cost.seconds(flops_by_kind(table, head_dim, heads_q), len(table), heads_q, launches=0,
+                            gqa=heads_q != heads_kv)
+        return Offer((table,), (work,), cost.launch_us * 1e-6)
+
+    def extra_memory_bytes(self, prep: Any, *, heads_q: int, heads_kv: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Predicted peak device bytes of one forward+backward call with ``prep`` beyond q, k, v, out, lse,
+        dout and the gradients themselves (workspaces, padding, float32 accumulators).
+
+        The router (``backend="auto"``) never chooses a route whose prediction exceeds its memory
+        budget. Default, conservative for backends that do not say: a ``stat_dtype`` copy of q, k, v
+        and one of their gradients (what a backend that computes in float32 and accumulates
+        float32 partials holds), read from ``prep.tq`` / ``prep.tk``; backends whose schedule lacks
+        them, or that know better, override it.
+        """
+        return 2 * qkv_bytes(prep.tq, prep.tk, heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim,
+                             dtype=stat_dtype(dtype))
 
     def forward_into(self, q, k, v, prep: Any, softmax_scale: float, softcap: float,
                      out: torch.Tensor, lse: torch.Tensor, gate: torch.Tensor | None = None) -> None:

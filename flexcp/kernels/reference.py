@@ -55,6 +55,12 @@ class ReferenceBackend(AttnBackend):
     def prepare(self, table: SliceTable, tq: int, tk: int, device: torch.device) -> TileSchedule:
         return build_tile_schedule(table, tq, tk, self.block_q, self.block_k)
 
+    def extra_memory_bytes(self, prep: TileSchedule, *, heads_q: int, heads_kv: int, head_dim: int, dtype: torch.dtype) -> int:
+        """The default (``stat_dtype`` copies of q, k, v and their gradients) plus one tile's scores,
+        probabilities and their gradients (four ``[heads_q, block_q, block_k]`` tensors)."""
+        tiles = 4 * heads_q * self.block_q * self.block_k * stat_dtype(dtype).itemsize
+        return super().extra_memory_bytes(prep, heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim, dtype=dtype) + tiles
+
     # ------------------------------------------------------------- helpers
     @staticmethod
     def _scores(qt: torch.Tensor, kt: torch.Tensor, scale: float, softcap: float):

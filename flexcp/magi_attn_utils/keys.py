@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..dispatch import DEFAULT_CHUNK_SIZE
+from ..sharding import DEFAULT_CHUNK_SIZE
 from ..mask import AttnMaskSpec, causal
 from ..runtime import DistAttnKey, build_key, get_most_recent_key
 from ..runtime.key import find, group_info, lookup

@@ -1,4 +1,4 @@
-"""Mask types of one attention slice (DESIGN.md section 3)."""
+"""Mask types of one attention slice: which keys each row of a slice sees (defined in ``AttnMaskType``)."""
 
 from __future__ import annotations
 

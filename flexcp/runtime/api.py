@@ -14,8 +14,9 @@ import numbers
 import torch
 import torch.distributed as dist
 
-from ..dispatch import DEFAULT_CHUNK_SIZE
-from ..dispatch import ops as _ops
+from ..comm import agree
+from ..sharding import DEFAULT_CHUNK_SIZE
+from ..sharding import ops as _ops
 from ..dist_attn.function import DistAttnState
 from ..dist_attn.plan import build_rank_plans
 from ..kernels import SCHEDULES, check_qkv, resolve_scale
@@ -24,7 +25,6 @@ from .key import (
     DistAttnKey,
     KeyEntry,
     check_agreement,
-    check_call_agreement,
     clear,
     debug_checks,
     forget_groups,
@@ -101,7 +101,7 @@ def build_key(
             rank_plans = build_rank_plans(spec.table, plan, num_stages)
         rank_plan = rank_plans[rank]
         group = cp_group if cp_size > 1 else None
-        remember(key, KeyEntry(spec, plan, DistAttnState(rank_plan, group), group))
+        remember(key, KeyEntry(spec, plan, DistAttnState(rank_plan, group, key.agreement_hash()), group))
     else:
         remember(key, lookup(key))
     return key
@@ -115,12 +115,16 @@ def dispatch(x: torch.Tensor, key: DistAttnKey, pad_value: float = 0, dim: int =
 def undispatch(x: torch.Tensor, key: DistAttnKey, dim: int = 0) -> torch.Tensor:
     """Gather the shards of the group back into the global tensor (global order, padding dropped).
 
-    With ``FLEXCP_CHECK=1`` the ranks first verify that they pass the same key, dtype and trailing shape.
+    The ranks first prove that they pass the same key, dtype, shape and grad mode (8 bytes per rank;
+    a mismatch raises on every rank, naming what differs).
     """
     entry = lookup(key)
-    if entry.group is not None and debug_checks():
-        check_call_agreement(key, entry.group, {"op": "undispatch", "dtype": str(x.dtype), "dim": dim,
-                                                "shape": tuple(s for i, s in enumerate(x.shape) if i != dim)})
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"undispatch: x must be a torch.Tensor (a dispatched shard); got {type(x).__name__}")
+    agree("undispatch", {"key": key.agreement_hash(), "dtype": x.dtype, "shape": tuple(x.shape),
+                         "dim": dim % x.dim() if x.dim() else dim, "grad": torch.is_grad_enabled() and x.requires_grad},
+          entry.group,
+          "every rank must pass its shard of the same tensor (same key, dtype, shape and dim) with the same grad mode")
     return _ops.undispatch(x, entry.plan, entry.group, dim=dim)
 
 
@@ -172,10 +176,10 @@ def calc_attn(
     ``key`` is a :class:`DistAttnKey` or its ``handle`` (what compiled code and custom ops carry).
 
     Every rank of the key's group must call it with the same key, dtype, ``softmax_scale``, ``softcap``
-    and grad mode. Checking that costs a collective per call, so it is a debug check: run with
-    ``FLEXCP_CHECK=1`` to get a clear error on every rank instead of a backend abort or hang.
-    It runs as the ``flexcp::calc_attn`` custom op (runtime/ops.py): under ``torch.compile`` the key
-    travels as a tensor and nothing here breaks the graph or recompiles for a new key.
+    and grad mode; every call proves it (an 8-byte fingerprint per rank before the first transfer)
+    and a mismatch raises on every rank, naming what differs. It runs as the ``flexcp::calc_attn``
+    custom op (runtime/ops.py): under ``torch.compile`` the key travels as a tensor, so nothing here
+    breaks the graph or recompiles for a new key.
     """
     check_qkv(q, k, v)
     if isinstance(key, DistAttnKey):

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from ..dispatch import DispatchPlan
+from ..comm import agree
+from ..comm.agreement import check_setting
+from ..sharding import DispatchPlan
 from ..dist_attn.function import DistAttnState
 from ..mask import AttnMaskSpec
 
@@ -76,66 +77,21 @@ def group_info(group: dist.ProcessGroup | None) -> tuple[int, int, str]:
     return dist.get_world_size(group), dist.get_rank(group), f"{name}:{','.join(map(str, ranks))}"
 
 
-CHECK_ENV = "FLEXCP_CHECK"
-"""Set ``FLEXCP_CHECK=1`` to verify on every ``calc_attn`` call (one tiny all_gather) that all ranks pass
-the same key, dtype and settings, and to force ``build_key``'s check even with ``check=False``."""
-
-
 def debug_checks() -> bool:
-    """Whether the per-call rank-agreement check is on (environment variable ``FLEXCP_CHECK``)."""
-    return os.environ.get(CHECK_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+    """Whether ``FLEXCP_CHECK=1`` forces ``build_key``'s agreement check (``check=False`` notwithstanding)."""
+    return check_setting() is True
 
 
 def _digest(fields: tuple) -> int:
     return int.from_bytes(hashlib.blake2b(repr(fields).encode(), digest_size=8).digest(), "little") >> 1
 
 
-def _ranks_by_value(value: int, group: dist.ProcessGroup) -> list[list[int]] | None:
-    """All-gather one int64 per rank; None when all agree, else the ranks grouped by value."""
-    device = torch.device("cpu")
-    if dist.get_backend(group) == "nccl":
-        device = torch.device("cuda", torch.cuda.current_device())
-    mine = torch.tensor([value], dtype=torch.int64, device=device)
-    gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, mine, group=group)
-    values = [int(t.item()) for t in gathered]
-    if len(set(values)) == 1:
-        return None
-    groups: dict[int, list[int]] = {}
-    for r, h in enumerate(values):
-        groups.setdefault(h, []).append(r)
-    return sorted(groups.values())
-
-
 def check_agreement(key: DistAttnKey, group: dist.ProcessGroup) -> None:
-    """All ranks of ``group`` must build the same key; one tiny all_gather proves it or raises on every rank."""
-    groups = _ranks_by_value(key.agreement_hash(), group)
-    if groups is not None:
-        raise ValueError(
-            "build_key: the ranks of cp_group disagree about the mask or settings "
-            f"(ranks grouped by what they built: {groups}); every rank of a CP group must call "
-            "build_key with the same spec, head counts, head_dim, chunk_size, solver and num_stages"
-        )
-
-
-def check_call_agreement(key: DistAttnKey, group: dist.ProcessGroup, call: dict[str, object]) -> None:
-    """The ``FLEXCP_CHECK`` debug check of one ``calc_attn`` call: same key and ``call`` settings on every rank.
-
-    On a mismatch every rank raises, with each rank's key and settings (gathered only then), instead
-    of entering transfers whose sizes differ between ranks (an abort or a hang in the backend).
-    """
-    mine = {"key": key.agreement_hash(), **call}
-    groups = _ranks_by_value(_digest(tuple(sorted(mine.items()))), group)
-    if groups is None:
-        return
-    described: list[object] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(described, mine, group=group)
-    lines = "; ".join(f"rank {r}: {d}" for r, d in enumerate(described))
-    raise ValueError(
-        f"{call.get('op', 'calc_attn')} ({CHECK_ENV}=1): the ranks of cp_group disagree (ranks grouped by what they passed: "
-        f"{groups}); every rank must pass the same key (the same build_key result), q/k/v dtype, "
-        f"softmax_scale, softcap and grad mode. {lines}"
-    )
+    """All ranks of ``group`` must build the same key; one 8-byte all_gather proves it or raises on every rank."""
+    fields = {f: getattr(key, f) for f in ("mask", "group_id", "cp_size", "chunk_size", "num_heads_q",
+                                          "num_heads_kv", "head_dim", "solver", "num_stages", "layout")}
+    agree("build_key", fields, group, "every rank of a CP group must call build_key with the same spec, head "
+          "counts, head_dim, chunk_size, solver and num_stages")
 
 
 def remember(key: DistAttnKey, entry: KeyEntry) -> None:

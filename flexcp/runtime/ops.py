@@ -3,7 +3,7 @@
 ``flexcp::calc_attn(q, k, v, handle, scale, softcap, backend) -> (out, lse)`` and its
 backward op take the key as its ``handle`` (``DistAttnKey.handle``, a one-element int64 CPU
 tensor): every host step (key lookup, shape checks against the key's plan, the
-``FLEXCP_CHECK`` rank agreement, backend choice, schedules, collectives) runs inside the
+ranks' per-call agreement, backend choice, schedules, collectives) runs inside the
 op, where torch.compile does not trace. Their fake implementations give the output shapes
 (``out`` like ``q``, ``lse [tokens, heads_q]`` in ``stat_dtype``), so a compiled model has no
 graph break in attention, and a new key (a new batch) is a new tensor value, not a recompile.
@@ -16,7 +16,7 @@ import torch
 from ..dist_attn.function import dist_backward, dist_forward
 from ..kernels import select_backend
 from ..kernels.backend import stat_dtype
-from .key import DistAttnKey, KeyEntry, check_call_agreement, debug_checks, key_of_handle, lookup
+from .key import DistAttnKey, KeyEntry, key_of_handle, lookup
 
 
 def _entry(handle: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[DistAttnKey, KeyEntry]:
@@ -37,12 +37,10 @@ def _entry(handle: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[Dist
 def calc_attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: torch.Tensor, scale: float,
                  softcap: float, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out, lse)`` of the local shard under the key named by ``handle`` (see the module docstring)."""
-    key, entry = _entry(handle, q, k)
-    if entry.group is not None and debug_checks():
-        check_call_agreement(key, entry.group, {"dtype": str(q.dtype), "softmax_scale": scale, "softcap": softcap,
-                                                "grad": any(x.requires_grad for x in (q, k, v))})
+    _, entry = _entry(handle, q, k)
     impl = select_backend(backend, q, k, softcap)
-    out, lse = dist_forward(q, k, v, entry.state, impl, scale, softcap)
+    out, lse = dist_forward(q, k, v, entry.state, impl, scale, softcap,
+                            grad=any(x.requires_grad for x in (q, k, v)))
     return out.contiguous(), lse.contiguous()
 
 

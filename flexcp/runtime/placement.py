@@ -10,7 +10,7 @@ all three and keeps the one whose slowest rank is fastest, modelling a rank's ti
 
 from __future__ import annotations
 
-from ..dispatch import DispatchPlan, build_plan
+from ..sharding import DispatchPlan, build_plan
 from ..dist_attn.plan import RankAttnPlan, build_rank_plans
 from ..mask import AttnMaskSpec
 

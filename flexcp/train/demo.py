@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     s, cp = cfg.data.seq_len, cfg.parallel.cp
     print(f"flexcp demo: {args.nproc} CPU processes, dp={cfg.parallel.dp} x cp={cp}, tiny Llama on synthetic recall.\n"
           f"  {s}-token sequences, {s // cp} tokens per CP shard; every value sits in tokens {s // 4}..{s // 2 - 1} "
-          f"and is asked for in the last {3 * cfg.data.recall.num_pairs},\n"
+          f"and the question for it is in the last {3 * cfg.data.recall.num_pairs} tokens,\n"
           f"  more than one shard away; the dispatch plan puts value and query on different ranks in "
           f"{cross_rank_fraction(cfg):.0%} of queries. Chance accuracy: {chance:.1%}.", flush=True)
     os.makedirs(cfg.out_dir, exist_ok=True)

@@ -66,6 +66,14 @@ class WandbSink:
         self.run.finish()
 
 
+def missing_sink_notice(tensorboard: bool) -> str | None:
+    """A one-line notice when ``logging.tensorboard`` is on but TensorBoard is not installed (nothing goes to tb/)."""
+    if tensorboard and not importlib.util.find_spec("tensorboard"):
+        return ("logging.tensorboard: TensorBoard is not installed, so no out_dir/tb events are written "
+                "(pip install tensorboard to get them; logging.tensorboard=false hides this notice)")
+    return None
+
+
 def build_sinks(out_dir: str, tensorboard: bool, wandb: bool, wandb_project: str | None,
                 config: dict[str, Any]) -> list[Sink]:
     """The sinks a rank-0 logger writes to (TensorBoard only if installed; W&B only if asked for)."""

@@ -24,9 +24,9 @@ from .checkpoint import TrainProgress, export_hf, latest_checkpoint, load_checkp
 from .config import FinetuneConfig, to_dict, validate
 from .data import PackedSequence, build_source
 from .evaluate import EVAL_INDEX_BASE, eval_due, held_out
-from .loggers import build_sinks
+from .loggers import build_sinks, missing_sink_notice
 from .loss import CausalLMLoss
-from .metrics import MetricsLogger, StepMetrics, fmt_number, model_flops
+from .metrics import MetricsLogger, StepMetrics, fmt_number, model_flops, plural
 from .model import build_model, count_params
 from .parallel import ParallelDims, apply_fsdp, build_parallel, init_distributed
 from .stall import StallWatch
@@ -222,6 +222,9 @@ class Trainer:
         log = self.metrics = MetricsLogger(cfg.out_dir, cfg.train.steps, self.progress.step, cfg.logging.log_every,
                                            cfg.logging.progress, main, self.device, dist.get_world_size(), sinks)
         log.write(self.describe())
+        notice = missing_sink_notice(cfg.logging.tensorboard)
+        if notice:
+            log.write(notice)
         extra: dict[str, Any] = {}
         while self.progress.step < end:
             with self.stall.step(self.progress.step + 1):
@@ -276,7 +279,7 @@ class Trainer:
                 + ("; activations offloaded to host" if c.model.offload_activations else "") + "; "
                 f"mesh dp={self.dims.dp} x cp={self.dims.cp} on {self.device.type} "
                 f"({'bf16' if self.bf16 else 'fp32'}); data {c.data.kind!r}, seq_len {c.data.seq_len}, "
-                f"{c.train.grad_accum * self.dims.dp} sequences/step; steps {self.progress.step}->{c.train.steps}"
+                f"{plural(c.train.grad_accum * self.dims.dp, 'sequence')} per step; steps {self.progress.step}->{c.train.steps}"
                 + (f"; resumed from {self.resumed_from}" if self.resumed_from else ""))
 
 

@@ -58,6 +58,11 @@ def fmt_number(v: Any) -> str:
     return f"{v:,.0f}" if abs(v) >= 1000 else f"{v:.4g}"
 
 
+def plural(n: int, noun: str) -> str:
+    """``"1 sequence"``, ``"2 sequences"``: a count in plain words for the console."""
+    return f"{fmt_number(n)} {noun}{'' if n == 1 else 's'}"
+
+
 class _Plain:
     def __init__(self, total: int, initial: int) -> None:
         self.n = initial
@@ -126,12 +131,19 @@ def _make_bar(kind: str, total: int, initial: int) -> _Plain | None:
     return {"tqdm": _Tqdm, "rich": _Rich, "plain": _Plain}[kind](total, initial)
 
 
+def window_mean(steps: Sequence[StepMetrics], key: str) -> float:
+    """The mean of one per-step figure over ``steps``."""
+    return sum(getattr(m, key) for m in steps) / len(steps)
+
+
 class MetricsLogger:
     """Rank 0 shows and writes; other ranks only keep the numbers (so every rank can return a summary).
 
-    A step is recorded (console line, ``metrics.jsonl``, sinks) every ``log_every`` steps,
-    on the first step of the run and on the last one (``total_steps``, or the last step
-    before :meth:`close`), whatever ``log_every`` is.
+    Every step is recorded in ``metrics.jsonl`` and the sinks (``loss``, ``acc``: that step's).
+    A console line is printed every ``log_every`` steps, on the first step of the run and on
+    the last one (``total_steps``, or the last step before :meth:`close`): that step's
+    ``loss`` and ``acc`` and, named ``loss_avgN`` / ``acc_avgN``, their means over the N
+    steps since the previous line. The progress bar shows the current step's figures.
     """
 
     def __init__(self, out_dir: str, total_steps: int, start_step: int, log_every: int, progress: str,
@@ -139,7 +151,7 @@ class MetricsLogger:
         self.log_every, self.is_main, self.device, self.world = log_every, is_main, device, world_size
         self.total_steps = total_steps
         self.history: list[StepMetrics] = []
-        self.start_step = self.last_recorded = start_step
+        self.start_step = self.last_printed = start_step
         self.sinks = list(sinks)
         self.bar = self.jsonl = None
         if is_main:
@@ -163,25 +175,32 @@ class MetricsLogger:
         self.history.append(m)
         if not self.is_main:
             return
+        self._record(m)
         if m.step % self.log_every == 0 or m.step == self.start_step + 1 or m.step >= self.total_steps:
-            self._record(m)
+            self._print_line(m)
         if self.bar is not None:
             d = self.derived(m)
             self.bar.update(m.step, f"loss {m.loss:.4f} acc {m.acc:.3f} {fmt_number(d['tokens_per_s'])} tok/s "
                                     f"{d['tflops_per_device']:.3g} TFLOP/s {d['memory_gb']:.2f} GB")
 
     def _record(self, m: StepMetrics) -> None:
+        """One step's record: a ``metrics.jsonl`` line and the sinks' scalars."""
         d = self.derived(m)
         self._emit({**asdict(m), **d})
-        window = [w for w in self.history[-self.log_every:] if w.step > self.last_recorded]
-        loss, acc = (sum(getattr(w, k) for w in window) / len(window) for k in ("loss", "acc"))
-        self.write(f"step {m.step:>6} | loss {loss:.4f} | acc {acc:.3f} (mean of {len(window)}) | lr {m.lr:.2e} | "
-                   f"grad {m.grad_norm:.3f} | {fmt_number(d['tokens_per_s'])} tok/s | "
-                   f"{d['tflops_per_device']:.3g} TFLOP/s/dev | {d['memory_gb']:.2f} GB")
         scalars = {"loss": m.loss, "acc": m.acc, "lr": m.lr, "grad_norm": m.grad_norm, **d}
         for sink in self.sinks:
             sink.log({f"train/{k}": v for k, v in scalars.items()}, m.step)
-        self.last_recorded = m.step
+
+    def _print_line(self, m: StepMetrics) -> None:
+        """The console line of step ``m``: its own loss and accuracy, and their means since the previous line."""
+        d = self.derived(m)
+        window = [w for w in self.history[-self.log_every:] if w.step > self.last_printed]
+        means = (f"loss_avg{len(window)} {window_mean(window, 'loss'):.4f} | acc_avg{len(window)} "
+                 f"{window_mean(window, 'acc'):.3f} | ") if len(window) > 1 else ""
+        self.write(f"step {m.step:>6} | loss {m.loss:.4f} | acc {m.acc:.3f} | {means}lr {m.lr:.2e} | "
+                   f"grad {m.grad_norm:.3f} | {fmt_number(d['tokens_per_s'])} tok/s | "
+                   f"{d['tflops_per_device']:.3g} TFLOP/s/dev | {d['memory_gb']:.2f} GB")
+        self.last_printed = m.step
 
     def _emit(self, record: dict[str, Any]) -> None:
         self.jsonl.write(json.dumps(record) + "\n")
@@ -206,7 +225,8 @@ class MetricsLogger:
             self.bar.write(line)
 
     def summary(self) -> dict[str, Any]:
-        """Numbers of the run so far; throughput skips the first step (warm-up) when there are more."""
+        """Numbers of the run so far: ``loss`` / ``acc`` of the last step, ``loss_avgN`` / ``acc_avgN`` their means
+        over the last N steps (N = ``log_every``, or fewer); throughput skips the first step (warm-up) when there are more."""
         final = self.history[-1].step if self.history else self.start_step
         out: dict[str, Any] = {"steps": len(self.history), "final_step": final}
         if not self.history:
@@ -216,8 +236,10 @@ class MetricsLogger:
         last = self.history[-min(len(self.history), self.log_every):]
         return {
             **out,
-            "loss": sum(m.loss for m in last) / len(last),
-            "acc": sum(m.acc for m in last) / len(last),
+            "loss": self.history[-1].loss,
+            "acc": self.history[-1].acc,
+            f"loss_avg{len(last)}": window_mean(last, "loss"),
+            f"acc_avg{len(last)}": window_mean(last, "acc"),
             "tokens_per_s": sum(m.tokens for m in timed) / seconds,
             "tokens_per_s_per_device": sum(m.tokens for m in timed) / seconds / self.world,
             "tflops_per_device": sum(m.flops for m in timed) / seconds / self.world / 1e12,
@@ -226,9 +248,9 @@ class MetricsLogger:
         }
 
     def close(self, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-        """Record the last step if it was not, close the outputs; rank 0 prints the summary (plus ``extra``)."""
-        if self.is_main and self.history and self.history[-1].step > self.last_recorded:
-            self._record(self.history[-1])
+        """Print the last step's line if it was not, close the outputs; rank 0 prints the summary (plus ``extra``)."""
+        if self.is_main and self.history and self.history[-1].step > self.last_printed:
+            self._print_line(self.history[-1])
         s = {**self.summary(), **(extra or {})}
         if self.bar is not None:
             self.bar.close()

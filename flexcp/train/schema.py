@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Iterator, Literal
 
-from ..dispatch.plan import DEFAULT_CHUNK_SIZE
+from ..sharding.plan import DEFAULT_CHUNK_SIZE
 
 
 class ConfigError(ValueError):
@@ -213,7 +213,7 @@ class CheckpointConfig(Section):
 @dataclass
 class LoggingConfig(Section):
     log_every: Annotated[int, POSITIVE] = 10
-    """Print a line and write metrics.jsonl every N steps."""
+    """Print a console line every N steps (this step's loss and the mean since the last line); metrics.jsonl records every step."""
     progress: Progress = "auto"
     """"auto" (tqdm, else rich, else plain lines), "tqdm", "rich", "plain" or "none"."""
     tensorboard: bool = True

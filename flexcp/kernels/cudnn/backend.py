@@ -18,18 +18,21 @@ microseconds when V is finite, the exact confined result when it is not, no host
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
-from ...mask.geometry import SliceTable, clip_band
-from ...mask.types import BI_CAUSAL, CAUSAL, FULL, INV_CAUSAL
-from ..backend import AttnBackend, finiteness_gate, stat_dtype
+from ...mask.geometry import BIG, SliceTable, clip_band
+from ..backend import AttnBackend, Offer, finiteness_gate, stat_dtype
+from ..costs import FLOPS_PER_CELL, Cost
 from ..compose import GradSum, merge_into
 from .graphs import GraphCache, GraphKey, why_unavailable
 from .plan import UNBOUNDED, Launch, covered_rows, launch_bucket, launch_rows_overlap, plan_launches, row_depth, to_entries
+from . import workspace
+from .workspace import KNOWN_BAD, Shape, accumulator_elements, padded_reason, token_bucket, too_large
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 128
@@ -95,15 +98,32 @@ def _launch_tensors(la: Launch, hq: int, hkv: int, d: int, device: torch.device)
     return LaunchTensors(lens_dev[0], lens_dev[1], {k: dev[i] for i, k in enumerate(names)}, key_index)
 
 
+def backward_extents(la: Launch) -> tuple[int, int]:
+    """Rows the backward's ragged offsets address: ``(query rows, key rows)``.
+
+    The stats (lse) are bound whole and dQ whole or per row span, so query offsets reach the
+    launch's last row; dK/dV offsets reach its last key row, or its private rows. The graph's
+    ``max_total_seq_len_*`` must be at least these (cuDNN sizes its accumulators by them).
+    """
+    return la.row_span[1], max(la.key_span[1], la.private_rows)
+
+
 def launch_table(la: Launch) -> SliceTable:
-    """The launch's cells as typed slices (for running it on another backend)."""
+    """The launch's cells as typed slices (for running it on another backend).
+
+    cuDNN's band is TOP_LEFT, counted from each entry's own start: ``i' - L < j' <= i' + R``
+    with ``i' = i - qs`` and ``j' = j - ks``. In the mask's coordinates that is the band
+    ``ks - qs - L + 1 <= j - i <= ks - qs + R``, which :func:`clip_band` cuts into typed
+    slices. (Translating by signature alone is wrong: a BI_CAUSAL square ``sq == sk`` has
+    the signature ``(1, 0)`` of a one-token window, but unlike a window's squares it need
+    not sit on the diagonal ``qs == ks``.)
+    """
     left, right = la.sig
-    qe, ke = la.qs + la.sq, la.ks + la.sk
-    if left is not None and right == 0:  # fused sliding window: a band over squares
-        t, _ = clip_band(la.qs, qe, la.ks, ke, np.full_like(la.qs, 1 - left), np.zeros_like(la.qs))
-        return t
-    kind = {(None, None): FULL, (None, 0): CAUSAL}.get(la.sig, INV_CAUSAL if right == UNBOUNDED else BI_CAUSAL)
-    return SliceTable(la.qs.copy(), qe, la.ks.copy(), ke, np.full_like(la.qs, kind))
+    shift = la.ks - la.qs
+    lo = np.full_like(la.qs, -BIG) if left is None else shift - left + 1
+    hi = np.full_like(la.qs, BIG) if right is None or right == UNBOUNDED else shift + right
+    t, _ = clip_band(la.qs, la.qs + la.sq, la.ks, la.ks + la.sk, lo, hi)
+    return t
 
 
 class CudnnBackend(AttnBackend):
@@ -115,6 +135,8 @@ class CudnnBackend(AttnBackend):
         self._fallback = fallback
         self.graphs = graphs or GraphCache()
         self.refused: dict = {}  # signature -> cuDNN's error, for signatures it would not build
+        self._versions: dict = {}  # device index -> workspace.Versions
+        self._warned: set = set()  # one-time warnings already given
 
     @property
     def fallback(self) -> AttnBackend:
@@ -148,19 +170,72 @@ class CudnnBackend(AttnBackend):
             table.nonempty(), bool((key_depth <= 1).all()), bool((key_depth > 0).all()),
         )
 
+    def offer(self, table: SliceTable, tq: int, tk: int, cost: Cost, *, heads_q: int, heads_kv: int,
+              head_dim: int) -> Offer:
+        """One part per launch of the plan, each paying ``cost.launch_us``; a launch whose rows another
+        launch also writes pays ``cost.shared_row_ns`` per row and head of its span (buffers and merge)."""
+        launches = plan_launches(to_entries(table), tk)
+        seconds = []
+        for la, shared in zip(launches, launch_rows_overlap(launches, tq)):
+            kind = {(None, None): "full", (None, 0): "causal"}.get(la.sig, "band")
+            work = cost.seconds({kind: la.area() * FLOPS_PER_CELL * head_dim * heads_q}, len(la), heads_q,
+                                gqa=heads_q != heads_kv)
+            span = la.row_span[1] - la.row_span[0]
+            seconds.append(work + shared * span * heads_q * cost.shared_row_ns * 1e-9)
+        return Offer(tuple(launch_table(la) for la in launches), tuple(seconds))
+
     # ------------------------------------------------------------------ helpers
-    def _key(self, la: Launch, q: torch.Tensor, k: torch.Tensor, scale: float, backward: bool) -> GraphKey:
+    def padded_reason(self, device: int, head_dim: int) -> str | None:
+        """Why backward graphs on ``device`` are sized by the padded shape (None: by tokens); see workspace.py."""
+        if device not in self._versions:
+            self._versions[device] = self.graphs.versions(device)
+        v = self._versions[device]
+        why = padded_reason(v, head_dim)
+        if why and any(a <= v.backend < b for a, b in KNOWN_BAD):
+            self._warn_once(why, f"{why}. The cudnn backend sizes its backward workspace by the padded shape there "
+                                 "(more memory); launches too large for that run on the fallback.")
+        return why
+
+    def backward_shape(self, la: Launch, hq: int, hkv: int, d: int, device: int) -> Shape:
+        """The backward graph's shape for this launch: by tokens (bucketed totals) where the policy allows."""
         batch, mq, mk = launch_bucket(la)
-        return GraphKey(
-            backward, la.sig, batch, mq, mk, q.shape[1], k.shape[1], q.shape[2], q.dtype, float(scale), q.device.index or 0
-        )
+        if self.padded_reason(device, d) is not None:
+            return Shape(batch, mq, mk, hq, hkv, d)
+        rows, keys = backward_extents(la)
+        return Shape(batch, mq, mk, hq, hkv, d, token_bucket(rows), token_bucket(keys))
+
+    def _key(self, la: Launch, q: torch.Tensor, k: torch.Tensor, scale: float, backward: bool) -> GraphKey:
+        dev = q.device.index or 0
+        hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+        if backward:
+            s = self.backward_shape(la, hq, hkv, d, dev)
+            return GraphKey(True, la.sig, s.batch, s.max_q, s.max_k, hq, hkv, d, q.dtype, float(scale), dev, s.total_q, s.total_k)
+        batch, mq, mk = launch_bucket(la)
+        return GraphKey(False, la.sig, batch, mq, mk, hq, hkv, d, q.dtype, float(scale), dev)
+
+    def _warn_once(self, topic: str, message: str) -> None:
+        if topic not in self._warned:
+            self._warned.add(topic)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def _runs_on_cudnn(self, la: Launch, q, k, scale: float, backward: bool) -> bool:
-        """Build (or find) the launch's graph; a refused signature is remembered and goes to the fallback."""
+        """Build (or find) the launch's graph; a refused signature is remembered and goes to the fallback,
+        and so does a backward launch whose accumulator would be too large to index safely."""
         if la.sig in self.refused:
             return False
+        key = self._key(la, q, k, scale, backward)
+        if backward and too_large(key.shape()):
+            why = self.padded_reason(key.device, key.head_dim)
+            self._warn_once(
+                f"too large: {why}",
+                f"cudnn backward: launches whose float32 accumulator would exceed {workspace.INDEX_LIMIT} elements "
+                f"(this one: {accumulator_elements(key.shape())}) run on the {self.fallback.name} fallback (cuDNN "
+                "gave a wrong dQ past that size, measured); "
+                + (f"its workspace is padded because {why}" if why else "even sized by tokens"),
+            )
+            return False
         try:
-            self.graphs.get(self._key(la, q, k, scale, backward))
+            self.graphs.get(key)
             return True
         except Exception as e:  # noqa: BLE001 - cuDNN raises its own error types for unsupported graphs
             self.refused[la.sig] = f"{type(e).__name__}: {e}"

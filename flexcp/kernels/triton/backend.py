@@ -100,6 +100,12 @@ class TritonBackend(AttnBackend):
     def prepare(self, table: SliceTable, tq: int, tk: int, device: torch.device) -> TritonPrep:
         return TritonPrep(table.nonempty(), int(tq), int(tk), torch.device(device))
 
+    def extra_memory_bytes(self, prep: TritonPrep, *, heads_q: int, heads_kv: int, head_dim: int, dtype: torch.dtype) -> int:
+        """The backward's float32 row statistics (lse in log2 and delta, ``[tq, heads_q]`` each); the kernels
+        write out and the gradients directly and keep their accumulators on chip; the block schedules
+        are int32 lists of a few entries per tile (kilobytes to a few MiB, not counted)."""
+        return 2 * prep.tq * heads_q * 4
+
     def forward(self, q, k, v, prep: TritonPrep, softmax_scale, softcap, out_dtype=None):
         tq, hq, d = q.shape
         out = torch.empty(tq, hq, d, dtype=out_dtype or q.dtype, device=q.device)

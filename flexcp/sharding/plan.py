@@ -101,7 +101,7 @@ class DispatchPlan:
         for arr in (self.rank_order, self.chunk_workloads):
             digest.update(np.ascontiguousarray(arr, dtype=np.int64).tobytes())
         return (
-            "flexcp.dispatch/1",
+            "flexcp.sharding/1",
             self.cp_size,
             self.chunk_size,
             self.total_seqlen,

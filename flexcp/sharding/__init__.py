@@ -1,4 +1,4 @@
-"""Dispatch: shard one sequence over a CP group by the mask's real work (DESIGN.md sections 2-4).
+"""Sharding: split one sequence over a CP group by the mask's real work (docs/ARCHITECTURE.md).
 
 ``build_plan`` chunks and balances; ``dispatch`` / ``undispatch`` move tensors between the
 global and the sharded layout; ``position_ids`` gives the global index of local tokens.
