@@ -83,27 +83,6 @@ def dist_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: DistA
             o, l = backend.forward(q, k_r, v_r, prep, scale, softcap, out_dtype=stat_dtype(q.dtype))
             out, lse = merge_partials(out, lse, o, l)
     return out.to(q.dtype), lse
-=======
-class DistAttnFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, state: DistAttnState, backend: AttnBackend, scale: float, softcap: float):
-        state.agree(q, k, scale, softcap, grad=any(ctx.needs_input_grad[:3]))
-        host, stage_preps = state.preps(backend, q.device)
-        handles = state.cast_kv(k, v)
-        # partials merge in float32 (float64 inputs: float64); with no remote stage the host result is final
-        partial_dtype = stat_dtype(q.dtype) if state.plan.stages else None
-        out, lse = backend.forward(q, k, v, host, scale, softcap, out_dtype=partial_dtype)
-        for stage, prep, handle in zip(state.plan.stages, stage_preps, handles):
-            k_r, v_r = (t.contiguous() for t in handle.wait())
-            if len(stage.table):
-                o, l = backend.forward(q, k_r, v_r, prep, scale, softcap, out_dtype=stat_dtype(q.dtype))
-                out, lse = merge_partials(out, lse, o, l)
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.state, ctx.backend, ctx.scale, ctx.softcap = state, backend, scale, softcap
-        ctx.mark_non_differentiable(lse)
-        return out, lse
->>>>>>> main
 
 
 def dist_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
