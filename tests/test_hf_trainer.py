@@ -69,6 +69,18 @@ def test_cp2_trainer_equals_cp1(case: str, tmp_path) -> None:
         assert all(0 < t < full for t, full in zip(rank["tokens"], ref["tokens"]))
 
 
+def test_cp2_compiled_sft_equals_cp1_compiled(tmp_path) -> None:
+    """TrainingArguments(torch_compile=True): the compiled FlexCPSFTTrainer at cp = 2 equals compiled SFTTrainer at cp = 1."""
+    kw = dict(arch="qwen3", kind="sft", packing=True, extra_args={"torch_compile": True,
+                                                                  "torch_compile_backend": "aot_eager"})
+    ref = _reference(tmp_path, **kw)
+    out = _cp2(tmp_path, **kw)
+    assert ref["compiled"] and all(rank["compiled"] for rank in out)
+    for rank in out:
+        torch.testing.assert_close(torch.tensor(rank["losses"]), torch.tensor(ref["losses"]), atol=2e-5, rtol=0)
+        _assert_same_weights(ref, rank, atol=5e-5)
+
+
 def test_cp2_bf16_autocast_tracks_cp1(tmp_path) -> None:
     kw = dict(arch="llama", kind="sft", packing=True, extra_args={"bf16": True})
     ref = _reference(tmp_path, **kw)
