@@ -69,10 +69,14 @@ def test_cp2_trainer_equals_cp1(case: str, tmp_path) -> None:
         assert all(0 < t < full for t, full in zip(rank["tokens"], ref["tokens"]))
 
 
-def test_cp2_compiled_sft_equals_cp1_compiled(tmp_path) -> None:
-    """TrainingArguments(torch_compile=True): the compiled FlexCPSFTTrainer at cp = 2 equals compiled SFTTrainer at cp = 1."""
-    kw = dict(arch="qwen3", kind="sft", packing=True, extra_args={"torch_compile": True,
-                                                                  "torch_compile_backend": "aot_eager"})
+def test_cp2_compiled_trainer_equals_cp1_compiled(tmp_path) -> None:
+    """TrainingArguments(torch_compile=True): compiled FlexCPTrainer at cp = 2 equals the compiled Trainer at cp = 1.
+
+    (The plain Trainer on packed batches: TRL's SFTTrainer adds graphs of its own metrics that
+    cost minutes to compile on CPU; FlexCPSFTTrainer shares the mixin.)
+    """
+    kw = dict(arch="llama", kind="trainer", packing=True, steps=3,
+              extra_args={"torch_compile": True, "torch_compile_backend": "aot_eager"})
     ref = _reference(tmp_path, **kw)
     out = _cp2(tmp_path, **kw)
     assert ref["compiled"] and all(rank["compiled"] for rank in out)
