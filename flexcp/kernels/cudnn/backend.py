@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...mask.cover import CoverageError, cells, check_cover
 from ...mask.geometry import BIG, SliceTable, clip_band
 from ..backend import AttnBackend, Offer, finiteness_gate, stat_dtype
 from ..costs import FLOPS_PER_CELL, Cost
@@ -126,6 +127,18 @@ def launch_table(la: Launch) -> SliceTable:
     return t
 
 
+def check_launches(table: SliceTable, launches: list[Launch]) -> None:
+    """The plan's conservation check (once per mask, in ``prepare``): every launch's cells as cuDNN's band
+    counts them equal those of its :func:`launch_table` (what the per-launch fallback and the router's split
+    run), and those hold exactly ``table``'s cells, each once (what the gated recompute runs)."""
+    tables = [launch_table(la) for la in launches]
+    for i, (la, t) in enumerate(zip(launches, tables)):
+        if cells(t) != la.area():
+            raise CoverageError(f"internal error: cuDNN launch {i} (band {la.sig}) holds {la.area()} cells but its "
+                                f"slices {cells(t)}; this is a bug in flexcp")
+    check_cover(table, tables, "the cuDNN plan's launches")
+
+
 class CudnnBackend(AttnBackend):
     """Slice-mask attention on cuDNN's ragged SDPA; launches cuDNN refuses run on ``fallback``."""
 
@@ -163,6 +176,7 @@ class CudnnBackend(AttnBackend):
 
     def prepare(self, table: SliceTable, tq: int, tk: int, device: torch.device) -> CudnnPrep:
         launches = plan_launches(to_entries(table), tk)
+        check_launches(table, launches)
         tq, tk = int(tq), int(tk)
         key_depth = row_depth(launches, tk, keys=True)
         return CudnnPrep(
