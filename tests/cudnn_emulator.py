@@ -5,7 +5,9 @@ bindings a real graph execution gets (THD tensors, int64 element offsets, int32
 lengths) and, entry by entry, computes attention under the launch's TOP_LEFT band in
 float64, *overwriting* the output rows the offsets point at, as cuDNN does. So the
 backend's offset arithmetic, spans, private dK/dV rows, merges and accumulation are
-tested on CPU, exactly, without cuDNN.
+tested on CPU, exactly, without cuDNN. A backward graph built by tokens (``key.total_q``)
+also checks that no offset addresses a row past its totals (cuDNN's accumulators end there).
+``versions`` (what the workspace policy reads) is an H200 with cuDNN 9.19 unless a test sets it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from flexcp.kernels import ReferenceBackend
 from flexcp.kernels.cudnn import CudnnBackend
 from flexcp.kernels.cudnn.graphs import CacheStats, GraphKey
 from flexcp.kernels.cudnn.plan import UNBOUNDED
+from flexcp.kernels.cudnn.workspace import Versions
+
+H200_9_19 = Versions(91900, (1, 32), 9)
 
 
 @dataclass
@@ -28,6 +33,10 @@ class EmulatedGraphs:
         self.stats = CacheStats()
         self.keys: set = set()
         self.runs = 0
+        self.current = H200_9_19
+
+    def versions(self, device: int) -> Versions:
+        return self.current
 
     def get(self, key: GraphKey):
         if key in self.keys:
@@ -69,6 +78,9 @@ class EmulatedGraphs:
                 b["stats"][s0 : s0 + n] = lse.t().to(b["stats"].dtype)
                 continue
             s0 = row("stats", hq)
+            if key.total_q:
+                assert s0 + n <= key.total_q and row("dq", hq * d) + n <= key.total_q, "a row past max_total_seq_len_q"
+                assert max(row("dk", hkv * d), row("dv", hkv * d)) + m <= key.total_k, "a row past max_total_seq_len_kv"
             lse = b["stats"][s0 : s0 + n].double().t()
             o = b["o"][row("o", hq * d) :][:n].double()
             do = b["do"][row("do", hq * d) :][:n].double()

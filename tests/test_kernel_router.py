@@ -1,4 +1,5 @@
-"""The cost router's decisions on CPU, with stand-in backends (exact float64 reference kernels under other names)."""
+"""The cost router's decisions on CPU, with stand-in backends: the cuDNN backend over emulated graphs as the
+group backend, the reference kernel under another name as the rest (both exact in float64)."""
 
 from __future__ import annotations
 
@@ -10,28 +11,23 @@ from flexcp.kernels.costs import Cost
 from flexcp.mask import AttnMaskSpec, sliding_window
 from cudnn_emulator import EmulatedCudnn
 from reference_attention import dense_attention
+from router_cases import BANDS_FAST, BANDS_SLOW, FAST, MIXED, SLOW
 
 
 class StandIn(ReferenceBackend):
-    """The reference kernel under another name; optionally refusing softcap (like cuDNN)."""
+    """The reference kernel under another name."""
 
-    def __init__(self, name: str, no_softcap: bool = False) -> None:
-        super().__init__()
-        self.name, self.no_softcap = name, no_softcap
-
-    def unsupported(self, q, k, softcap):
-        return "stand-in: no softcap" if self.no_softcap and softcap > 0 else None
+    name = "standin_rest"
 
 
-register_backend("standin_group", lambda: StandIn("standin_group", no_softcap=True))
-register_backend("standin_rest", lambda: StandIn("standin_rest"))
-MIXED = AttnMaskSpec(
-    [(0, 30), (20, 60), (60, 84), (64, 100), (0, 18)],
-    [(0, 40), (40, 66), (0, 52), (52, 80), (66, 82)],
-    ["causal", "inv_causal", "bi_causal", "full", "full"],
-    104,
-    82,
-)
+class EmulatedGroup(EmulatedCudnn):
+    """The group backend's stand-in: the cuDNN backend over emulated graphs (it offers its launches, no softcap)."""
+
+    name = "standin_group"
+
+
+register_backend("standin_group", EmulatedGroup)
+register_backend("standin_rest", StandIn)
 
 
 def router(group: Cost, rest: Cost) -> AutoBackend:
@@ -39,10 +35,6 @@ def router(group: Cost, rest: Cost) -> AutoBackend:
     return AutoBackend(costs, whole=("standin_group", "standin_rest"), split=("standin_group", "standin_rest"), device_types=("cpu",))
 
 
-FAST = Cost({"full": 1000.0, "causal": 1000.0, "band": 1000.0}, 0.0, 0.0)
-SLOW = Cost({"full": 1.0, "causal": 1.0, "band": 1.0}, 0.0, 0.0)
-BANDS_SLOW = Cost({"full": 1000.0, "causal": 1000.0, "band": 1.0}, 0.0, 0.0)
-BANDS_FAST = Cost({"full": 1.0, "causal": 1.0, "band": 1000.0}, 0.0, 0.0)
 
 
 def routed(auto: AutoBackend, spec: AttnMaskSpec, softcap: float = 0.0) -> list[str]:
@@ -98,11 +90,6 @@ def test_routed_results_are_exact(costs, spec):
     assert get_backend(name).name == "auto"
 
 
-class EmulatedGroup(EmulatedCudnn):
-    name = "emulated_group"
-
-
-register_backend("emulated_group", EmulatedGroup)
 # ../shared/repro/router_split_cells.py: BI_CAUSAL squares off the diagonal, once lost by the split
 REPRO = {
     "repro10": AttnMaskSpec([(0, 8), (7, 9), (9, 10), (3, 6)], [(5, 7), (8, 10), (8, 9), (8, 10)],
@@ -116,13 +103,13 @@ REPRO = {
 def test_split_over_cudnn_launches_is_exact(name):
     """The split over the (emulated) cuDNN backend's launches keeps every cell: forward and backward exact."""
     spec = REPRO[name]
-    costs = {"emulated_group": BANDS_SLOW, "standin_rest": BANDS_FAST}
+    costs = {"standin_group": BANDS_SLOW, "standin_rest": BANDS_FAST}
     auto = AutoBackend(costs, whole=tuple(costs), split=tuple(costs), device_types=("cpu",))
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(spec.total_seqlen, 2, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     k, v = (torch.randn(spec.total_seqlen_k, 1, 4, generator=gen, dtype=torch.float64, requires_grad=True) for _ in "kv")
     prep = auto.prepare(spec.table, spec.total_seqlen, spec.total_seqlen_k, q.device)
-    assert [p["backend"] for p in auto.route(prep, q, k, 0.0).describe()] == ["emulated_group", "standin_rest"]
+    assert [p["backend"] for p in auto.route(prep, q, k, 0.0).describe()] == ["standin_group", "standin_rest"]
     out, lse = auto.forward(q, k, v, prep, 0.5, 0.0)
     do = torch.randn_like(out)
     grads = auto.backward(do, q, k, v, out, lse, prep, 0.5, 0.0)

@@ -9,18 +9,22 @@ the inputs' dtype (``grad_dtype``) for callers that use them as they are, so ker
 write 16-bit gradients skip two conversion passes. Statistics and gradients are float64 for
 float64 inputs (:func:`stat_dtype`), so float64 in is float64-exact out. ``prepare`` turns the slice table into
 whatever host/device schedule the backend wants and is reusable across calls.
-``extra_memory_bytes`` predicts the device memory a call needs beyond its own tensors, so the
-router (``backend="auto"``) can keep every route under a memory budget.
+Two questions let the router (``backend="auto"``) choose without knowing any backend's
+internals: ``offer`` says which parts of a slice table a backend runs and what each costs, and
+``extra_memory_bytes`` predicts the device memory a call needs beyond its own tensors, which
+the router keeps under a budget.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
-from ..mask.geometry import SliceTable
+from ..mask.geometry import SliceTable, slice_areas
+from .costs import Cost, flops_by_kind
 
 
 def stat_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -50,6 +54,29 @@ def finiteness_gate(v: torch.Tensor) -> torch.Tensor:
 def gate_open(gate: torch.Tensor | None) -> bool:
     """Host-side reading of :func:`finiteness_gate` (one sync), for backends without a device-side gate."""
     return gate is None or not bool(torch.isfinite(gate).all())
+
+
+@dataclass(frozen=True)
+class Offer:
+    """What a backend runs of a slice table (:meth:`AttnBackend.offer`), with modeled fwd+bwd seconds.
+
+    ``parts`` are sub-tables holding disjoint cells of the asked table (cells the backend cannot
+    run are in none); ``seconds[i]`` is part ``i``'s time inside one call of the backend and
+    ``call_s`` that call's overhead, however many parts it runs. A backend that runs a mask as
+    pieces (cuDNN's launches) offers one part per piece, so the router may move pieces elsewhere.
+    """
+
+    parts: tuple = ()
+    seconds: tuple = ()
+    call_s: float = 0.0
+
+    @property
+    def total_s(self) -> float:
+        """Modeled seconds of one call running every part."""
+        return self.call_s + sum(self.seconds)
+
+    def cells(self) -> int:
+        return int(sum(int(slice_areas(p).sum()) for p in self.parts))
 
 
 class AttnBackend(ABC):
@@ -97,6 +124,17 @@ class AttnBackend(ABC):
         grad_dtype: torch.dtype | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This call's ``(dq, dk, dv)`` in ``grad_dtype`` (None: ``stat_dtype(q.dtype)``), from the final ``out``/``lse``."""
+
+    def offer(self, table: SliceTable, tq: int, tk: int, cost: Cost, *, heads_q: int, heads_kv: int,
+              head_dim: int) -> Offer:
+        """The parts of ``table`` (over ``tq`` x ``tk`` rows) this backend runs, each costed by ``cost``.
+
+        Default: all of it as one part, in one call (``cost.launch_us`` once). Asked only of backends
+        whose ``unsupported`` is None for the inputs at hand.
+        """
+        work = cost.seconds(flops_by_kind(table, head_dim, heads_q), len(table), heads_q, launches=0,
+                            gqa=heads_q != heads_kv)
+        return Offer((table,), (work,), cost.launch_us * 1e-6)
 
     def extra_memory_bytes(self, prep: Any, *, heads_q: int, heads_kv: int, head_dim: int, dtype: torch.dtype) -> int:
         """Predicted peak device bytes of one forward+backward call with ``prep`` beyond q, k, v, out, lse,

@@ -14,6 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
+from ..mask.geometry import SliceTable, slice_areas
+from ..mask.types import CAUSAL, FULL
+
 
 @dataclass(frozen=True)
 class Cost:
@@ -45,3 +50,10 @@ its 32:8 to its 16:16 rows (it repeats k/v heads)."""
 
 FLOPS_PER_CELL = 3.5 * 4.0
 """fwd+bwd flops per (cell x head x head_dim)."""
+
+
+def flops_by_kind(table: SliceTable, head_dim: int, heads: int) -> dict:
+    """fwd+bwd flops of ``table`` by band kind (full / causal / band), over ``heads`` heads."""
+    area = slice_areas(table).astype(np.float64) * FLOPS_PER_CELL * head_dim * heads
+    kinds = np.where(table.types == FULL, 0, np.where(table.types == CAUSAL, 1, 2))
+    return {name: float(area[kinds == i].sum()) for i, name in enumerate(("full", "causal", "band"))}

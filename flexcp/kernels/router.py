@@ -1,29 +1,71 @@
-"""``backend="auto"``: each slice group runs on the backend the measured cost table says is fastest.
+"""``backend="auto"``: each part of a mask runs on the backend the measured cost table says is fastest,
+within a memory budget.
 
 ``prepare`` keeps the slice table; the route is decided on first use per (dtype, heads,
-head dim, softcap), since what a backend can run depends on them. On CUDA the router
-costs (costs.py) every whole-mask option a backend can run (torch's cuDNN SDPA for one
-full/causal rectangle, the cuDNN backend, Triton) and one split option: the cuDNN
-backend's launches (slice groups of one band shape with disjoint query rows) each go to
-cuDNN or Triton, whichever the table says is cheaper, and what Triton takes runs as one
-Triton call. Parts of a split are merged by lse (forward) and summed (backward), so one
-mask can use two backends in one call. Without CUDA, or with no GPU backend able to run
-the inputs, the reference runs everything. The distributed stages use this same router.
+head dim, softcap, device type), since what a backend can run depends on them. The router
+knows no backend's internals: it asks each backend that can run the inputs for its
+:class:`~.backend.Offer` (the parts of the table it runs, costed by its row of ``costs.py``)
+and combines the answers into options:
+
+* a *whole* option per backend of ``whole`` whose offer holds every cell (torch_sdpa offers
+  only a single full/causal rectangle; cuDNN its launches; Triton the table);
+* one *split*: each part the group backend (``split[0]``, cuDNN) offers runs there or on the
+  rest backend (``split[1]``, Triton), whichever the rest's offer for that part says is cheaper;
+  what the rest takes runs as one call. Parts merge by lse (forward) and are summed
+  (backward) in float32 (float64 for float64 inputs), which costs time and memory too.
+
+Options are taken cheapest first; one whose predicted extra memory (``extra_memory_bytes`` of
+its parts, plus the split's merge buffers) exceeds the budget is skipped, so the next one
+runs instead of running out of memory. The budget is ``memory_budget`` times the bytes of q, k
+and v (default 4, environment variable ``FLEXCP_MEMORY_BUDGET``), and never below 256 MiB.
+The rest backend's whole option is always admissible: Triton needs only its row statistics.
+A route of several parts is checked to hold exactly the mask's cells, once per mask
+(``mask.cover``). Without CUDA, or with no GPU backend able to run the inputs, the reference
+runs everything. The distributed stages use this same router.
 """
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
-from ..mask.geometry import SliceTable, slice_areas
-from ..mask.types import FULL, CAUSAL
-from .backend import AttnBackend, get_backend, stat_dtype
+from ..mask.cover import cells, check_cover
+from ..mask.geometry import SliceTable
+from .backend import AttnBackend, Offer, get_backend, qkv_bytes, stat_dtype
 from .compose import GradSum, merge_into
-from .costs import COSTS, FLOPS_PER_CELL, Cost
+from .costs import COSTS, Cost
+
+BUDGET_ENV = "FLEXCP_MEMORY_BUDGET"
+DEFAULT_BUDGET = 4.0
+"""Extra memory a route may need, in multiples of the bytes of q, k and v. A whole-mask Triton call
+needs a few percent of that (its row statistics); a split's float32 merge buffers need about 4x
+for 16-bit inputs, so at the default a split runs only where its parts need nearly nothing
+else; a backend's workspace may take about as much again as the call's own tensors (q, k, v,
+out and the gradients are about 2x). The issue this answers: cuDNN's padded backward workspace
+took 23x (8.7 GiB on a 32k pack) up to an out-of-memory error at 256k (docs/benchmarks.md)."""
+MIN_BUDGET_BYTES = 256 << 20
+"""Budget floor: small calls keep their fastest route (fixed workspaces of a few MiB do not matter)."""
+
+
+def memory_budget_factor(value: float | str | None = None) -> float:
+    """The budget in multiples of q/k/v bytes: ``value``, else ``$FLEXCP_MEMORY_BUDGET``, else 4; ``inf`` disables it."""
+    source = "memory_budget"
+    if value is None:
+        value, source = os.environ.get(BUDGET_ENV, "").strip() or DEFAULT_BUDGET, BUDGET_ENV
+    try:
+        factor = float(value)
+    except (TypeError, ValueError):
+        factor = float("nan")
+    if not factor > 0:  # also catches nan
+        raise ValueError(
+            f"{source}={value!r}: the router's memory budget must be a positive number, in multiples of "
+            f"the bytes of q, k and v (default {DEFAULT_BUDGET:g}; 'inf' disables the budget)"
+        )
+    return factor
 
 
 @dataclass
@@ -36,7 +78,7 @@ class Part:
     est_s: float
 
     def describe(self) -> dict:
-        return {"backend": self.backend.name, "slices": len(self.table), "cells": int(slice_areas(self.table).sum()),
+        return {"backend": self.backend.name, "slices": len(self.table), "cells": cells(self.table),
                 "est_ms": round(self.est_s * 1e3, 4)}  # fmt: skip
 
 
@@ -44,6 +86,9 @@ class Part:
 class Route:
     parts: list
     options: dict  # option name -> modeled seconds (for reports)
+    extra_bytes: int = 0  # predicted extra memory of this route
+    over_budget: dict = field(default_factory=dict)  # option name -> predicted bytes, for options skipped
+    budget_bytes: int = 0
 
     def describe(self) -> list[dict]:
         return [p.describe() for p in self.parts]
@@ -58,19 +103,16 @@ class AutoPrep:
     routes: dict = field(default_factory=dict, repr=False)
 
 
-def _kind_flops(table: SliceTable, hd: int) -> dict:
-    """fwd+bwd flops by band kind (full / causal / band) of ``table``, per head."""
-    area = slice_areas(table).astype(np.float64) * FLOPS_PER_CELL * hd
-    kinds = np.where(table.types == FULL, 0, np.where(table.types == CAUSAL, 1, 2))
-    return {name: float(area[kinds == i].sum()) for i, name in enumerate(("full", "causal", "band"))}
+@dataclass
+class _Option:
+    """A candidate route: modeled seconds and (backend name, sub-table, est seconds) per part."""
 
-
-def _sig_kind(sig) -> str:
-    return {(None, None): "full", (None, 0): "causal"}.get(sig, "band")
+    seconds: float
+    parts: list
 
 
 class AutoBackend(AttnBackend):
-    """Routes slice groups by measured cost; see the module docstring."""
+    """Routes mask parts by measured cost within a memory budget; see the module docstring."""
 
     name = "auto"
 
@@ -80,12 +122,15 @@ class AutoBackend(AttnBackend):
         whole: tuple[str, ...] = ("torch_sdpa", "cudnn", "triton"),
         split: tuple[str, str] = ("cudnn", "triton"),
         device_types: tuple[str, ...] = ("cuda",),
+        memory_budget: float | None = None,
     ) -> None:
-        """``whole``: backends costed for the whole mask; ``split``: (group backend, rest backend)."""
+        """``whole``: backends costed for the whole mask; ``split``: (group backend, rest backend);
+        ``memory_budget``: multiples of q/k/v bytes (None: ``$FLEXCP_MEMORY_BUDGET`` or 4, read per decision)."""
         self.costs = costs or COSTS
         self.whole = whole
         self.split = split
         self.device_types = device_types
+        self.memory_budget = None if memory_budget is None else memory_budget_factor(memory_budget)
 
     def prepare(self, table: SliceTable, tq: int, tk: int, device: torch.device) -> AutoPrep:
         return AutoPrep(table.nonempty(), int(tq), int(tk), torch.device(device))
@@ -101,6 +146,19 @@ class AutoBackend(AttnBackend):
             prep.routes[key] = self._decide(prep, q, k, softcap)
         return prep.routes[key]
 
+    def budget_bytes(self, tq: int, tk: int, *, heads_q: int, heads_kv: int, head_dim: int, dtype: torch.dtype) -> float:
+        """The most extra memory a route of a call of this shape may need."""
+        factor = self.memory_budget if self.memory_budget is not None else memory_budget_factor()
+        own = qkv_bytes(tq, tk, heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim, dtype=dtype)
+        return max(factor * own, MIN_BUDGET_BYTES)
+
+    def extra_memory_bytes(self, prep: AutoPrep, *, heads_q: int, heads_kv: int, head_dim: int, dtype: torch.dtype) -> int:
+        """The prediction of the route decided for this shape (the most of any softcap / device), else the default."""
+        decided = [r.extra_bytes for key, r in prep.routes.items() if key[:4] == (dtype, heads_q, heads_kv, head_dim)]
+        if decided:
+            return max(decided)
+        return super().extra_memory_bytes(prep, heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim, dtype=dtype)
+
     def _runnable(self, q, k, softcap) -> dict[str, AttnBackend]:
         out = {}
         if q.device.type in self.device_types:
@@ -113,61 +171,69 @@ class AutoBackend(AttnBackend):
                     out[name] = b
         return out
 
+    # ------------------------------------------------------------------ decision
     def _decide(self, prep: AutoPrep, q, k, softcap) -> Route:
-        table, heads, hd = prep.table, q.shape[1], q.shape[2]
-        gqa = q.shape[1] != k.shape[1]
+        table = prep.table
+        shape = dict(heads_q=q.shape[1], heads_kv=k.shape[1], head_dim=q.shape[2])
         runnable = self._runnable(q, k, softcap)
-        if not runnable or len(table) == 0:
-            ref = get_backend("reference") if not runnable else next(iter(runnable.values()))
+        offers = {name: b.offer(table, prep.tq, prep.tk, self.costs[name], **shape) for name, b in runnable.items()}
+        options = self._options(prep, table, offers, runnable, shape) if len(table) else {}
+        if not options:  # nothing to run (any runnable backend will do), or nothing here runs it all: the reference
+            ref = next(iter(runnable.values())) if runnable and not len(table) else get_backend("reference")
             return Route([Part(ref, table, ref.prepare(table, prep.tq, prep.tk, prep.device), 0.0)], {})
-        flops = {kind: f * heads for kind, f in _kind_flops(table, hd).items()}
-        options: dict[str, tuple[float, list]] = {}
-        for name in self.whole:
-            if name not in runnable:
-                continue
-            if name == "torch_sdpa":
-                from .torch_sdpa import single_rect
+        budget = self.budget_bytes(prep.tq, prep.tk, dtype=q.dtype, **shape)
+        fallback = self.split[1]
+        over: dict[str, int] = {}
+        for name in sorted(options, key=lambda n: options[n].seconds):
+            parts = [Part(runnable[b], sub, runnable[b].prepare(sub, prep.tq, prep.tk, prep.device), est)
+                     for b, sub, est in options[name].parts]  # fmt: skip
+            need = self._extra_bytes(parts, prep, q.dtype, shape)
+            if need <= budget or name == fallback:
+                break
+            over[name] = need
+        else:  # every option is over budget and the fallback cannot run: the one that needs least
+            name = min(over, key=over.get)
+            parts = [Part(runnable[b], sub, runnable[b].prepare(sub, prep.tq, prep.tk, prep.device), est)
+                     for b, sub, est in options[name].parts]  # fmt: skip
+            need = over.pop(name)
+        if len(parts) > 1:
+            check_cover(table, [p.table for p in parts], f"backend='auto' route {name!r}")
+        return Route(parts, {n: o.seconds for n, o in options.items()}, need, over, int(min(budget, 2**62)))
 
-                if single_rect(table) is None:
-                    continue
-            cost = self.costs[name]
-            options[name] = (cost.seconds(flops, len(table), heads, gqa=gqa), [(name, table)])
-        if self.split[0] in runnable:
-            options.update(self._split_option(runnable, table, prep, heads, hd, gqa))
-            # the group backend's whole-mask cost counts each of its launches
-            options[self.split[0]] = (options.pop("_group_whole")[0], [(self.split[0], table)])
-        name = min(options, key=lambda n: options[n][0])
-        parts = []
-        for backend_name, sub in options[name][1]:
-            b = runnable[backend_name]
-            est = self.costs[backend_name].seconds({kk: f * heads for kk, f in _kind_flops(sub, hd).items()}, len(sub), heads, gqa=gqa)
-            parts.append(Part(b, sub, b.prepare(sub, prep.tq, prep.tk, prep.device), est))
-        return Route(parts, {n: v[0] for n, v in options.items()})
-
-    def _split_option(self, runnable, table, prep, heads, hd, gqa) -> dict:
-        """Each launch of the cuDNN plan (a slice group) on the group backend or the rest backend, whichever costs less."""
-        from .cudnn.backend import launch_table
-        from .cudnn.plan import launch_rows_overlap, plan_launches, to_entries
-
+    def _options(self, prep: AutoPrep, table: SliceTable, offers: dict[str, Offer], runnable: dict, shape: dict) -> dict:
+        """Every candidate route by name: each backend of ``whole`` whose offer holds all cells, and the split."""
+        area = cells(table)
+        options = {name: _Option(offers[name].total_s, [(name, table, offers[name].total_s)])
+                   for name in self.whole if name in offers and offers[name].cells() == area}  # fmt: skip
         group, rest = self.split
-        g_cost, r_cost = self.costs[group], self.costs.get(rest) if rest in runnable else None
+        if group not in offers or rest not in offers or len(offers[group].parts) < 2:
+            return options
+        cost = self.costs[rest]
         mine, theirs = [], []
-        launches = plan_launches(to_entries(table), prep.tk)
-        for la, shared in zip(launches, launch_rows_overlap(launches, prep.tq)):
-            f = {_sig_kind(la.sig): la.area() * FLOPS_PER_CELL * hd * heads}
-            span = la.row_span[1] - la.row_span[0]
-            on_group = g_cost.seconds(f, len(la), heads, gqa=gqa) + shared * span * heads * g_cost.shared_row_ns * 1e-9
-            on_rest = r_cost.seconds(f, len(la), heads, launches=0, gqa=gqa) if r_cost else float("inf")
-            (mine if on_group <= on_rest else theirs).append((la, on_group, on_rest))
-        out = {"_group_whole": (sum(c for _, c, _ in mine + theirs), None)}
-        if not mine or not theirs:
-            return out  # the whole-mask options cover this
-        merge = prep.tq * heads * g_cost.shared_row_ns * 1e-9  # the two parts' outputs merge over the rows
-        split = sum(c for _, c, _ in mine) + sum(t for _, _, t in theirs) + r_cost.launch_us * 1e-6 + merge
-        parts = [(group, SliceTable.concat([launch_table(la) for la, _, _ in mine])),
-                 (rest, SliceTable.concat([launch_table(la) for la, _, _ in theirs]))]  # fmt: skip
-        out[f"{group}+{rest}"] = (split, parts)
-        return out
+        for part, on_group in zip(offers[group].parts, offers[group].seconds):
+            o = runnable[rest].offer(part, prep.tq, prep.tk, cost, **shape)
+            on_rest = sum(o.seconds) if o.cells() == cells(part) else math.inf
+            (mine if on_group <= on_rest else theirs).append((part, on_group, on_rest))
+        if mine and theirs:
+            # the two parts' outputs merge over the rows: the cost of a launch sharing rows
+            merge = prep.tq * shape["heads_q"] * self.costs[group].shared_row_ns * 1e-9
+            g_s = offers[group].call_s + sum(c for _, c, _ in mine)
+            r_s = offers[rest].call_s + sum(c for _, _, c in theirs)
+            options[f"{group}+{rest}"] = _Option(g_s + r_s + merge, [
+                (group, SliceTable.concat([p for p, _, _ in mine]), g_s),
+                (rest, SliceTable.concat([p for p, _, _ in theirs]), r_s),
+            ])  # fmt: skip
+        return options
+
+    @staticmethod
+    def _extra_bytes(parts: list, prep: AutoPrep, dtype: torch.dtype, shape: dict) -> int:
+        """A route's predicted extra memory: its parts run one after another, so the most any needs;
+        several parts add the merge buffers (forward: a stat-dtype out accumulator and one part's
+        out; backward: stat-dtype sums of dq, dk, dv and one part's gradients)."""
+        need = max(p.backend.extra_memory_bytes(p.prep, dtype=dtype, **shape) for p in parts)
+        if len(parts) > 1:
+            need += 2 * qkv_bytes(prep.tq, prep.tk, dtype=stat_dtype(dtype), **shape)
+        return int(need)
 
     # ----------------------------------------------------------------- contract
     def forward(self, q, k, v, prep: AutoPrep, softmax_scale, softcap, out_dtype=None):

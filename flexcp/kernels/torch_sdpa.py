@@ -20,7 +20,8 @@ import torch
 
 from ..mask.geometry import SliceTable
 from ..mask.types import CAUSAL, FULL
-from .backend import AttnBackend, finiteness_gate
+from .backend import AttnBackend, Offer, finiteness_gate
+from .costs import Cost
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,13 @@ class TorchSdpaBackend(AttnBackend):
             and q.shape[2] % 8 == 0
             and softcap == 0
         )
+
+    def offer(self, table: SliceTable, tq: int, tk: int, cost: Cost, *, heads_q: int, heads_kv: int,
+              head_dim: int) -> Offer:
+        """The whole table when it is one full or square-causal rectangle (what this backend is for), else nothing."""
+        if single_rect(table) is None:
+            return Offer()
+        return super().offer(table, tq, tk, cost, heads_q=heads_q, heads_kv=heads_kv, head_dim=head_dim)
 
     def extra_memory_bytes(self, prep: SdpaPrep, *, heads_q: int, heads_kv: int, head_dim: int, dtype: torch.dtype) -> int:
         """On the rectangle: k/v and their gradients repeated to ``heads_q`` heads (GQA), a float32 dQ-sized

@@ -20,11 +20,11 @@ import torch
 from ..mask import AttnMaskSpec
 from ..runtime import calc_attn
 from .amp import attend_in_autocast_dtype
+from .heads import ATTN_NAME
 from .keys import resolve_key, window_key
 from .masks import documents, row_positions
 from .registry import REGISTRY
 
-ATTN_NAME = "magi"
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 

@@ -195,16 +195,29 @@ def clip_slices(table: SliceTable, q0: int, q1: int, k0: int, k1: int) -> tuple[
 def find_overlap(table: SliceTable, max_pairs_per_batch: int = 1 << 22) -> tuple[int, int] | None:
     """Return a pair of slice indices that cover a common cell, or None.
 
-    Candidate pairs are those whose row (or key) ranges intersect, found by a sorted
-    sweep along the axis with fewer candidates; each is tested exactly: on shared rows the overlap width ``min(upper) - max(lower)`` is a
+    Candidate pairs are those whose row (or key) ranges intersect (:func:`candidate_pairs`);
+    each is tested exactly: on shared rows the overlap width ``min(upper) - max(lower)`` is a
     concave piecewise-linear function of the row, so its maximum sits at a range end
     or a breakpoint. 10,000 slices take milliseconds for typical masks.
     """
+    lo, hi = table.lo, table.hi
+    for a, b in candidate_pairs(table, max_pairs_per_batch):
+        hit = _pairs_overlap(table, lo, hi, a, b)
+        if hit.any():
+            k = int(np.argmax(hit))
+            return int(min(a[k], b[k])), int(max(a[k], b[k]))
+    return None
+
+
+def candidate_pairs(table: SliceTable, max_pairs_per_batch: int = 1 << 22):
+    """Batches ``(a, b)`` of index pairs of non-empty slices whose row ranges (or key ranges,
+    whichever axis yields fewer pairs) intersect: every pair sharing a cell is among them.
+
+    A sorted sweep along the axis; each batch holds at most about ``max_pairs_per_batch`` pairs.
+    """
     live = np.nonzero(slice_areas(table) > 0)[0]
     if len(live) < 2:
-        return None
-    lo, hi = table.lo, table.hi
-    # Sweep along whichever axis yields fewer candidate pairs (bounding boxes must meet on both).
+        return
     best = None
     for start_arr, end_arr in ((table.qs, table.qe), (table.ks, table.ke)):
         order = live[np.argsort(start_arr[live], kind="stable")]
@@ -222,13 +235,8 @@ def find_overlap(table: SliceTable, max_pairs_per_batch: int = 1 << 22) -> tuple
         c = counts[start:stop]
         i_pos = np.repeat(np.arange(start, stop), c)
         j_pos = i_pos + 1 + (np.arange(c.sum()) - np.repeat(np.cumsum(c) - c, c))
-        a, b = order[i_pos], order[j_pos]
-        hit = _pairs_overlap(table, lo, hi, a, b)
-        if hit.any():
-            k = int(np.argmax(hit))
-            return int(min(a[k], b[k])), int(max(a[k], b[k]))
+        yield order[i_pos], order[j_pos]
         start = stop
-    return None
 
 
 def _pairs_overlap(table: SliceTable, lo: np.ndarray, hi: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -24,6 +24,9 @@ import torch.distributed as dist
 
 from .plan import DispatchPlan
 
+IGNORE_INDEX = -100
+"""The label of a token without a target (PyTorch's ``cross_entropy`` default): pad dispatched labels with it."""
+
 
 def _norm_dim(x: torch.Tensor, dim: int) -> int:
     if not -x.dim() <= dim < x.dim():
@@ -112,7 +115,7 @@ def dispatch(x: torch.Tensor, plan: DispatchPlan, rank: int, dim: int = 0, pad_v
     """This rank's shard of the global ``x`` (same on every rank): its chunks in order, padded with ``pad_value``.
 
     ``x.shape[dim]`` must be ``plan.total_seqlen``; the result has ``plan.local_len`` rows
-    along ``dim``. Use ``pad_value=-100`` for labels (padding rows are ignored by the loss).
+    along ``dim``. Use ``pad_value=IGNORE_INDEX`` for labels (padding rows are ignored by the loss).
     Backward: see the module docstring (no communication).
     """
     dim = _norm_dim(x, dim)

@@ -41,7 +41,8 @@ def cross_rank_fraction(cfg: FinetuneConfig, batches: int = EVAL_BATCHES) -> flo
     from ..mask import AttnMaskSpec
     from ..runtime.api import DEFAULT_NUM_STAGES
     from ..runtime.placement import choose_plan
-    from .data import IGNORE_INDEX, RecallSource
+    from ..sharding import IGNORE_INDEX
+    from .data import RecallSource
     from .model import preset_config
 
     s, r = cfg.data.seq_len, cfg.data.recall

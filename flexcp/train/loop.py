@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from ..hf.offload import ActivationOffload
 from ..magi_attn_utils import MagiState, magi_prepare_batch, setup_magi
 from .checkpoint import TrainProgress, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import FinetuneConfig, to_dict, validate
@@ -76,6 +77,7 @@ class Trainer:
 
             self.lm = apply_lora(self.lm, cfg.model.lora)
         self.bf16 = t.dtype == "bf16" or (t.dtype == "auto" and self.device.type == "cuda")
+        self.offload = ActivationOffload(self.device) if cfg.model.offload_activations else None
         self.model = apply_fsdp(CausalLMLoss(self.lm, t.loss_chunk_tokens), self.lm, self.dims, self.bf16)
         self.optimizer = torch.optim.AdamW(_param_groups(self.model, t.weight_decay), lr=t.lr,
                                            betas=tuple(t.betas), eps=t.eps, foreach=True)
@@ -124,14 +126,8 @@ class Trainer:
         return local
 
     def _saved_tensors(self) -> AbstractContextManager:
-        """Where the forward keeps what backward needs: host memory with ``model.offload_activations``.
-
-        ``save_on_cpu`` with pageable memory: pinned blocks come from torch's caching host
-        allocator, which rounds sizes up to powers of two (up to twice the host memory).
-        """
-        if self.cfg.model.offload_activations:
-            return torch.autograd.graph.save_on_cpu(pin_memory=False)
-        return nullcontext()
+        """Where the forward keeps what backward needs: host memory with ``model.offload_activations``."""
+        return self.offload() if self.offload is not None else nullcontext()
 
     def _run(self, seq: PackedSequence) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self._local_batch(seq)

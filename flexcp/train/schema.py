@@ -121,11 +121,19 @@ class ModelConfig(Section):
     """"magi" (flexcp, any mask, any cp) or HF's "sdpa" / "flex_attention" / "eager" (cp = 1, causal or packed data)."""
     activation_checkpointing: bool = False
     offload_activations: bool = False
-    """Keep the tensors the forward saves for backward in host memory (``torch.autograd.graph.save_on_cpu``).
+    """Keep the tensors the forward saves for backward in pinned host memory (``flexcp.hf.ActivationOffload``).
 
-    With ``activation_checkpointing`` these are each layer's input (plus the final norm's and the loss
-    chunks' inputs): GPU memory per token drops by those, host memory grows by as much, and every step
-    copies them to the host and back (pageable memory: exact sizes, no rounding up)."""
+    With ``activation_checkpointing`` these are each layer's input (plus the final norm's and the loss's
+    inputs): GPU memory per token drops by those, host memory grows by as much (one page-locked arena of
+    exactly a step's bytes); the copies run on a side stream, overlapped with compute, and backward
+    prefetches the next layer's input."""
+    tiled_mlp: Annotated[int, NON_NEGATIVE] = 8192
+    """Run each decoder layer's MLP over this many tokens at a time, forward and backward (0: off).
+
+    Same results as the untiled MLP; its ``intermediate_size``-wide activations then exist for one
+    chunk instead of the whole sequence (for Llama-3.2-1B shapes about 96 KiB per token, the largest
+    part of a long sequence's backward working set), for one more MLP forward per step. On by default
+    because it changes nothing up to this many tokens per rank and is what lets long sequences fit."""
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def tokenizer_or_default(self) -> str:

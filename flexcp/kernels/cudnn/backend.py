@@ -18,17 +18,22 @@ microseconds when V is finite, the exact confined result when it is not, no host
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from ...mask.cover import CoverageError, cells, check_cover
 from ...mask.geometry import BIG, SliceTable, clip_band
-from ..backend import AttnBackend, finiteness_gate, stat_dtype
+from ..backend import AttnBackend, Offer, finiteness_gate, stat_dtype
+from ..costs import FLOPS_PER_CELL, Cost
 from ..compose import GradSum, merge_into
 from .graphs import GraphCache, GraphKey, why_unavailable
 from .plan import UNBOUNDED, Launch, covered_rows, launch_bucket, launch_rows_overlap, plan_launches, row_depth, to_entries
+from . import workspace
+from .workspace import KNOWN_BAD, Shape, accumulator_elements, backward_workspace, padded_reason, token_bucket, too_large
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 128
@@ -94,6 +99,16 @@ def _launch_tensors(la: Launch, hq: int, hkv: int, d: int, device: torch.device)
     return LaunchTensors(lens_dev[0], lens_dev[1], {k: dev[i] for i, k in enumerate(names)}, key_index)
 
 
+def backward_extents(la: Launch) -> tuple[int, int]:
+    """Rows the backward's ragged offsets address: ``(query rows, key rows)``.
+
+    The stats (lse) are bound whole and dQ whole or per row span, so query offsets reach the
+    launch's last row; dK/dV offsets reach its last key row, or its private rows. The graph's
+    ``max_total_seq_len_*`` must be at least these (cuDNN sizes its accumulators by them).
+    """
+    return la.row_span[1], max(la.key_span[1], la.private_rows)
+
+
 def launch_table(la: Launch) -> SliceTable:
     """The launch's cells as typed slices (for running it on another backend).
 
@@ -112,6 +127,18 @@ def launch_table(la: Launch) -> SliceTable:
     return t
 
 
+def check_launches(table: SliceTable, launches: list[Launch]) -> None:
+    """The plan's conservation check (once per mask, in ``prepare``): every launch's cells as cuDNN's band
+    counts them equal those of its :func:`launch_table` (what the per-launch fallback and the router's split
+    run), and those hold exactly ``table``'s cells, each once (what the gated recompute runs)."""
+    tables = [launch_table(la) for la in launches]
+    for i, (la, t) in enumerate(zip(launches, tables)):
+        if cells(t) != la.area():
+            raise CoverageError(f"internal error: cuDNN launch {i} (band {la.sig}) holds {la.area()} cells but its "
+                                f"slices {cells(t)}; this is a bug in flexcp")
+    check_cover(table, tables, "the cuDNN plan's launches")
+
+
 class CudnnBackend(AttnBackend):
     """Slice-mask attention on cuDNN's ragged SDPA; launches cuDNN refuses run on ``fallback``."""
 
@@ -121,6 +148,8 @@ class CudnnBackend(AttnBackend):
         self._fallback = fallback
         self.graphs = graphs or GraphCache()
         self.refused: dict = {}  # signature -> cuDNN's error, for signatures it would not build
+        self._versions: dict = {}  # device index -> workspace.Versions
+        self._warned: set = set()  # one-time warnings already given
 
     @property
     def fallback(self) -> AttnBackend:
@@ -147,6 +176,7 @@ class CudnnBackend(AttnBackend):
 
     def prepare(self, table: SliceTable, tq: int, tk: int, device: torch.device) -> CudnnPrep:
         launches = plan_launches(to_entries(table), tk)
+        check_launches(table, launches)
         tq, tk = int(tq), int(tk)
         key_depth = row_depth(launches, tk, keys=True)
         return CudnnPrep(
@@ -154,19 +184,117 @@ class CudnnBackend(AttnBackend):
             table.nonempty(), bool((key_depth <= 1).all()), bool((key_depth > 0).all()),
         )
 
+    def offer(self, table: SliceTable, tq: int, tk: int, cost: Cost, *, heads_q: int, heads_kv: int,
+              head_dim: int) -> Offer:
+        """One part per launch of the plan, each paying ``cost.launch_us``; a launch whose rows another
+        launch also writes pays ``cost.shared_row_ns`` per row and head of its span (buffers and merge)."""
+        launches = plan_launches(to_entries(table), tk)
+        seconds = []
+        for la, shared in zip(launches, launch_rows_overlap(launches, tq)):
+            kind = {(None, None): "full", (None, 0): "causal"}.get(la.sig, "band")
+            work = cost.seconds({kind: la.area() * FLOPS_PER_CELL * head_dim * heads_q}, len(la), heads_q,
+                                gqa=heads_q != heads_kv)
+            span = la.row_span[1] - la.row_span[0]
+            seconds.append(work + shared * span * heads_q * cost.shared_row_ns * 1e-9)
+        return Offer(tuple(launch_table(la) for la in launches), tuple(seconds))
+
+    def extra_memory_bytes(self, prep: CudnnPrep, *, heads_q: int, heads_kv: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Predicted extra peak bytes of one forward+backward call (16-bit gradients, as ``flexcp.attention``
+        asks): the larger of the two passes, whose temporaries are freed in between.
+
+        Forward: one launch writes out/lse in place (nothing extra); several are merged in a
+        ``stat_dtype`` out accumulator, with one launch's span buffers alive beside it.
+        Backward: ``stat_dtype`` sums of dQ (launches share query rows) and of dK/dV (entries
+        share keys), plus, for the largest launch, its 16-bit span buffers and cuDNN's workspace
+        (``workspace.backward_workspace``: sized by tokens or padded, per the version policy;
+        fitted to the H200 measurements, see there). A launch on the fallback (refused, or over
+        the index limit) holds the fallback's full-size partials and its own need instead.
+        Not counted: cuDNN's forward workspace and the engine's few MiB, the copies of out / dout
+        a caller passing them in another dtype causes, and the gated recompute (it runs only
+        when V holds a NaN/inf).
+        """
+        if not prep.launches or prep.tq == 0:
+            return 0
+        hq, hkv, d, dev = heads_q, heads_kv, head_dim, prep.device.index or 0
+        e, f = dtype.itemsize, stat_dtype(dtype).itemsize
+        partials = f * d * (prep.tq * hq + 2 * prep.tk * hkv)  # a full-size stat-dtype dq, dk, dv (or out, lse)
+        shapes = [self.backward_shape(la, hq, hkv, d, dev) for la in prep.launches]
+        on = [la.sig not in self.refused and not too_large(s) for la, s in zip(prep.launches, shapes)]
+
+        def on_fallback(i: int) -> int:
+            return partials + self.fallback.extra_memory_bytes(self._fallback_prep(prep, i), heads_q=hq, heads_kv=hkv,
+                                                               head_dim=d, dtype=dtype)
+
+        fwd = 0
+        if len(prep.launches) > 1 or not on[0]:
+            spans = [(la.row_span[1] - la.row_span[0]) * hq * (d * e + f) for la in prep.launches]
+            fwd = prep.tq * hq * d * f + max(spans[i] if on[i] else on_fallback(i) for i in range(len(spans)))
+        direct = all(on)
+        direct_q, direct_k = direct and not any(prep.shared_rows), direct and prep.disjoint_keys
+        sums = (0 if direct_q else prep.tq * hq * d * f) + (0 if direct_k else 2 * prep.tk * hkv * d * f)
+        per_launch = []
+        for i, (la, shape) in enumerate(zip(prep.launches, shapes)):
+            if not on[i]:
+                per_launch.append(on_fallback(i))
+                continue
+            r0, r1 = la.row_span
+            krows = la.private_rows if la.private is not None else la.key_span[1] - la.key_span[0]
+            buffers = (0 if direct_q else (r1 - r0) * hq * d * e) + (0 if direct_k else 2 * krows * hkv * d * e)
+            per_launch.append(buffers + backward_workspace(shape, e))
+        return int(max(fwd, sums + max(per_launch)))
+
     # ------------------------------------------------------------------ helpers
-    def _key(self, la: Launch, q: torch.Tensor, k: torch.Tensor, scale: float, backward: bool) -> GraphKey:
+    def padded_reason(self, device: int, head_dim: int) -> str | None:
+        """Why backward graphs on ``device`` are sized by the padded shape (None: by tokens); see workspace.py."""
+        if device not in self._versions:
+            self._versions[device] = self.graphs.versions(device)
+        v = self._versions[device]
+        why = padded_reason(v, head_dim)
+        if why and any(a <= v.backend < b for a, b in KNOWN_BAD):
+            self._warn_once(why, f"{why}. The cudnn backend sizes its backward workspace by the padded shape there "
+                                 "(more memory); launches too large for that run on the fallback.")
+        return why
+
+    def backward_shape(self, la: Launch, hq: int, hkv: int, d: int, device: int) -> Shape:
+        """The backward graph's shape for this launch: by tokens (bucketed totals) where the policy allows."""
         batch, mq, mk = launch_bucket(la)
-        return GraphKey(
-            backward, la.sig, batch, mq, mk, q.shape[1], k.shape[1], q.shape[2], q.dtype, float(scale), q.device.index or 0
-        )
+        if self.padded_reason(device, d) is not None:
+            return Shape(batch, mq, mk, hq, hkv, d)
+        rows, keys = backward_extents(la)
+        return Shape(batch, mq, mk, hq, hkv, d, token_bucket(rows), token_bucket(keys))
+
+    def _key(self, la: Launch, q: torch.Tensor, k: torch.Tensor, scale: float, backward: bool) -> GraphKey:
+        dev = q.device.index or 0
+        hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
+        if backward:
+            s = self.backward_shape(la, hq, hkv, d, dev)
+            return GraphKey(True, la.sig, s.batch, s.max_q, s.max_k, hq, hkv, d, q.dtype, float(scale), dev, s.total_q, s.total_k)
+        batch, mq, mk = launch_bucket(la)
+        return GraphKey(False, la.sig, batch, mq, mk, hq, hkv, d, q.dtype, float(scale), dev)
+
+    def _warn_once(self, topic: str, message: str) -> None:
+        if topic not in self._warned:
+            self._warned.add(topic)
+            warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def _runs_on_cudnn(self, la: Launch, q, k, scale: float, backward: bool) -> bool:
-        """Build (or find) the launch's graph; a refused signature is remembered and goes to the fallback."""
+        """Build (or find) the launch's graph; a refused signature is remembered and goes to the fallback,
+        and so does a backward launch whose accumulator would be too large to index safely."""
         if la.sig in self.refused:
             return False
+        key = self._key(la, q, k, scale, backward)
+        if backward and too_large(key.shape()):
+            why = self.padded_reason(key.device, key.head_dim)
+            self._warn_once(
+                f"too large: {why}",
+                f"cudnn backward: launches whose float32 accumulator would exceed {workspace.INDEX_LIMIT} elements "
+                f"(this one: {accumulator_elements(key.shape())}) run on the {self.fallback.name} fallback (cuDNN "
+                "gave a wrong dQ past that size, measured); "
+                + (f"its workspace is padded because {why}" if why else "even sized by tokens"),
+            )
+            return False
         try:
-            self.graphs.get(self._key(la, q, k, scale, backward))
+            self.graphs.get(key)
             return True
         except Exception as e:  # noqa: BLE001 - cuDNN raises its own error types for unsupported graphs
             self.refused[la.sig] = f"{type(e).__name__}: {e}"

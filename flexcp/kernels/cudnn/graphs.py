@@ -5,14 +5,18 @@ the bucketed entry count and maximum lengths, the heads, head dim, dtype and sca
 Tensors are THD (``[b, h, s, d]`` dims over ``[tokens, heads, dim]`` memory) located by
 int64 ragged element offsets; the softmax stats are float32 ``[tokens, heads]`` rows
 (the layout of flexcp's lse), also ragged, so the forward writes lse in place and the
-backward reads the *final* (merged) lse of the rows.
+backward reads the *final* (merged) lse of the rows. Backward graphs size cuDNN's workspace by
+the key's token totals (``max_total_seq_len_q/kv``) where the policy in workspace.py allows.
 
 Importing this module needs neither cuDNN nor a GPU; ``cudnn`` is imported on first use.
 """
 
 from __future__ import annotations
 
+import atexit
+import gc
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +24,7 @@ from typing import Any
 import torch
 
 from .plan import UNBOUNDED, Signature
+from .workspace import Shape, Versions, parse_frontend
 
 _IMPORT_ERROR: str | None = None
 
@@ -58,6 +63,12 @@ class GraphKey:
     dtype: torch.dtype
     scale: float
     device: int
+    total_q: int = 0  # backward only: max_total_seq_len_q (rows the dQ/stats offsets address); 0 = padded
+    total_k: int = 0  # backward only: max_total_seq_len_kv (rows the dK/dV offsets address); 0 = padded
+
+    def shape(self) -> Shape:
+        """The graph's shape as the workspace model sees it."""
+        return Shape(self.batch, self.max_q, self.max_k, self.hq, self.hkv, self.head_dim, self.total_q, self.total_k)
 
 
 @dataclass
@@ -88,6 +99,10 @@ class GraphCache:
         self.stats = CacheStats()
         self._graphs: "OrderedDict[GraphKey, Built]" = OrderedDict()
         self._handles: dict[int, Any] = {}
+        _LIVE.add(self)
+
+    def __len__(self) -> int:
+        return len(self._graphs)
 
     def handle(self, device: int) -> Any:
         """The cuDNN handle of ``device``, bound to torch's current stream."""
@@ -98,6 +113,12 @@ class GraphCache:
         h = self._handles[device]
         cudnn.set_stream(h, torch.cuda.current_stream(device).cuda_stream)
         return h
+
+    def versions(self, device: int) -> Versions:
+        """cuDNN's backend and frontend versions and ``device``'s SM major (the workspace policy's inputs)."""
+        cudnn = cudnn_module()
+        major = torch.cuda.get_device_capability(device)[0]
+        return Versions(int(cudnn.backend_version()), parse_frontend(getattr(cudnn, "__version__", "0.0")), major)
 
     def get(self, key: GraphKey) -> Built:
         if key in self._graphs:
@@ -126,6 +147,24 @@ class GraphCache:
     def clear(self) -> None:
         self._graphs.clear()
         self.stats = CacheStats()
+
+
+_LIVE: "weakref.WeakSet[GraphCache]" = weakref.WeakSet()
+
+
+def _release_at_exit() -> None:
+    """Drop every cache's built graphs and collect while the interpreter is whole.
+
+    Graphs are nanobind objects of the cuDNN frontend; alive at interpreter teardown they made
+    nanobind print dozens of "leaked function" lines after every script that used the cudnn
+    backend. (The handles are plain integers; the process's exit releases them.)
+    """
+    for cache in list(_LIVE):
+        cache.clear()
+    gc.collect()
+
+
+atexit.register(_release_at_exit)
 
 
 def mask_args(cudnn: Any, sig: Signature, max_k: int) -> dict:
@@ -233,9 +272,11 @@ def _build_backward(key: GraphKey, handle: Any) -> Built:
     stats = g.tensor(name="stats", dim=dim, stride=stride, data_type=cudnn.data_type.FLOAT)
     stats.set_ragged_offset(dec.offsets("off_stats"))
     dec.tensors["stats"] = stats
+    by_tokens = {"max_total_seq_len_q": key.total_q, "max_total_seq_len_kv": key.total_k} if key.total_q else {}
     dq, dk, dv = g.sdpa_backward(
         name="sdpa_backward", q=q, k=k, v=v, o=o, dO=do, stats=stats, attn_scale=key.scale, use_padding_mask=True,
         seq_len_q=dec.lengths("seq_q"), seq_len_kv=dec.lengths("seq_k"), **mask_args(cudnn, key.sig, key.max_k),
+        **by_tokens,
     )  # fmt: skip
     dec.output("dq", dq, key.hq, key.max_q, "off_dq")
     dec.output("dk", dk, key.hkv, key.max_k, "off_dk")
