@@ -24,7 +24,8 @@ One device call, two parts (``--part check``, ``--part packs``, default both):
   documents) and 256k (one 200k document + 2k documents); fwd+bwd time of ``auto`` vs
   FlexAttention on the 32k chat pack (``kernel_bench.run_case``; target >= 1.2x).
 
-Writes ``gpu_check.json`` (environment, every record, summary) and ``gpu_check.md`` to
+Writes ``gpu_check.jsonl`` (records as they come), ``gpu_check.json`` (environment, every
+record, summary) and ``gpu_check.md`` to
 ``--out`` (default ``$OUT``, else the working directory); prints the tables. A time budget
 (``--check-budget-s`` 240 for the check, ``--budget-s`` 450 in all) skips what is left,
 recorded as skipped. ``--dry-run`` lists
@@ -38,7 +39,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -285,14 +286,16 @@ def check_case(case: Case, backends: list[str], dtypes: list[torch.dtype], devic
 
 def pack_memory(name: str, spec: AttnMaskSpec, contenders: list[str], flex=None, hq: int = 32, hkv: int = 8,
                 d: int = 128) -> list[dict]:  # fmt: skip
-    """Extra peak memory of one fwd+bwd per contender on a pack (bf16), beside q/k/v's bytes and the prediction."""
+    """Extra peak memory of one fwd+bwd per contender on a pack (bf16), beside q/k/v's bytes and the prediction;
+    flexcp's results also as relative errors vs Triton's (run first), which catches a silently wrong gradient
+    at sizes the dense check cannot reach (cuDNN's padded backward gave a wrong dQ at 256k)."""
     from .kernel_bench import _bhsd, _inputs
 
     tq = spec.total_seqlen
     q, k, v, do = _inputs(tq, tq, hq, hkv, d)
     own = qkv_bytes(tq, tq, heads_q=hq, heads_kv=hkv, head_dim=d, dtype=q.dtype)
-    rows = []
-    for c in contenders:
+    rows, triton = [], None
+    for c in sorted(contenders, key=lambda c: c != "triton"):
         rec = {"pack": name, "tokens": tq, "slices": len(spec.q_ranges), "contender": c, "qkv_gib": own / GIB}
         try:
             if c == "flex":
@@ -300,16 +303,19 @@ def pack_memory(name: str, spec: AttnMaskSpec, contenders: list[str], flex=None,
             else:
                 backend = get_backend(c)
                 res, prep, extra = run_contract(backend, spec, q, k, v, do, d**-0.5, 0.0, q.dtype, measure=True)
-                del res
                 rec["extra_gib"] = extra / GIB
                 rec["predicted_gib"] = backend.extra_memory_bytes(prep, heads_q=hq, heads_kv=hkv, head_dim=d, dtype=q.dtype) / GIB
+                if c == "triton":
+                    triton = res
+                elif triton is not None:
+                    rec["rel_err_vs_triton"] = {t: rel_err(a, b) for t, a, b in zip(TENSORS, res, triton)}
                 if c == "auto":
                     rec["route"] = backend.route(prep, q, k, 0.0).describe()
-        except torch.cuda.OutOfMemoryError as e:
-            rec["error"] = f"OOM: {str(e)[:200]}"
+                del res
+        except Exception as e:  # noqa: BLE001 - recorded (an OOM is a result here), the next contender runs
+            rec["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         torch.cuda.empty_cache()
         rows.append(rec)
-        print(json.dumps(rec), flush=True)
     return rows
 
 
@@ -364,6 +370,23 @@ def chat_speed(spec: AttnMaskSpec, flex, rep_ms: int = 300) -> dict:
 
 
 # --------------------------------------------------------------------------- reports
+def environment(device: str) -> dict:
+    """The card and versions (kernel_bench's, plus cuDNN's frontend and backend and the graph cache's builds)."""
+    if device != "cuda":
+        return {"device": device, "torch": torch.__version__}
+    from .kernel_bench import environment as card
+
+    env = card()
+    try:
+        import cudnn
+
+        env.update(cudnn_backend=int(cudnn.backend_version()), cudnn_frontend=getattr(cudnn, "__version__", "?"))
+        env["cudnn_graph_cache"] = asdict(get_backend("cudnn").graphs.stats)
+    except ImportError as e:
+        env["cudnn_frontend"] = f"not importable: {e}"
+    return env
+
+
 def summarize(records: list[dict]) -> dict:
     """Counts per backend x dtype: pass, fail, refused, skipped; the worst error/bound ratio; max extra memory."""
     out: dict = {}
@@ -378,17 +401,29 @@ def summarize(records: list[dict]) -> dict:
     return out
 
 
-def markdown(summary: dict, failures: list[dict], pack_rows: list[dict], speed: dict | None) -> str:
+def markdown(summary: dict, records: list[dict], pack_rows: list[dict], speed: dict | None) -> str:
+    """The summary, the failures, the check's memory per case (bf16), the packs' memory and the chat pack's speed."""
     lines = ["| backend/dtype | pass | fail | refused | skipped | worst err/bound | max extra / qkv |", "|---|---|---|---|---|---|---|"]
     for key, s in sorted(summary.items()):
         lines.append(f"| {key} | {s['pass']} | {s['fail']} | {s['refused']} | {s['skipped']} | "
                      f"{s['worst_err_over_bound']:.2f} | {s['max_extra_vs_qkv']:.2f} |")  # fmt: skip
+    failures = [r for r in records if r["status"] == "fail"]
     if failures:
         lines += ["", "Failures:"] + [f"- {f['case']} {f['backend']} {f['dtype']}: {'; '.join(f['problems'])}" for f in failures]
+    measured = [r for r in records if r.get("extra_bytes") is not None and r["dtype"] == "bfloat16"]
+    if measured:
+        names = list(dict.fromkeys(r["backend"] for r in measured))
+        lines += ["", "Extra peak memory per fwd+bwd call / q,k,v bytes (bf16), measured (predicted):", "",
+                  "| case | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]  # fmt: skip
+        for case in dict.fromkeys(r["case"] for r in measured):
+            by = {r["backend"]: r for r in measured if r["case"] == case}
+            cells = [f"{by[n]['extra_vs_qkv']:.2f} ({by[n]['predicted_bytes'] / by[n]['qkv_bytes']:.2f})" if n in by else "-"
+                     for n in names]  # fmt: skip
+            lines.append(f"| {case} | " + " | ".join(cells) + " |")
     if pack_rows:
         names = list(dict.fromkeys(r["contender"] for r in pack_rows))
-        lines += ["", "| pack | " + " | ".join(f"{n} extra GiB" for n in names) + " | qkv GiB | auto predicted GiB |",
-                  "|---|" + "---|" * (len(names) + 2)]  # fmt: skip
+        lines += ["", "| pack | " + " | ".join(f"{n} extra GiB" for n in names)
+                  + " | qkv GiB | auto predicted GiB | max rel err vs triton (auto / cudnn) |", "|---|" + "---|" * (len(names) + 3)]  # fmt: skip
         for pack in dict.fromkeys(r["pack"] for r in pack_rows):
             rows = {r["contender"]: r for r in pack_rows if r["pack"] == pack}
 
@@ -396,11 +431,15 @@ def markdown(summary: dict, failures: list[dict], pack_rows: list[dict], speed: 
                 r = rows.get(n)
                 return "-" if r is None else r.get("error", "skipped") if "extra_gib" not in r else f"{r['extra_gib']:.2f}"
 
+            def err(n):
+                e = rows.get(n, {}).get("rel_err_vs_triton")
+                return "-" if not e else f"{max(e.values()):.4f}"
+
             first = next(iter(rows.values()))
             pred = rows.get("auto", {}).get("predicted_gib")
             lines.append(f"| {pack} | " + " | ".join(cell(n) for n in names) + f" | {first['qkv_gib']:.2f} | "
-                         + ("-" if pred is None else f"{pred:.2f}") + " |")  # fmt: skip
-    if speed:
+                         + ("-" if pred is None else f"{pred:.2f}") + f" | {err('auto')} / {err('cudnn')} |")  # fmt: skip
+    if speed and "error" not in speed:
         lines += ["", f"32k chat pack fwd+bwd: auto {speed['auto_fwdbwd_ms']:.2f} ms, FlexAttention "
                       f"{speed['flex_fwdbwd_ms']:.2f} ms: {speed['speedup_vs_flex']:.2f}x (target >= 1.2x)"]  # fmt: skip
     return "\n".join(lines) + "\n"
@@ -416,12 +455,16 @@ def main(argv: list[str] | None = None) -> int:
                    help="start no new check case after this many seconds (default: 240)")
     p.add_argument("--budget-s", type=float, default=450.0, help="start nothing new after this many seconds (default: 450)")
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="output folder (default: $OUT, else .)")
+    p.add_argument("--cases", default="", help="run only cases whose name contains one of these comma-separated parts")
+    p.add_argument("--device", default="cuda", help="cuda (default); cpu runs the check part without memory, for tests")
     p.add_argument("--dry-run", action="store_true", help="list the cases and build every mask; no GPU needed")
     a = p.parse_args(argv)
     backends = [b for b in a.backends.split(",") if b]
     dtypes = [DTYPES[x] for x in a.dtypes.split(",") if x]
+    wanted = [x for x in a.cases.split(",") if x]
     cases = check_cases(a.random_masks) if a.part in ("check", "all") else []
-    pack_specs = packs() if a.part in ("packs", "all") else {}
+    cases = [c for c in cases if not wanted or any(w in c.name for w in wanted)]
+    pack_specs = packs() if a.part in ("packs", "all") and a.device == "cuda" else {}
     if a.dry_run:
         for c in cases:
             print(json.dumps(c.describe()))
@@ -429,9 +472,16 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"pack": name, "tokens": spec.total_seqlen, "slices": len(spec.q_ranges)}))
         print(f"{len(cases)} check cases x {len(backends)} backends x {len(dtypes)} dtypes; {len(pack_specs)} packs")
         return 0
-    if not torch.cuda.is_available():
+    if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("gpu_check needs a CUDA device (use --dry-run to list the cases)")
-    from .kernel_bench import environment
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stream = open(out / "gpu_check.jsonl", "w")  # every record as it comes, so a crash keeps what ran
+
+    def log(rec: dict) -> None:
+        stream.write(json.dumps(rec, default=str) + "\n")
+        stream.flush()
+        print(json.dumps({k: v for k, v in rec.items() if k != "tensors"}, default=str), flush=True)
 
     t0 = time.perf_counter()
     left = lambda budget: budget - (time.perf_counter() - t0)  # noqa: E731
@@ -441,11 +491,16 @@ def main(argv: list[str] | None = None) -> int:
             records += [{**case.describe(), "backend": b, "dtype": str(dt).replace("torch.", ""), "status": "skipped"}
                         for b in backends for dt in dtypes]  # fmt: skip
             continue
-        for rec in check_case(case, backends, dtypes, "cuda"):
+        try:
+            recs = check_case(case, backends, dtypes, a.device)
+        except Exception as e:  # noqa: BLE001 - e.g. the dense reference out of memory: this case fails, the rest run
+            recs = [{**case.describe(), "backend": b, "dtype": str(dt).replace("torch.", ""), "status": "fail",
+                     "problems": [f"case error {type(e).__name__}: {str(e)[:300]}"]} for b in backends for dt in dtypes]  # fmt: skip
+        for rec in recs:
             records.append(rec)
-            print(json.dumps({k: rec.get(k) for k in ("case", "backend", "dtype", "status", "problems", "extra_vs_qkv")}),
-                  flush=True)  # fmt: skip
-        torch.cuda.empty_cache()
+            log(rec)
+        if a.device == "cuda":
+            torch.cuda.empty_cache()
     check_s = time.perf_counter() - t0
     pack_rows: list[dict] = []
     speed = None
@@ -453,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     # ours on every pack first (the Done-when memory), then the chat pack's speed, then FlexAttention's memory
     steps = [(name, spec, ["auto", "cudnn", "triton"]) for name, spec in pack_specs.items()]
     steps += [(name, spec, ["flex"]) for name, spec in pack_specs.items() if spec.total_seqlen <= 65536]
-    for n, (name, spec, contenders) in enumerate(steps):
+    for name, spec, contenders in steps:
         if left(a.budget_s) <= 0:
             pack_rows += [{"pack": name, "tokens": spec.total_seqlen, "contender": c, "qkv_gib": 0.0} for c in contenders]
             continue
@@ -463,25 +518,22 @@ def main(argv: list[str] | None = None) -> int:
             flex = _Flex()
             chat = next((s for nm, s in pack_specs.items() if nm.startswith("32k_chat")), None)
             if chat is not None:
-                speed = chat_speed(chat, flex)
-                print(json.dumps(speed), flush=True)
-        pack_rows += pack_memory(name, spec, contenders, flex)
+                try:
+                    speed = chat_speed(chat, flex)
+                except Exception as e:  # noqa: BLE001 - recorded; FlexAttention's memory still runs
+                    speed = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                log(speed)
+        for rec in pack_memory(name, spec, contenders, flex):
+            pack_rows.append(rec)
+            log(rec)
     summary = summarize(records)
     failures = [r for r in records if r["status"] == "fail"]
-    cudnn_graphs = get_backend("cudnn").graphs.stats
-    report = {"environment": environment(), "argv": sys.argv[1:], "check_s": check_s, "total_s": time.perf_counter() - t0,
-              "summary": summary, "records": records, "packs": pack_rows, "chat_speed": speed,
-              "cudnn_graphs": asdict(cudnn_graphs) if hasattr(cudnn_graphs, "__dataclass_fields__") else None}  # fmt: skip
-    try:
-        import cudnn
-
-        report["environment"].update(cudnn_backend=int(cudnn.backend_version()), cudnn_frontend=getattr(cudnn, "__version__", "?"))
-    except ImportError:
-        pass
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    report = {"environment": environment(a.device), "argv": sys.argv[1:] if argv is None else argv, "check_s": check_s,
+              "total_s": time.perf_counter() - t0, "summary": summary, "records": records, "packs": pack_rows,
+              "chat_speed": speed}  # fmt: skip
+    stream.close()
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
-    md = markdown(summary, failures, pack_rows, speed)
+    md = markdown(summary, records, pack_rows, speed)
     (out / "gpu_check.md").write_text(md)
     print(md)
     print(f"check {check_s:.0f} s, total {report['total_s']:.0f} s; written to {out}/gpu_check.json and gpu_check.md")

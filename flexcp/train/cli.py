@@ -8,6 +8,7 @@ import sys
 
 from ..clihelp import new_parser
 from .config import ConfigError, load_config, to_dict, validate
+from .errors import RunError
 
 DESCRIPTION = """\
 Fine-tune a Hugging Face causal LM with FSDP2 x context parallelism (flexcp attention).
@@ -19,6 +20,9 @@ examples:
   flexcp finetune --config my.yaml --check --nproc-per-node 8    # validate for 8 ranks, start nothing
 
 A plain `flexcp finetune` is a world of one process; under torchrun every rank runs it.
+
+exit status: 0 done; 2 a problem the message names with its fix (the config, out_dir, a
+checkpoint that cannot be written or resumed, a non-finite loss); 1 anything else (a traceback).
 """
 
 
@@ -87,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         Trainer(cfg).fit()
+    except RunError as exc:
+        if main_rank:
+            print(f"flexcp finetune: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     finally:
         close_distributed()
     return 0
