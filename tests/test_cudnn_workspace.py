@@ -156,3 +156,59 @@ def test_no_warning_where_sized_by_tokens():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert_exact(*run(backend, CASES["window"], d=16))
+
+
+def one_long_document(tokens: int, longest: int) -> list[int]:
+    """The issue's packs: one long document in the middle of 2k-token documents."""
+    rest = tokens - longest
+    lens = [2000] * (rest // 2000)
+    lens[-1] += rest - sum(lens)
+    return lens[: len(lens) // 2] + [longest] + lens[len(lens) // 2 :]
+
+
+def predicted(backend, spec, hq=32, hkv=8, d=128, dtype=torch.bfloat16) -> int:
+    prep = backend.prepare(spec.table, spec.total_seqlen, spec.total_seqlen_k, torch.device("cpu"))
+    return backend.extra_memory_bytes(prep, heads_q=hq, heads_kv=hkv, head_dim=d, dtype=dtype)
+
+
+def test_extra_memory_of_a_long_pack_is_the_token_sized_workspace(monkeypatch):
+    """256k tokens, one 200k document, 32:8 heads d128: one launch writing 16-bit gradients in place,
+    so the prediction is cuDNN's workspace alone: 12 GiB by tokens; padded, 257 GiB (what cuDNN
+    9.19 tried to allocate), over the index limit, so the backward runs on the fallback."""
+    spec = varlen(one_long_document(262144, 200000))
+    by_tokens = predicted(EmulatedCudnn(), spec)
+    assert by_tokens == backward_workspace(Shape(32, 262144, 262144, 32, 8, 128, 262144, 262144))
+    assert by_tokens / GIB == pytest.approx(4 * 32 * 129 / 2**12 + 8, rel=1e-6)  # dQ + stats 4.03 GiB, dK/dV 8 GiB
+    padded = EmulatedCudnn()
+    padded.graphs.current = Versions(90500, (1, 32), 9)
+    on_fallback = predicted(padded, spec)
+    assert on_fallback >= 4 * 128 * (262144 * 32 + 2 * 262144 * 8) and on_fallback < by_tokens * 3
+    monkeypatch.setattr(workspace, "INDEX_LIMIT", 2**40)
+    assert predicted(padded, spec) / GIB == pytest.approx(257, rel=3e-3)
+
+
+def test_extra_memory_matches_the_padded_64k_measurement(monkeypatch):
+    """64k tokens, 11 documents, one of 39k (issue 20): 33.4 GiB extra measured with padded graphs
+    (which the index limit now sends to the fallback: 4.3e9 accumulator elements)."""
+    monkeypatch.setattr(workspace, "INDEX_LIMIT", 2**40)
+    backend = EmulatedCudnn()
+    backend.graphs.current = Versions(90500, (1, 32), 9)
+    lens = [39000] + [2654] * 9 + [65536 - 39000 - 9 * 2654]
+    assert predicted(backend, varlen(lens)) / GIB == pytest.approx(33.4, rel=0.05)
+
+
+def test_extra_memory_counts_the_float32_sums_of_shared_rows():
+    spec = prefix_tree([3000, 1000, 1000, 500], [[0, 1], [0, 2], [0, 3]])[0]  # completions share the prompt's keys
+    backend = EmulatedCudnn()
+    prep = backend.prepare(spec.table, spec.total_seqlen, spec.total_seqlen_k, torch.device("cpu"))
+    got = backend.extra_memory_bytes(prep, heads_q=4, heads_kv=2, head_dim=16, dtype=torch.bfloat16)
+    sums = 4 * 16 * (spec.total_seqlen * 4 * (any(prep.shared_rows)) + 2 * spec.total_seqlen_k * 2 * (not prep.disjoint_keys))
+    assert not prep.disjoint_keys and got > sums > 0
+
+
+def test_extra_memory_of_launches_on_the_fallback(monkeypatch):
+    """Over the index limit every backward launch runs on the fallback: its full-size partials count."""
+    monkeypatch.setattr(workspace, "INDEX_LIMIT", 1000)
+    spec = varlen([300, 500])
+    got = predicted(EmulatedCudnn(), spec, hq=2, hkv=2, d=16)
+    assert got >= 4 * 16 * (800 * 2 + 2 * 800 * 2)

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...mask.cover import CoverageError, cells, check_cover
 from ...mask.geometry import BIG, SliceTable, clip_band
 from ..backend import AttnBackend, Offer, finiteness_gate, stat_dtype
 from ..costs import FLOPS_PER_CELL, Cost
@@ -32,7 +33,7 @@ from ..compose import GradSum, merge_into
 from .graphs import GraphCache, GraphKey, why_unavailable
 from .plan import UNBOUNDED, Launch, covered_rows, launch_bucket, launch_rows_overlap, plan_launches, row_depth, to_entries
 from . import workspace
-from .workspace import KNOWN_BAD, Shape, accumulator_elements, padded_reason, token_bucket, too_large
+from .workspace import KNOWN_BAD, Shape, accumulator_elements, backward_workspace, padded_reason, token_bucket, too_large
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 128
@@ -126,6 +127,18 @@ def launch_table(la: Launch) -> SliceTable:
     return t
 
 
+def check_launches(table: SliceTable, launches: list[Launch]) -> None:
+    """The plan's conservation check (once per mask, in ``prepare``): every launch's cells as cuDNN's band
+    counts them equal those of its :func:`launch_table` (what the per-launch fallback and the router's split
+    run), and those hold exactly ``table``'s cells, each once (what the gated recompute runs)."""
+    tables = [launch_table(la) for la in launches]
+    for i, (la, t) in enumerate(zip(launches, tables)):
+        if cells(t) != la.area():
+            raise CoverageError(f"internal error: cuDNN launch {i} (band {la.sig}) holds {la.area()} cells but its "
+                                f"slices {cells(t)}; this is a bug in flexcp")
+    check_cover(table, tables, "the cuDNN plan's launches")
+
+
 class CudnnBackend(AttnBackend):
     """Slice-mask attention on cuDNN's ragged SDPA; launches cuDNN refuses run on ``fallback``."""
 
@@ -163,6 +176,7 @@ class CudnnBackend(AttnBackend):
 
     def prepare(self, table: SliceTable, tq: int, tk: int, device: torch.device) -> CudnnPrep:
         launches = plan_launches(to_entries(table), tk)
+        check_launches(table, launches)
         tq, tk = int(tq), int(tk)
         key_depth = row_depth(launches, tk, keys=True)
         return CudnnPrep(
@@ -183,6 +197,51 @@ class CudnnBackend(AttnBackend):
             span = la.row_span[1] - la.row_span[0]
             seconds.append(work + shared * span * heads_q * cost.shared_row_ns * 1e-9)
         return Offer(tuple(launch_table(la) for la in launches), tuple(seconds))
+
+    def extra_memory_bytes(self, prep: CudnnPrep, *, heads_q: int, heads_kv: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Predicted extra peak bytes of one forward+backward call (16-bit gradients, as ``flexcp.attention``
+        asks): the larger of the two passes, whose temporaries are freed in between.
+
+        Forward: one launch writes out/lse in place (nothing extra); several are merged in a
+        ``stat_dtype`` out accumulator, with one launch's span buffers alive beside it.
+        Backward: ``stat_dtype`` sums of dQ (launches share query rows) and of dK/dV (entries
+        share keys), plus, for the largest launch, its 16-bit span buffers and cuDNN's workspace
+        (``workspace.backward_workspace``: sized by tokens or padded, per the version policy;
+        fitted to the H200 measurements, see there). A launch on the fallback (refused, or over
+        the index limit) holds the fallback's full-size partials and its own need instead.
+        Not counted: cuDNN's forward workspace and the engine's few MiB, the copies of out / dout
+        a caller passing them in another dtype causes, and the gated recompute (it runs only
+        when V holds a NaN/inf).
+        """
+        if not prep.launches or prep.tq == 0:
+            return 0
+        hq, hkv, d, dev = heads_q, heads_kv, head_dim, prep.device.index or 0
+        e, f = dtype.itemsize, stat_dtype(dtype).itemsize
+        partials = f * d * (prep.tq * hq + 2 * prep.tk * hkv)  # a full-size stat-dtype dq, dk, dv (or out, lse)
+        shapes = [self.backward_shape(la, hq, hkv, d, dev) for la in prep.launches]
+        on = [la.sig not in self.refused and not too_large(s) for la, s in zip(prep.launches, shapes)]
+
+        def on_fallback(i: int) -> int:
+            return partials + self.fallback.extra_memory_bytes(self._fallback_prep(prep, i), heads_q=hq, heads_kv=hkv,
+                                                               head_dim=d, dtype=dtype)
+
+        fwd = 0
+        if len(prep.launches) > 1 or not on[0]:
+            spans = [(la.row_span[1] - la.row_span[0]) * hq * (d * e + f) for la in prep.launches]
+            fwd = prep.tq * hq * d * f + max(spans[i] if on[i] else on_fallback(i) for i in range(len(spans)))
+        direct = all(on)
+        direct_q, direct_k = direct and not any(prep.shared_rows), direct and prep.disjoint_keys
+        sums = (0 if direct_q else prep.tq * hq * d * f) + (0 if direct_k else 2 * prep.tk * hkv * d * f)
+        per_launch = []
+        for i, (la, shape) in enumerate(zip(prep.launches, shapes)):
+            if not on[i]:
+                per_launch.append(on_fallback(i))
+                continue
+            r0, r1 = la.row_span
+            krows = la.private_rows if la.private is not None else la.key_span[1] - la.key_span[0]
+            buffers = (0 if direct_q else (r1 - r0) * hq * d * e) + (0 if direct_k else 2 * krows * hkv * d * e)
+            per_launch.append(buffers + backward_workspace(shape, e))
+        return int(max(fwd, sums + max(per_launch)))
 
     # ------------------------------------------------------------------ helpers
     def padded_reason(self, device: int, head_dim: int) -> str | None:

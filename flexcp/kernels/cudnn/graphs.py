@@ -13,7 +13,10 @@ Importing this module needs neither cuDNN nor a GPU; ``cudnn`` is imported on fi
 
 from __future__ import annotations
 
+import atexit
+import gc
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -96,6 +99,10 @@ class GraphCache:
         self.stats = CacheStats()
         self._graphs: "OrderedDict[GraphKey, Built]" = OrderedDict()
         self._handles: dict[int, Any] = {}
+        _LIVE.add(self)
+
+    def __len__(self) -> int:
+        return len(self._graphs)
 
     def handle(self, device: int) -> Any:
         """The cuDNN handle of ``device``, bound to torch's current stream."""
@@ -140,6 +147,24 @@ class GraphCache:
     def clear(self) -> None:
         self._graphs.clear()
         self.stats = CacheStats()
+
+
+_LIVE: "weakref.WeakSet[GraphCache]" = weakref.WeakSet()
+
+
+def _release_at_exit() -> None:
+    """Drop every cache's built graphs and collect while the interpreter is whole.
+
+    Graphs are nanobind objects of the cuDNN frontend; alive at interpreter teardown they made
+    nanobind print dozens of "leaked function" lines after every script that used the cudnn
+    backend. (The handles are plain integers; the process's exit releases them.)
+    """
+    for cache in list(_LIVE):
+        cache.clear()
+    gc.collect()
+
+
+atexit.register(_release_at_exit)
 
 
 def mask_args(cudnn: Any, sig: Signature, max_k: int) -> dict:
