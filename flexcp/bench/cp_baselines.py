@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from ..sharding import DispatchPlan
 from ..sharding import ops as dispatch_ops
-from ..dist_attn.merge import merge_partials
+from ..kernels.compose import merge_partials
 from ..kernels.backend import AttnBackend
 from ..mask.geometry import SliceTable, clip_band, slice_areas
 
