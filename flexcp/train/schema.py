@@ -11,6 +11,7 @@ nothing from the recipe, so every other recipe module may import it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Iterator, Literal
@@ -54,7 +55,9 @@ Filler = Literal["repeat", "random"]
 
 
 def field_problem(tp: Any, value: Any, name: str) -> str | None:
-    """What is wrong with ``value`` for a field of type ``tp`` beyond its Python type: a choice or a bound."""
+    """What is wrong with ``value`` for a field of type ``tp`` beyond its Python type: not finite, a choice or a bound."""
+    if problem := _finite_problem(value, name):
+        return problem
     if typing.get_origin(tp) is Annotated:
         for meta in tp.__metadata__:
             if isinstance(meta, Bound) and (problem := meta.problem(name, value)):
@@ -62,6 +65,17 @@ def field_problem(tp: Any, value: Any, name: str) -> str | None:
         tp = typing.get_args(tp)[0]
     if typing.get_origin(tp) is Literal and value not in typing.get_args(tp):
         return f"{name}={value!r} is not one of {', '.join(map(repr, typing.get_args(tp)))}"
+    return None
+
+
+def _finite_problem(value: Any, name: str) -> str | None:
+    """Every float in a config (a field, a list's item, a mapping's value) must be finite: inf / nan train on to NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{name} must be a finite number; got {value}"
+    items = enumerate(value) if isinstance(value, list) else value.items() if isinstance(value, dict) else ()
+    for key, item in items:
+        if problem := _finite_problem(item, f"{name}[{key}]" if isinstance(value, list) else f"{name}.{key}"):
+            return problem
     return None
 
 
@@ -211,7 +225,13 @@ class CheckpointConfig(Section):
     every: Annotated[int, NON_NEGATIVE] = 0
     """Save a resumable checkpoint every N steps (0: only at the end)."""
     resume: bool = True
-    """Resume from the latest checkpoint under out_dir/checkpoints when there is one."""
+    """Resume from the latest checkpoint under out_dir/checkpoints when there is one (refused when the
+    config differs in what the run computes: model, data, cp, optimizer; see ``allow_config_change``)."""
+    allow_config_change: bool = False
+    """Resume even when the config differs from the saved run's in settings that change the run."""
+    overwrite: bool = False
+    """With ``resume=false``: delete a previous run's outputs in out_dir (checkpoints, metrics, tb, hf, config)
+    and start over; without it a run refuses to start beside another run's checkpoints."""
     keep: Annotated[int, POSITIVE] = 2
     """How many step checkpoints to keep (older ones are deleted)."""
     export_hf: bool = True

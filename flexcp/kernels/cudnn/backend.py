@@ -266,11 +266,8 @@ class CudnnBackend(AttnBackend):
     def _key(self, la: Launch, q: torch.Tensor, k: torch.Tensor, scale: float, backward: bool) -> GraphKey:
         dev = q.device.index or 0
         hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
-        if backward:
-            s = self.backward_shape(la, hq, hkv, d, dev)
-            return GraphKey(True, la.sig, s.batch, s.max_q, s.max_k, hq, hkv, d, q.dtype, float(scale), dev, s.total_q, s.total_k)
-        batch, mq, mk = launch_bucket(la)
-        return GraphKey(False, la.sig, batch, mq, mk, hq, hkv, d, q.dtype, float(scale), dev)
+        shape = self.backward_shape(la, hq, hkv, d, dev) if backward else Shape(*launch_bucket(la), hq, hkv, d)
+        return GraphKey(backward, la.sig, shape, q.dtype, float(scale), dev)
 
     def _warn_once(self, topic: str, message: str) -> None:
         if topic not in self._warned:
@@ -283,12 +280,12 @@ class CudnnBackend(AttnBackend):
         if la.sig in self.refused:
             return False
         key = self._key(la, q, k, scale, backward)
-        if backward and too_large(key.shape()):
-            why = self.padded_reason(key.device, key.head_dim)
+        if backward and too_large(key.shape):
+            why = self.padded_reason(key.device, key.shape.head_dim)
             self._warn_once(
                 f"too large: {why}",
                 f"cudnn backward: launches whose float32 accumulator would exceed {workspace.INDEX_LIMIT} elements "
-                f"(this one: {accumulator_elements(key.shape())}) run on the {self.fallback.name} fallback (cuDNN "
+                f"(this one: {accumulator_elements(key.shape)}) run on the {self.fallback.name} fallback (cuDNN "
                 "gave a wrong dQ past that size, measured); "
                 + (f"its workspace is padded because {why}" if why else "even sized by tokens"),
             )
