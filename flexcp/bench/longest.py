@@ -6,16 +6,18 @@ up to ``--doc-len`` tokens (64k by default: long documents, yet a step's attenti
 linear in the pack length, so a 1.25M-token step takes tens of seconds, not hours). Parts, in
 priority order, each skipped when its predicted time passes the global budget:
 
-1. ``llama-1b``, every on-GPU lever (tiled MLP, tiled loss, final norm recomputed): the
-   speed lengths (``--speed``, 256k among them), then ``--long`` (1.25M) directly;
-2. the levers one by one at ``--lever-len`` (plain, + tiled MLP, + offload) and the losses of
+1. ``llama-1b``, every on-GPU lever (tiled MLP, tiled loss, final norm recomputed): tokens/s at
+   the ``--speed`` lengths (256k among them);
+2. the levers one by one at ``--lever-len`` (plain, tiled MLP, + offload) and the losses of
    every lever on vs plain over ``--loss-steps`` steps from the same weights;
 3. the ``--pack-len`` many-document pack vs one causal sequence of that length (peak memory);
-4. ``llama-1b`` + activation offload at ``--offload-long`` (2M), capped by the host memory;
-5. ``llama-3b`` (Llama-3.2-3B shapes, random init) + offload at ``--long-3b`` (512k);
-6. what a TRL user has today: HF ``flex_attention`` + gradient checkpointing (chunked loss as
+4. ``llama-3b`` (Llama-3.2-3B shapes, random init) + offload at ``--long-3b`` (512k);
+5. what a TRL user has today: HF ``flex_attention`` + gradient checkpointing (chunked loss as
    TRL's fused LM head, no tiled MLP, no offload) at ``--flex`` lengths;
-7. a coarse search upward (one step per mode) while time remains.
+6. ``llama-1b`` at ``--long`` (1.25M) without offload, then 7. with offload at ``--offload-long``
+   (2M), capped by the free host memory: last, since past 1,048,576 tokens a kernel with
+   32-bit offsets may fail and take the CUDA context with it;
+8. a coarse search upward (one step per mode) while time remains.
 
 Every row records the peak memory split: state (allocated at forward start: weights and
 AdamW moments), kept activations (forward end minus start), backward working set (peak
@@ -223,37 +225,36 @@ def run_parts(s: Session, args) -> None:
     rows: list[dict] = []
     rec = lambda r: rows.append(r) or r  # noqa: E731
     big = "llama-1b"
-    # 1. every on-GPU lever: speed lengths, then the target directly
+    # 1. every on-GPU lever (tiled MLP, tiled loss, final norm recomputed): tokens/s
     for n in args.speed:
         rec(s.step("1 speed", big, n, steps=2))
-    long_row = rec(s.step("1 longest", big, args.long))
-    if not long_row.get("fits") and "skipped" not in long_row:  # bracket once below
-        rec(s.step("1 longest", big, (args.long * 4 // 5) // args.granule * args.granule))
-    # 2. lever by lever, and the losses
+    # 2. lever by lever (the tiled-MLP row is part 1's at the same length), and the losses
     for mlp, off in ((0, False), (args.mlp_chunk, False), (args.mlp_chunk, True)):
+        if mlp and not off and args.lever_len in args.speed:
+            continue
         rec(s.step("2 levers", big, args.lever_len, tiled_mlp=mlp, offload=off, steps=2))
     loss_rows(s, args, big)
     # 3. many-document pack vs one causal sequence
     rec(s.step("3 pack vs causal", big, args.pack_len))
     rec(s.step("3 pack vs causal", big, args.pack_len, causal=True))
-    # 4. offload: the target, capped by the host memory
-    for part, preset, target in (("4 offload longest", big, args.offload_long),
-                                 ("5 llama-3b", "llama-3b", args.long_3b)):
-        per_tok = offload_per_token("tiny" if args.tiny else preset)
-        n = min(target, host_cap(args, per_tok))
-        extra = {"target": target, "host_need_gib": per_tok * target / GIB,
-                 "host_free_gib": host_memory_gib("MemAvailable"), "host_capped": n < target}
-        rec(s.step(part, preset, n, offload=True, extra=extra))
-        s.drop()  # 5: the 3B model; 6: another attention
-    # 6. what a TRL user has today
+    # 4. the 3B-shaped model with offload, capped by the host memory
+    s.drop()
+    offload_target(s, args, rec, "4 llama-3b", "llama-3b", args.long_3b)
+    # 5. what a TRL user has today
     s.drop()
     if not args.cpu:  # FlexAttention has no CPU backward
         for n in args.flex:
-            r = rec(s.step("6 HF flex_attention", big, n, attn="flex_attention", tiled_mlp=0))
+            r = rec(s.step("5 HF flex_attention", big, n, attn="flex_attention", tiled_mlp=0))
             if not r.get("fits"):
                 break
-    # 7. upward while time remains: llama-1b without offload, then with
+    # 6. the 1.1B targets last: past 1,048,576 tokens q holds more than 2**31 elements (32 heads x 64), where a
+    # kernel with 32-bit offsets fails, possibly taking the CUDA context down with it
     s.drop()
+    long_row = rec(s.step("6 longest", big, args.long))
+    if not long_row.get("fits") and "skipped" not in long_row:  # bracket once below
+        rec(s.step("6 longest", big, (args.long * 4 // 5) // args.granule * args.granule))
+    offload_target(s, args, rec, "7 offload longest", big, args.offload_long)
+    # 8. upward while time remains: llama-1b without offload, then with
     for off in (False, True):
         mode_rows = [r for r in rows if r.get("model") == big and r.get("attention", "magi") == "magi"
                      and r.get("levers") == ("tiled_mlp+offload" if off else "tiled_mlp")]
@@ -261,7 +262,16 @@ def run_parts(s: Session, args) -> None:
         if n is not None and off:
             n = min(n, host_cap(args, offload_per_token("tiny" if args.tiny else big)))
         if n is not None and n > max(r["seq_len"] for r in mode_rows if r.get("fits")):
-            rec(s.step("7 search", big, n, offload=off))
+            rec(s.step("8 search", big, n, offload=off))
+
+
+def offload_target(s: Session, args, rec: Callable[[dict], dict], part: str, preset: str, target: int) -> None:
+    """One offloaded step at ``target`` tokens, or at the longest length whose host copies fit the free host RAM."""
+    per_tok = offload_per_token("tiny" if args.tiny else preset)
+    n = min(target, host_cap(args, per_tok))
+    extra = {"target": target, "host_need_gib": per_tok * target / GIB,
+             "host_free_gib": host_memory_gib("MemAvailable"), "host_capped": n < target}
+    rec(s.step(part, preset, n, offload=True, extra=extra))
 
 
 def loss_rows(s: Session, args, preset: str) -> None:
