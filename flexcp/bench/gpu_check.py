@@ -382,6 +382,7 @@ def environment(device: str) -> dict:
 
         env.update(cudnn_backend=int(cudnn.backend_version()), cudnn_frontend=getattr(cudnn, "__version__", "?"))
         env["cudnn_graph_cache"] = asdict(get_backend("cudnn").graphs.stats)
+        env["cudnn_refused"] = dict(get_backend("cudnn").refused)  # signatures cuDNN would not build (ran on Triton)
     except ImportError as e:
         env["cudnn_frontend"] = f"not importable: {e}"
     return env
@@ -534,6 +535,9 @@ def main(argv: list[str] | None = None) -> int:
     stream.close()
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
     md = markdown(summary, records, pack_rows, speed)
+    refused = report["environment"].get("cudnn_refused")
+    if refused:
+        md += f"\ncuDNN refused {len(refused)} band signatures (their launches ran on Triton): {refused}\n"
     (out / "gpu_check.md").write_text(md)
     print(md)
     print(f"check {check_s:.0f} s, total {report['total_s']:.0f} s; written to {out}/gpu_check.json and gpu_check.md")
