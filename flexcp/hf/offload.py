@@ -178,7 +178,8 @@ class ActivationOffload:
     # ------------------------------------------------------------------ forward: to the host
     def _pack(self, t: torch.Tensor) -> Any:
         nbytes = t.numel() * t.element_size()
-        if nbytes < self.min_bytes or t.device != self.device or isinstance(t, nn.Parameter) or t.layout != torch.strided:
+        if (nbytes < self.min_bytes or t.device != self.device or isinstance(t, nn.Parameter)
+                or t.layout != torch.strided):
             return t
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
         if (known := self._seen.get(key)) is not None:
