@@ -5,7 +5,7 @@ bindings a real graph execution gets (THD tensors, int64 element offsets, int32
 lengths) and, entry by entry, computes attention under the launch's TOP_LEFT band in
 float64, *overwriting* the output rows the offsets point at, as cuDNN does. So the
 backend's offset arithmetic, spans, private dK/dV rows, merges and accumulation are
-tested on CPU, exactly, without cuDNN. A backward graph built by tokens (``key.total_q``)
+tested on CPU, exactly, without cuDNN. A backward graph built by tokens (``key.shape.total_q``)
 also checks that no offset addresses a row past its totals (cuDNN's accumulators end there).
 ``versions`` (what the workspace policy reads) is an H200 with cuDNN 9.19 unless a test sets it.
 """
@@ -49,11 +49,11 @@ class EmulatedGraphs:
     def run(self, key: GraphKey, b: dict) -> None:
         self.get(key)
         self.runs += 1
-        hq, hkv, d = key.hq, key.hkv, key.head_dim
+        hq, hkv, d = key.shape.hq, key.shape.hkv, key.shape.head_dim
         g = hq // hkv
-        for e in range(key.batch):
+        for e in range(key.shape.batch):
             n, m = int(b["seq_q"][e]), int(b["seq_k"][e])
-            assert n <= key.max_q and m <= key.max_k, "entry longer than its graph's bucket"
+            assert n <= key.shape.max_q and m <= key.shape.max_k, "entry longer than its graph's bucket"
             if n == 0:
                 continue
             row = lambda name, width: int(b[f"off_{name}"][e]) // width  # noqa: E731
@@ -67,7 +67,7 @@ class EmulatedGraphs:
             if left is not None:
                 keep &= j > i - left
             if right is not None:
-                keep &= j <= i + (key.max_k if right == UNBOUNDED else right)
+                keep &= j <= i + (key.shape.max_k if right == UNBOUNDED else right)
             s = torch.einsum("qhd,khd->hqk", q, k) * key.scale
             s = s.masked_fill(~keep, float("-inf"))
             if not key.backward:
@@ -78,9 +78,14 @@ class EmulatedGraphs:
                 b["stats"][s0 : s0 + n] = lse.t().to(b["stats"].dtype)
                 continue
             s0 = row("stats", hq)
-            if key.total_q:
-                assert s0 + n <= key.total_q and row("dq", hq * d) + n <= key.total_q, "a row past max_total_seq_len_q"
-                assert max(row("dk", hkv * d), row("dv", hkv * d)) + m <= key.total_k, "a row past max_total_seq_len_kv"
+            if key.shape.total_q:
+                # cuDNN 9.19's token-sized backward gave a wrong dQ unless the query side's offsets are the
+                # running sums of the entries' lengths from 0 (measured on an H200); emulate that contract
+                first = int(b["seq_q"][:e].sum())
+                assert all(row(t, w) == first for t, w in (("q", hq * d), ("o", hq * d), ("do", hq * d), ("dq", hq * d),
+                                                           ("stats", hq))), "token-sized backward: query offsets not packed from 0"
+                assert s0 + n <= key.shape.total_q and row("dq", hq * d) + n <= key.shape.total_q, "a row past max_total_seq_len_q"
+                assert max(row("dk", hkv * d), row("dv", hkv * d)) + m <= key.shape.total_k, "a row past max_total_seq_len_kv"
             lse = b["stats"][s0 : s0 + n].double().t()
             o = b["o"][row("o", hq * d) :][:n].double()
             do = b["do"][row("do", hq * d) :][:n].double()

@@ -7,6 +7,8 @@ import warnings
 
 import pytest
 import torch
+
+from flexcp.kernels.cudnn.backend import packed_rows
 from hypothesis import given, settings
 
 from cudnn_emulator import EmulatedCudnn
@@ -92,11 +94,17 @@ def backward_keys(backend) -> list:
 @settings(max_examples=25, deadline=None)
 @given(valid_specs(max_len=70, max_slices=9))
 def test_random_masks_by_tokens(spec):
-    """Head dim 16: backward graphs carry token totals, and the emulator checks that every
-    offset of every launch stays below them (float64 sums and 16-bit direct writes)."""
+    """Head dim 16: backward graphs of launches whose entries tile their rows carry token totals,
+    the others run padded, and the emulator checks that every offset of every launch stays below
+    the totals and that a token-sized launch's query offsets are packed from 0 (cuDNN 9.19's
+    contract, measured)."""
     backend = EmulatedCudnn()
     assert_exact(*run(backend, spec, hq=4, hkv=2, d=16))
-    assert all(k.total_q >= 128 and k.total_k >= 128 for k in backward_keys(backend))
+    prep = backend.prepare(spec.table, spec.total_seqlen, spec.total_seqlen_k, torch.device("cpu"))
+    for la in prep.launches:
+        shape = backend.backward_shape(la, 4, 2, 16, 0)
+        assert bool(shape.total_q) == packed_rows(la)
+        assert not shape.total_q or (shape.total_q >= 128 and shape.total_k >= 128)
 
 
 @pytest.mark.parametrize("name", ["docs", "prefix", "shared_k", "overlapping_q", "window"])
@@ -108,7 +116,7 @@ def test_direct_sixteen_bit_gradients_stay_within_the_totals(name):
     prep = backend.prepare(spec.table, spec.total_seqlen, spec.total_seqlen_k, q.device)
     out, lse = backend.forward(q, k, v, prep, 0.3, 0.0)
     backend.backward(torch.randn_like(q), q, k, v, out, lse, prep, 0.3, 0.0, torch.bfloat16)
-    assert backward_keys(backend) and all(key.total_q for key in backward_keys(backend))
+    assert backward_keys(backend) and all(key.shape.total_q for key in backward_keys(backend))
 
 
 def test_packs_of_similar_size_share_backward_graphs():
@@ -116,7 +124,7 @@ def test_packs_of_similar_size_share_backward_graphs():
     for lens in ([30, 70, 100], [29, 71, 102], [50, 153]):
         run(backend, varlen(lens), hq=2, hkv=2, d=16)
     assert len(backward_keys(backend)) == 2  # 200 and 202 tokens share one bucket; max_q 153 -> 256 is another
-    assert {k.total_q for k in backward_keys(backend)} == {token_bucket(202)} == {256}
+    assert {k.shape.total_q for k in backward_keys(backend)} == {token_bucket(202)} == {256}
 
 
 def test_known_bad_version_runs_padded_with_one_warning():
@@ -126,7 +134,7 @@ def test_known_bad_version_runs_padded_with_one_warning():
         assert_exact(*run(backend, CASES["prefix"], d=16))
         assert_exact(*run(backend, CASES["docs"], d=16))
     assert len([w for w in rec if "all-zero" in str(w.message)]) == 1
-    assert backward_keys(backend) and all(k.total_q == 0 for k in backward_keys(backend))
+    assert backward_keys(backend) and all(k.shape.total_q == 0 for k in backward_keys(backend))
 
 
 def test_oversized_backward_launches_run_on_the_fallback(monkeypatch):

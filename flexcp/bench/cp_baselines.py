@@ -30,7 +30,7 @@ import torch.distributed as dist
 from ..sharding import DispatchPlan
 from ..sharding import ops as dispatch_ops
 from ..sharding.collectives import all_gather_single, reduce_scatter_single
-from ..dist_attn.merge import merge_partials
+from ..kernels.compose import merge_partials
 from ..kernels.backend import AttnBackend
 from ..mask.geometry import SliceTable, clip_band, slice_areas
 

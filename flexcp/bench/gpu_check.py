@@ -27,7 +27,7 @@ One device call, two parts (``--part check``, ``--part packs``, default both):
 Writes ``gpu_check.jsonl`` (records as they come), ``gpu_check.json`` (environment, every
 record, summary) and ``gpu_check.md`` to
 ``--out`` (default ``$OUT``, else the working directory); prints the tables. A time budget
-(``--check-budget-s`` 240 for the check, ``--budget-s`` 450 in all) skips what is left,
+(``--check-budget-s`` 240 for the check, ``--budget-s`` 420 in all) skips what is left,
 recorded as skipped. ``--dry-run`` lists
 the cases and builds every mask without a GPU. Exit status 1 when a check fails.
 """
@@ -382,6 +382,7 @@ def environment(device: str) -> dict:
 
         env.update(cudnn_backend=int(cudnn.backend_version()), cudnn_frontend=getattr(cudnn, "__version__", "?"))
         env["cudnn_graph_cache"] = asdict(get_backend("cudnn").graphs.stats)
+        env["cudnn_refused"] = dict(get_backend("cudnn").refused)  # signatures cuDNN would not build (ran on Triton)
     except ImportError as e:
         env["cudnn_frontend"] = f"not importable: {e}"
     return env
@@ -453,7 +454,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--random-masks", type=int, default=3, help="random masks in the check, the first is 1,000 slices (default: 3)")
     p.add_argument("--check-budget-s", type=float, default=240.0,
                    help="start no new check case after this many seconds (default: 240)")
-    p.add_argument("--budget-s", type=float, default=450.0, help="start nothing new after this many seconds (default: 450)")
+    p.add_argument("--budget-s", type=float, default=420.0, help="start nothing new after this many seconds (default: 420)")
     p.add_argument("--out", default=os.environ.get("OUT", "."), help="output folder (default: $OUT, else .)")
     p.add_argument("--cases", default="", help="run only cases whose name contains one of these comma-separated parts")
     p.add_argument("--device", default="cuda", help="cuda (default); cpu runs the check part without memory, for tests")
@@ -534,6 +535,9 @@ def main(argv: list[str] | None = None) -> int:
     stream.close()
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
     md = markdown(summary, records, pack_rows, speed)
+    refused = report["environment"].get("cudnn_refused")
+    if refused:
+        md += f"\ncuDNN refused {len(refused)} band signatures (their launches ran on Triton): {refused}\n"
     (out / "gpu_check.md").write_text(md)
     print(md)
     print(f"check {check_s:.0f} s, total {report['total_s']:.0f} s; written to {out}/gpu_check.json and gpu_check.md")

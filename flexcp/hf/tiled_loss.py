@@ -5,7 +5,7 @@ the loss upcasts them to float32). :class:`LinearCrossEntropy` computes the head
 token losses ``chunk_tokens`` rows at a time, keeps only the hidden states, the weight and
 the labels, and recomputes each chunk's logits in backward, so one chunk of
 ``[chunk_tokens, vocab]`` logits is alive at a time. Per chunk it runs exactly the
-operations of the plain loss (``F.linear`` in the head's dtype, ``.float()``, the optional
+operations of the plain loss (``F.linear`` in the head's dtype, ``.float()`` (float64 stays), the optional
 softcap, ``F.cross_entropy(reduction="sum")``), so only the order of the final sum differs.
 
 :func:`tile_loss` makes an HF causal LM (Llama, Qwen, Mistral, Gemma 2, ...) use it whenever
@@ -33,7 +33,8 @@ __all__ = ["LinearCrossEntropy", "linear_cross_entropy", "logit_softcap", "recom
 
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                 softcap: float, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = F.linear(hidden, weight, bias).float()
+    logits = F.linear(hidden, weight, bias)
+    logits = logits if logits.dtype == torch.float64 else logits.float()
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
     loss = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
@@ -42,7 +43,7 @@ def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """``(sum of token losses (float32), argmax hits)`` of ``linear(hidden, weight, bias)`` against ``labels``.
+    """``(sum of token losses (float32; float64 for float64 inputs), argmax hits)`` of ``linear(hidden, weight, bias)``.
 
     ``hidden`` ``[N, H]``, ``weight`` ``[V, H]``, ``labels`` ``[N]`` (``ignore_index`` skipped).
     Forward and backward go ``chunk`` rows at a time; backward recomputes each chunk's
@@ -56,7 +57,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         ctx.chunk, ctx.softcap, ctx.ignore_index = chunk, softcap, ignore_index
         ctx.autocast = autocast_state(hidden.device.type)
         ctx.save_for_backward(hidden, weight, bias, labels)
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        loss = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         hits = torch.zeros((), dtype=torch.long, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk):
             part, h = _chunk_loss(hidden[s : s + chunk], weight, bias, labels[s : s + chunk], softcap, ignore_index)
