@@ -79,6 +79,11 @@ class EmulatedGraphs:
                 continue
             s0 = row("stats", hq)
             if key.shape.total_q:
+                # cuDNN 9.19's token-sized backward gave a wrong dQ unless the query side's offsets are the
+                # running sums of the entries' lengths from 0 (measured on an H200); emulate that contract
+                first = int(b["seq_q"][:e].sum())
+                assert all(row(t, w) == first for t, w in (("q", hq * d), ("o", hq * d), ("do", hq * d), ("dq", hq * d),
+                                                           ("stats", hq))), "token-sized backward: query offsets not packed from 0"
                 assert s0 + n <= key.shape.total_q and row("dq", hq * d) + n <= key.shape.total_q, "a row past max_total_seq_len_q"
                 assert max(row("dk", hkv * d), row("dv", hkv * d)) + m <= key.shape.total_k, "a row past max_total_seq_len_kv"
             lse = b["stats"][s0 : s0 + n].double().t()

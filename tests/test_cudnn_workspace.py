@@ -7,6 +7,8 @@ import warnings
 
 import pytest
 import torch
+
+from flexcp.kernels.cudnn.backend import packed_rows
 from hypothesis import given, settings
 
 from cudnn_emulator import EmulatedCudnn
@@ -92,11 +94,17 @@ def backward_keys(backend) -> list:
 @settings(max_examples=25, deadline=None)
 @given(valid_specs(max_len=70, max_slices=9))
 def test_random_masks_by_tokens(spec):
-    """Head dim 16: backward graphs carry token totals, and the emulator checks that every
-    offset of every launch stays below them (float64 sums and 16-bit direct writes)."""
+    """Head dim 16: backward graphs of launches whose entries tile their rows carry token totals,
+    the others run padded, and the emulator checks that every offset of every launch stays below
+    the totals and that a token-sized launch's query offsets are packed from 0 (cuDNN 9.19's
+    contract, measured)."""
     backend = EmulatedCudnn()
     assert_exact(*run(backend, spec, hq=4, hkv=2, d=16))
-    assert all(k.shape.total_q >= 128 and k.shape.total_k >= 128 for k in backward_keys(backend))
+    prep = backend.prepare(spec.table, spec.total_seqlen, spec.total_seqlen_k, torch.device("cpu"))
+    for la in prep.launches:
+        shape = backend.backward_shape(la, 4, 2, 16, 0)
+        assert bool(shape.total_q) == packed_rows(la)
+        assert not shape.total_q or (shape.total_q >= 128 and shape.total_k >= 128)
 
 
 @pytest.mark.parametrize("name", ["docs", "prefix", "shared_k", "overlapping_q", "window"])

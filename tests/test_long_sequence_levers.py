@@ -11,7 +11,8 @@ from flexcp.train.model import enable_activation_checkpointing
 
 
 def _model(kind="llama", dtype=torch.float64, softcap=None):
-    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM)
 
     shape = dict(hidden_size=32, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=50)
@@ -57,13 +58,31 @@ def test_tiled_mlp_bf16_is_close_and_keeps_only_the_input():
     ids = torch.randint(0, 50, (2, 64))
     plain, g0 = _grads(model, ids)
     tile_mlp(model, 16)
-    saved = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
-        tiled, g1 = _grads(model, ids)
+    tiled, g1 = _grads(model, ids)
     torch.testing.assert_close(plain.logits, tiled.logits)
     for name in g0:
         torch.testing.assert_close(g0[name].float(), g1[name].float(), rtol=2e-2, atol=2e-2)
-    assert torch.Size([2, 64, 96]) not in saved  # no intermediate_size-wide tensor kept for the whole sequence
+    assert (2, 64, 96) not in _saved_shapes(model, ids)  # no intermediate_size-wide tensor kept for the sequence
+
+
+def _saved_shapes(model, ids) -> set[tuple]:
+    """Shapes of the tensors the forward saves for backward."""
+    shapes = set()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.add(tuple(t.shape)) or t, lambda t: t):
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    return shapes
+
+
+@pytest.mark.parametrize("when,fits,tiled", [("needed", True, False), ("needed", False, True), ("always", True, True)])
+def test_tile_mlp_needed_runs_untiled_where_the_intermediates_fit(monkeypatch, when, fits, tiled):
+    import flexcp.hf.tiled_mlp as tm
+
+    monkeypatch.setattr(tm, "fits_untiled", lambda module, x: fits)
+    model = _model()
+    tile_mlp(model, 8, when=when)
+    # the untiled MLP keeps its intermediate_size-wide (96) activations for backward; the tiled one does not
+    assert ((1, 40, 96) not in _saved_shapes(model, torch.randint(0, 50, (1, 40)))) == tiled
 
 
 def test_tile_mlp_refuses_bad_chunks_and_models():
@@ -71,6 +90,8 @@ def test_tile_mlp_refuses_bad_chunks_and_models():
         tile_mlp(_model(), -1)
     with pytest.raises(ValueError, match="decoder layers"):
         tile_mlp(torch.nn.Linear(2, 2), 8)
+    with pytest.raises(ValueError, match="when"):
+        tile_mlp(_model(), 8, when="sometimes")
 
 
 @settings(max_examples=8, deadline=None, derandomize=True)

@@ -100,13 +100,29 @@ def _launch_tensors(la: Launch, hq: int, hkv: int, d: int, device: torch.device)
 
 
 def backward_extents(la: Launch) -> tuple[int, int]:
-    """Rows the backward's ragged offsets address: ``(query rows, key rows)``.
+    """Rows a token-sized backward's ragged offsets address: ``(query rows, key rows)``.
 
-    The stats (lse) are bound whole and dQ whole or per row span, so query offsets reach the
-    launch's last row; dK/dV offsets reach its last key row, or its private rows. The graph's
-    ``max_total_seq_len_*`` must be at least these (cuDNN sizes its accumulators by them).
+    Query-side tensors (q, o, dO, stats, dQ) are bound from the launch's first row on, so
+    query offsets reach its row span's length; dK/dV offsets reach its last key row, or its
+    private rows. The graph's ``max_total_seq_len_*`` must be at least these (cuDNN sizes its
+    accumulators by them).
     """
-    return la.row_span[1], max(la.key_span[1], la.private_rows)
+    r0, r1 = la.row_span
+    return r1 - r0, max(la.key_span[1], la.private_rows)
+
+
+def packed_rows(la: Launch) -> bool:
+    """Whether the launch's entries tile its row span with no gap (their query offsets, counted
+    from the span's first row, are the running sums of their lengths).
+
+    cuDNN 9.19's token-sized backward (``max_total_seq_len_q``) gave a wrong dQ, with right dK/dV,
+    whenever query offsets were not those running sums from 0 (measured on one H200 over the
+    GPU differential check: random masks, prefix trees, CP host stages). So a token-sized
+    backward binds the query side from the span's first row, and a launch with gaps between
+    its entries runs padded instead (within the index limit; else on the fallback).
+    """
+    r0, r1 = la.row_span
+    return int(la.sq.sum()) == r1 - r0
 
 
 def launch_table(la: Launch) -> SliceTable:
@@ -260,6 +276,8 @@ class CudnnBackend(AttnBackend):
         batch, mq, mk = launch_bucket(la)
         if self.padded_reason(device, d) is not None:
             return Shape(batch, mq, mk, hq, hkv, d)
+        if not packed_rows(la):
+            return Shape(batch, mq, mk, hq, hkv, d)
         rows, keys = backward_extents(la)
         return Shape(batch, mq, mk, hq, hkv, d, token_bucket(rows), token_bucket(keys))
 
@@ -387,15 +405,22 @@ class CudnnBackend(AttnBackend):
         la = prep.launches[i]
         hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
         t = prep.tensors(i, hq, hkv, d)
-        dq_t, off_dq = sink.dq_target(la, t)
+        key = self._key(la, q, k, scale, True)
+        by_tokens = bool(key.shape.total_q)
+        dq_t, off_dq = sink.dq_target(la, t, by_tokens)
         (dk_t, dv_t), off_dk = sink.dkv_target(la, t)
+        off_q, off_stats = t.off["off_q"], t.off["off_stats"]
+        if by_tokens:  # the query side bound from the span's first row (see packed_rows)
+            r0 = la.row_span[0]
+            q, o16, do16, lse = q[r0:], o16[r0:], do16[r0:], lse[r0:]
+            off_q, off_stats = t.off["off_q_span"], t.off["off_stats_span"]
         self.graphs.run(
-            self._key(la, q, k, scale, True),
+            key,
             {
                 "q": q, "k": k, "v": v, "o": o16, "do": do16, "stats": lse, "dq": dq_t, "dk": dk_t, "dv": dv_t,
-                "seq_q": t.seq_q, "seq_k": t.seq_k, "off_q": t.off["off_q"], "off_k": t.off["off_k"],
-                "off_v": t.off["off_k"], "off_o": t.off["off_q"], "off_do": t.off["off_q"],
-                "off_stats": t.off["off_stats"], "off_dq": off_dq, "off_dk": off_dk, "off_dv": off_dk,
+                "seq_q": t.seq_q, "seq_k": t.seq_k, "off_q": off_q, "off_k": t.off["off_k"],
+                "off_v": t.off["off_k"], "off_o": off_q, "off_do": off_q,
+                "off_stats": off_stats, "off_dq": off_dq, "off_dk": off_dk, "off_dv": off_dk,
             },
         )  # fmt: skip
         sink.collect(la, t, dq_t, dk_t, dv_t)
@@ -423,10 +448,11 @@ class _GradSink:
         self.dq = _buffer(q.shape[0], prep.full_q, q.shape[1], q.shape[2], q.dtype, q.device) if direct_q else None
         self.dkv = [_buffer(k.shape[0], prep.full_k, k.shape[1], k.shape[2], q.dtype, q.device) for _ in "kv"] if direct_k else None
 
-    def dq_target(self, la: Launch, t: LaunchTensors) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.dq is not None:
-            return self.dq, t.off["off_q"]
+    def dq_target(self, la: Launch, t: LaunchTensors, from_span: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """dQ's binding: the final gradient (a view from the span's first row when ``from_span``) or a span buffer."""
         r0, r1 = la.row_span
+        if self.dq is not None:
+            return (self.dq[r0:], t.off["off_q_span"]) if from_span else (self.dq, t.off["off_q"])
         # every row of a span some entry covers is written; the others must read as zero
         return _buffer(r1 - r0, int(la.sq.sum()) == r1 - r0, self.q.shape[1], self.q.shape[2], self.q.dtype, self.q.device), t.off["off_q_span"]
 
