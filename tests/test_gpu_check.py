@@ -94,3 +94,13 @@ def test_main_runs_the_check_part_on_cpu(tmp_path, monkeypatch):
     s = report["summary"]["reference/bfloat16"]
     assert (s["pass"], s["fail"], s["refused"], s["skipped"]) == (1, 0, 0, 0) and 0 < s["worst_err_over_bound"] <= 1
     assert (tmp_path / "gpu_check.jsonl").read_text().count("\n") == 1 and "reference/bfloat16" in (tmp_path / "gpu_check.md").read_text()
+
+
+@pytest.mark.parametrize("spec", [gpu_check.tree_forest(2, 3, 5, 3), gpu_check.varlen([4, 1, 7])], ids=["forest", "varlen"])
+def test_flex_baseline_mask_is_the_spec(spec):
+    """FlexAttention's inputs (kernel_bench's mask_mod over node relations) cover exactly the spec's cells."""
+    fm = gpu_check.flex_mask(spec)
+    qi, ki = np.arange(spec.total_seqlen)[:, None], np.arange(spec.total_seqlen)[None, :]
+    r = fm.rel[fm.node[qi], fm.node[ki]]
+    dense = (r == 1) | ((r == 2) & (qi >= ki) & (qi - ki < fm.window))
+    assert np.array_equal(dense, spec.to_dense().numpy())
