@@ -7,7 +7,7 @@ linear in the pack length, so a 1.25M-token step takes tens of seconds, not hour
 priority order, each skipped when its predicted time passes the global budget:
 
 1. ``llama-1b``, every on-GPU lever as the recipe sets them (tiled MLP where memory is short,
-   tiled loss, final norm recomputed): tokens/s at the ``--speed`` lengths (256k among them);
+   tiled loss, norms recomputed): tokens/s at the ``--speed`` lengths (256k among them);
 2. the levers one by one at ``--lever-len`` (plain, MLP always tiled, + offload) and the losses
    of every lever on vs plain over ``--loss-steps`` steps from the same weights;
 3. the ``--pack-len`` many-document pack vs one causal sequence of that length (peak memory);
@@ -231,7 +231,7 @@ def run_parts(s: Session, args) -> None:
     rows: list[dict] = []
     rec = lambda r: rows.append(r) or r  # noqa: E731
     big = "llama-1b"
-    # 1. every on-GPU lever (tiled MLP, tiled loss, final norm recomputed): tokens/s
+    # 1. every on-GPU lever (tiled MLP where memory is short, tiled loss, norms recomputed): tokens/s
     for n in args.speed:
         rec(s.step("1 speed", big, n, steps=2))
     # 2. lever by lever (the MLP tiled even where it would fit untiled: its cost), and the losses
