@@ -7,12 +7,11 @@ import warnings
 
 import pytest
 import torch
-
-from flexcp.kernels.cudnn.backend import packed_rows
 from hypothesis import given, settings
 
 from cudnn_emulator import EmulatedCudnn
 from flexcp.kernels.cudnn import workspace
+from flexcp.kernels.cudnn.backend import packed_rows
 from flexcp.kernels.cudnn.workspace import Shape, Versions, backward_workspace, padded_reason, token_bucket, too_large
 from flexcp.mask import AttnMaskSpec, prefix_tree, varlen
 from strategies import valid_specs

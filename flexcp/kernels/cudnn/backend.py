@@ -222,8 +222,8 @@ class CudnnBackend(AttnBackend):
         ``stat_dtype`` out accumulator, with one launch's span buffers alive beside it.
         Backward: ``stat_dtype`` sums of dQ (launches share query rows) and of dK/dV (entries
         share keys), plus, for the largest launch, its 16-bit span buffers and cuDNN's workspace
-        (``workspace.backward_workspace``: sized by tokens or padded, per the version policy;
-        fitted to the H200 measurements, see there). A launch on the fallback (refused, or over
+        (``workspace.backward_workspace``: sized by tokens or padded, per the version policy and
+        :func:`packed_rows`; fitted to the H200 measurements, see there). A launch on the fallback (refused, or over
         the index limit) holds the fallback's full-size partials and its own need instead.
         Not counted: cuDNN's forward workspace and the engine's few MiB, the copies of out / dout
         a caller passing them in another dtype causes, and the gated recompute (it runs only
