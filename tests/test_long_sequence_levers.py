@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flexcp.hf import ActivationOffload, HostArena, linear_cross_entropy, tile_loss, tile_mlp
+from flexcp.hf import ActivationOffload, HostArena, linear_cross_entropy, recompute_norms, tile_loss, tile_mlp
 from flexcp.train.model import enable_activation_checkpointing
 
 
@@ -83,6 +83,32 @@ def test_tile_mlp_needed_runs_untiled_where_the_intermediates_fit(monkeypatch, w
     tile_mlp(model, 8, when=when)
     # the untiled MLP keeps its intermediate_size-wide (96) activations for backward; the tiled one does not
     assert ((1, 40, 96) not in _saved_shapes(model, torch.randint(0, 50, (1, 40)))) == tiled
+
+
+def _float32_hidden_saved(model, ids) -> int:
+    """How many float32 [1, T, hidden] tensors the forward saves (HF's RMSNorm saves such copies)."""
+    found = []
+    hook = lambda t: found.append(t.dtype == torch.float32 and tuple(t.shape) == (*ids.shape, 32)) or t  # noqa: E731
+    with torch.autograd.graph.saved_tensors_hooks(hook, lambda t: t):
+        model(input_ids=ids, labels=ids, use_cache=False)
+    return sum(found)
+
+
+@pytest.mark.parametrize("kind,norms", [("llama", 5), ("gemma2", 9)])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_recomputed_norms_are_bit_exact_and_keep_no_float32_copy(kind, norms, checkpointing):
+    model = _model(kind, torch.bfloat16)
+    if checkpointing:
+        enable_activation_checkpointing(model)
+    ids = torch.randint(0, 50, (1, 24))
+    plain, g0 = _grads(model, ids)
+    assert checkpointing or _float32_hidden_saved(model, ids) >= norms
+    assert recompute_norms(model) == norms  # the final norm and every norm of the two layers
+    got, g1 = _grads(model, ids)
+    assert torch.equal(plain.logits, got.logits)
+    for name in g0:
+        assert torch.equal(g0[name], g1[name]), name
+    assert _float32_hidden_saved(model, ids) == 0
 
 
 def test_tile_mlp_refuses_bad_chunks_and_models():

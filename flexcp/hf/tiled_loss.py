@@ -22,13 +22,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..magi_attn_utils.heads import unwrap_model
 from ..sharding import IGNORE_INDEX
+from .recompute import recompute_norms
 from .tiled_mlp import autocast_state, recompute_autocast
 
-__all__ = ["LinearCrossEntropy", "linear_cross_entropy", "logit_softcap", "recompute_final_norm", "tile_loss"]
+__all__ = ["LinearCrossEntropy", "linear_cross_entropy", "logit_softcap", "tile_loss"]
 
 
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
@@ -109,29 +109,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     return LinearCrossEntropy.apply(h, weight, bias, y, chunk_tokens, float(softcap), ignore_index)
 
 
-def recompute_final_norm(model: nn.Module) -> bool:
-    """Checkpoint the decoder's final norm (``model.get_decoder().norm``): keep its input, not its float32 internals.
-
-    HF's RMSNorm saves a float32 copy of its input and more (about 12 bytes per hidden
-    unit per token, the input's 2 alone once recomputed). Returns False when the model has
-    no ``norm`` on its decoder (nothing changed).
-    """
-    base = unwrap_model(model)
-    norm = getattr(base.get_decoder(), "norm", None) if hasattr(base, "get_decoder") else None
-    if not isinstance(norm, nn.Module):
-        return False
-    if "_flexcp_plain_forward" not in norm.__dict__:
-        plain = norm._flexcp_plain_forward = norm.forward
-
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            if torch.is_grad_enabled() and x.requires_grad:
-                return checkpoint(plain, x, use_reentrant=False)
-            return plain(x)
-
-        norm.forward = forward
-    return True
-
-
 def logit_softcap(config: Any) -> float:
     """The config's final logit softcap (0: none); logit scalings the tiled loss does not apply are refused."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -193,7 +170,8 @@ def tile_loss(model: nn.Module, chunk_tokens: int = 8192) -> None:
     (and no ``logits_to_keep``): the loss is the model's own (same shifting, ``ignore_index``
     and ``num_items_in_batch`` normalization), ``outputs.logits`` is then an empty
     ``[.., T, 0]`` tensor. Evaluation and calls without labels build logits as before.
-    Also recomputes the final norm (:func:`recompute_final_norm`). Call again to change the
+    Also recomputes the final norm (:func:`flexcp.hf.recompute.recompute_norms`, ``layers=False``):
+    its float32 copies would otherwise be the largest thing the loss keeps. Call again to change the
     chunk. The LM head must be an ``nn.Linear``.
     """
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
@@ -213,4 +191,4 @@ def tile_loss(model: nn.Module, chunk_tokens: int = 8192) -> None:
     head._flexcp_plain_forward = head.forward
     head.forward = state.head_forward(head._flexcp_plain_forward)
     base.loss_function = lambda *a, **k: state.loss(*a, head=head, **k)
-    recompute_final_norm(base)
+    recompute_norms(base, layers=False)
