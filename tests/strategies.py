@@ -5,6 +5,10 @@ Valid specs come from two generators so both easy and awkward geometry shows up:
 segments (overlapping q ranges, disjoint cells, empty rows, 1-token pieces);
 ``greedy`` draws slices whose endpoints reuse earlier ones (+-1) and keeps each one
 whose cells are still free, which yields slices touching along diagonals.
+``composed_specs`` (1-60 slices, for the property tests of every composition) tiles random
+rectangles of a grid with one to three typed slices each (a band and the triangles beside
+it), so slices share q ranges and k ranges and touch along diagonals while never sharing a
+cell; it mixes in ``greedy`` masks, empty slices and one-token slices.
 """
 
 from __future__ import annotations
@@ -106,3 +110,50 @@ def any_specs(draw, max_len: int = 24, max_slices: int = 8) -> AttnMaskSpec:
     """In-bounds specs that may or may not have overlapping cells."""
     tq, tk = draw(lengths(max_len))
     return _spec(draw(raw_slices(tq, tk, max_slices)), tq, tk)
+
+
+def _tiling(a: int, b: int, c: int, d: int, kind: int) -> list:
+    """Typed slices tiling parts of the rectangle ``[a, b) x [c, d)`` (disjoint cells), by ``kind``:
+    0: one slice of a random type drawn by the caller (not here); 1: the band ``0 <= j' - i' <= w``
+    (BI_CAUSAL, ``w = sk - sq >= 0``) with the triangles below (CAUSAL) and above (INV_CAUSAL) it;
+    2: the lower triangle only (CAUSAL); 3: the band and the upper triangle."""
+    sq, sk = b - a, d - c
+    w = sk - sq
+    band = ((a, b), (c, d), "bi_causal")
+    below = ((a + 1, b), (c, c + sq - 1), "causal")  # j' < i'
+    above = ((a, b - 1), (c + w + 1, d), "inv_causal")  # j' - i' > w
+    return {1: [band, below, above], 2: [below], 3: [band, above]}[kind]
+
+
+@st.composite
+def _grid_slices(draw, tq: int, tk: int, max_slices: int):
+    """Random rectangles of a grid, each holding one slice of any type or a tiling by a band and its triangles."""
+    out = []
+    q_cuts, k_cuts = _cuts(draw, tq, 6), _cuts(draw, tk, 6)
+    for q0, q1 in zip(q_cuts[:-1], q_cuts[1:]):
+        for k0, k1 in zip(k_cuts[:-1], k_cuts[1:]):
+            how = draw(st.integers(0, 5))
+            if how >= 4:
+                continue  # an empty rectangle
+            if how == 0 or k1 - k0 < q1 - q0:  # bands need at least as many keys as rows
+                qr = _sub_range(draw, q0, q1)
+                out.append((qr, _sub_range(draw, k0, k1), draw(st.sampled_from(TYPES))))
+            else:
+                out.extend(s for s in _tiling(q0, q1, k0, k1, how) if s[0][0] <= s[0][1] and s[1][0] <= s[1][1])
+    return out[:max_slices]
+
+
+@st.composite
+def composed_specs(draw, max_len: int = 64, max_slices: int = 60) -> AttnMaskSpec:
+    """A valid spec of 1 to ``max_slices`` slices (see the module docstring); cells checked disjoint independently."""
+    tq, tk = draw(lengths(max_len))
+    gen = draw(st.sampled_from([_grid_slices, _grid_slices, _greedy_slices]))
+    slices = draw(gen(tq, tk, max_slices))
+    for _ in range(draw(st.integers(0, 2))):  # empty slices: no rows, or no keys
+        at = draw(st.integers(0, min(tq, tk)))
+        slices.append(((at, at), (0, tk), "full") if draw(st.booleans()) else ((0, tq), (at, at), "causal"))
+    if not slices:
+        slices = [((0, 1), (0, 1), "full")]
+    spec = _spec(slices[:max_slices], tq, tk)
+    assert coverage(spec).max(initial=0) <= 1
+    return spec

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from ..comm import CastPlan, agree, group_cast, group_reduce
 from ..kernels.backend import AttnBackend, stat_dtype
 from ..kernels.cache import schedule_for
-from .merge import merge_partials
+from ..kernels.compose import merge_partials
 from .plan import RankAttnPlan
 
 

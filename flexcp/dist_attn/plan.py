@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..sharding.plan import DispatchPlan
+from ..mask.cover import CoverageError, check_cover
 from ..mask.geometry import SliceTable, clip_band
 
 
@@ -62,9 +63,6 @@ class RankAttnPlan:
         """Remote key rows received in the forward (and dK/dV rows sent back in the backward)."""
         return sum(s.recv_len for s in self.stages)
 
-    @property
-    def sent_rows(self) -> int:
-        return sum(int(sum(len(r) for r in s.send_rows)) for s in self.stages)
 
 
 def _row_runs(plan: DispatchPlan, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -205,7 +203,43 @@ def build_rank_plans(table: SliceTable, plan: DispatchPlan, num_stages: int = 1)
         host_table = _pieces_over_runs(needs[r].pieces, needs[r].q_shift, host_runs)
         stages = tuple(_stage(r, dist, needs, plan) for dist in stage_distances(cp, num_stages))
         plans.append(RankAttnPlan(r, cp, plan.local_len, host_table, stages))
+    check_cover(table, _global_tables(plans, plan), "the distributed plan's host and remote stages")
     return plans
+
+
+def _global_tables(plans: list[RankAttnPlan], plan: DispatchPlan) -> list[SliceTable]:
+    """Every rank's host and stage tables moved back to global rows, through the rows the ranks hold and
+    send (independently of how the tables were built), for the conservation check."""
+    rows = [plan.global_indices(r) for r in range(plan.cp_size)]
+    out = []
+    for r, p in enumerate(plans):
+        out.append(_to_global(p.host_table, rows[r], rows[r], f"rank {r}'s host stage"))
+        for s, stage in enumerate(p.stages):
+            # the receive buffer: what each source sends this rank in this stage, sources in rank order
+            buffer = np.concatenate([rows[src][plans[src].stages[s].send_rows[r]] for src in range(plan.cp_size)])
+            if len(buffer) != stage.recv_len:
+                raise CoverageError(f"internal error: rank {r}'s stage {s} expects {stage.recv_len} key rows, "
+                                    f"its sources send {len(buffer)}; this is a bug in flexcp")
+            out.append(_to_global(stage.table, rows[r], buffer, f"rank {r}'s remote stage {s}"))
+    return out
+
+
+def _to_global(t: SliceTable, q_rows: np.ndarray, k_rows: np.ndarray, what: str) -> SliceTable:
+    """``t`` in global rows, given the global row of each of its q rows and k rows; every slice must land
+    on consecutive global rows (else it would be no slice of the mask)."""
+    t = t.nonempty()
+    return t.shifted(_shift(q_rows, t.qs, t.qe, what), _shift(k_rows, t.ks, t.ke, what))
+
+
+def _shift(rows: np.ndarray, start: np.ndarray, end: np.ndarray, what: str) -> np.ndarray:
+    """Per range ``[start, end)``: ``rows[i] - i``, which must be constant over the range."""
+    shift = rows.astype(np.int64) - np.arange(len(rows), dtype=np.int64)
+    run = np.concatenate([[0], np.cumsum(shift[1:] != shift[:-1])])
+    bad = np.nonzero(run[start] != run[end - 1])[0]
+    if len(bad):
+        raise CoverageError(f"internal error: {what} has a slice over rows [{start[bad[0]]}, {end[bad[0]]}) that are "
+                            f"not consecutive global rows; this is a bug in flexcp")
+    return shift[start]
 
 
 def _first_local(starts: np.ndarray, plan: DispatchPlan) -> np.ndarray:

@@ -8,14 +8,14 @@ import torch
 import torch.distributed as dist
 
 from ..magi_attn_utils import magi_prepare_batch
+from ..sharding import IGNORE_INDEX
 
-IGNORE_INDEX = -100
 VARLEN_FIELDS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
 """Padding-free layout fields (TRL's collator) that describe the global token order; the key replaces them."""
 
 
 def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
-    """``labels[..., i + 1]`` at position ``i`` (-100 at each row's end): HF causal-LM loss's own shift, done up front."""
+    """``labels[..., i + 1]`` at position ``i`` (``IGNORE_INDEX`` at each row's end): HF causal-LM loss's own shift, done up front."""
     return torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].contiguous()
 
 

@@ -17,6 +17,7 @@ mixed precision, FSDP2, saving and resuming) is the Trainer's own code.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -25,16 +26,12 @@ from torch import nn
 from transformers import Trainer
 
 from ..magi_attn_utils import DEFAULT_CHUNK_SIZE, register_magi_attention
+from ..magi_attn_utils.heads import check_flexcp_attention, unwrap_model
+from ..sharding import IGNORE_INDEX
 from .batch import shard_batch, shifted_labels
 from .data import share_batches_in_cp_groups
+from .levers import apply_levers
 from .mesh import CPMesh, build_cp_mesh
-
-
-def _base_model(model: nn.Module) -> nn.Module:
-    """The HF model inside DDP / FSDP / PEFT wrappers."""
-    while hasattr(model, "module"):
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 class FlexCPMixin:
@@ -43,11 +40,18 @@ class FlexCPMixin:
     Use as ``class MyTrainer(FlexCPMixin, Trainer)``; :class:`FlexCPTrainer` and
     :class:`flexcp.hf.FlexCPSFTTrainer` are the two ready-made ones. The model must use
     ``attn_implementation="magi"`` (registered when the trainer is built, or earlier by
-    :func:`flexcp.hf.register_magi_attention`, which ``from_pretrained`` needs).
+    :func:`flexcp.hf.register_magi_attention`, which ``from_pretrained`` needs); another
+    attention implementation is refused at every ``cp_size``.
     ``cp_chunk_size`` is the dispatch chunk of the load balancer (tokens).
+
+    Long-sequence memory levers (off by default; see README "Longest sequences"): ``tiled_mlp=N``
+    runs every decoder layer's MLP over N tokens at a time, ``tiled_loss=N`` computes the LM head
+    and loss over N tokens at a time (``outputs.logits`` is then empty in training),
+    ``offload_activations=True`` keeps what each training forward saves in pinned host memory.
     """
 
-    def __init__(self, *args: Any, cp_size: int = 1, cp_chunk_size: int = DEFAULT_CHUNK_SIZE, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, cp_size: int = 1, cp_chunk_size: int = DEFAULT_CHUNK_SIZE, tiled_mlp: int = 0,
+                 tiled_loss: int = 0, offload_activations: bool = False, **kwargs: Any) -> None:
         if isinstance(cp_chunk_size, bool) or not isinstance(cp_chunk_size, int) or cp_chunk_size < 1:
             raise ValueError(f"cp_chunk_size must be a positive int (tokens); got {cp_chunk_size!r}")
         if isinstance(cp_size, bool) or not isinstance(cp_size, int) or cp_size < 1:
@@ -56,6 +60,9 @@ class FlexCPMixin:
         self._flexcp_cp_size = cp_size
         self.cp_chunk_size = cp_chunk_size
         super().__init__(*args, **kwargs)
+        check_flexcp_attention(self.model, type(self).__name__)
+        self.activation_offload = apply_levers(self.model, tiled_mlp, tiled_loss, offload_activations,
+                                               self.args.device)
         self.cp_mesh: CPMesh = build_cp_mesh(cp_size, self.args.device.type)
         if cp_size > 1:
             self._check_cp_setup()
@@ -70,13 +77,7 @@ class FlexCPMixin:
                 "gradients would not be averaged across ranks; on CPU pass TrainingArguments(use_cpu=True) "
                 "(accelerate treats a CPU torchrun launch as one process otherwise)"
             )
-        model = _base_model(self.model)
-        impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
-        if impl != "magi":
-            raise ValueError(
-                f"cp_size={self.cp_mesh.cp} needs the model loaded with attn_implementation='magi' (got {impl!r}): "
-                "call flexcp.hf.register_magi_attention(), then from_pretrained(..., attn_implementation='magi')"
-            )
+        model = unwrap_model(self.model)
         pc = getattr(self.accelerator, "parallelism_config", None)
         if pc is not None and (pc.cp_size > 1 or pc.sp_size > 1 or pc.tp_size > 1):
             raise ValueError(
@@ -138,7 +139,10 @@ class FlexCPMixin:
         """The parent's loss on this rank's shard of the micro-batch (outputs, if returned, are the shard's)."""
         if self.cp_mesh.cp > 1:
             inputs = shard_batch(model, inputs, self.cp_mesh.cp_group, self.cp_chunk_size)
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        offload = self.activation_offload if model.training and self.activation_offload is not None else nullcontext
+        with offload():
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
 
     def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None):
@@ -160,7 +164,7 @@ class FlexCPMixin:
         inputs = self._prepare_inputs(inputs)
         targets = inputs.get("shift_labels")
         targets = shifted_labels(inputs["labels"]) if targets is None else targets
-        count = targets.ne(-100).sum().clamp(min=1)
+        count = targets.ne(IGNORE_INDEX).sum().clamp(min=1)
         scale = self.accelerator.num_processes // self.get_tp_size() if self.args.average_tokens_across_devices else 1
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs, num_items_in_batch=count).detach() / scale

@@ -23,8 +23,14 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{name} must be a 3-D THD tensor [tokens, heads, head_dim]; got {shape}")
+        if x.device.type == "meta":
+            raise ValueError(f"{name} is on the meta device (shapes without data); materialize the model first "
+                             "(e.g. model.to_empty(device=...) then load its weights) before running attention")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape; got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if q.shape[1] == 0:
+        raise ValueError("q has 0 heads; q must be [tokens, heads >= 1, head_dim] (check the head split of the "
+                         "projection, e.g. num_attention_heads in the model config)")
     if q.shape[2] == 0:
         raise ValueError("q, k, v have head_dim 0; the last dimension must hold at least one feature")
     if q.shape[2] != k.shape[2]:

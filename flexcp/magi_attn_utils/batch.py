@@ -4,7 +4,7 @@ Both dispatching prep functions turn the *global* batch (the same on every CP ra
 one flat sequence and its mask (documents, prefix tree, padding), then take one path,
 :func:`_prepare`: build the layout key over the CP group, dispatch every per-token field
 with it (input ids, the tokens' real positions for RoPE, pre-shifted labels with padding
--> -100) and register the layout with the registry.
+-> ``IGNORE_INDEX``) and register the layout with the registry.
 """
 
 from __future__ import annotations
@@ -17,13 +17,14 @@ import torch
 
 from ..mask import AttnMaskSpec
 from ..runtime import DistAttnKey, build_key, dispatch
+from ..sharding import IGNORE_INDEX
 from ..runtime.key import group_info
-from .heads import _get_head_config, _iter_language_model_attention, _set_cp_group_on_attention, _unwrap
+from .heads import (_get_head_config, _iter_language_model_attention, _set_cp_group_on_attention, check_flexcp_attention,
+                    is_bidirectional)
 from .keys import DEFAULT_CHUNK_SIZE, flex_chunk_size
-from .masks import as_numpy, clean_cu_seqlens, cu_seqlens_layout, documents, row_positions
+from .masks import as_numpy, clean_cu_seqlens, cu_seqlens_layout, documents, in_full, row_positions
 from .registry import REGISTRY
 
-IGNORE_INDEX = -100
 LAYOUT_FIELDS = ("attention_mask", "cu_seqlens", "cu_seqlens_padded", "attn_spec", "max_seqlen", "qkv_format")
 """Batch fields the dispatched batch no longer carries: the key holds what they described."""
 PREPARED_FIELDS = ("position_ids", "labels", "shift_labels")
@@ -41,11 +42,13 @@ def _input_ids(batch: dict) -> torch.Tensor:
     return ids if ids.dim() == 2 else ids[None, :]
 
 
-def _mask_and_positions(batch: dict, b: int, s: int) -> tuple[AttnMaskSpec, np.ndarray]:
+def _mask_and_positions(batch: dict, b: int, s: int, causal: bool = True) -> tuple[AttnMaskSpec, np.ndarray]:
     """The step's mask over the ``b * s`` flat tokens and their real positions.
 
-    In order: ``batch['attn_spec']``, the active spec, ``cu_seqlens`` (+ ``cu_seqlens_padded``),
-    else documents from rows, ``position_ids`` resets and the padding ``attention_mask``.
+    In order: ``batch['attn_spec']``, the active spec (both used as given), ``cu_seqlens``
+    (+ ``cu_seqlens_padded``), else documents from rows, ``position_ids`` resets and the
+    padding ``attention_mask``; documents found this way are causal, or attended in full
+    when ``causal`` is False (an encoder).
     """
     pos = batch.get("position_ids")
     padding = batch.get("attention_mask")
@@ -68,8 +71,9 @@ def _mask_and_positions(batch: dict, b: int, s: int) -> tuple[AttnMaskSpec, np.n
         if b != 1:
             raise ValueError(f"cu_seqlens describes one packed row; input_ids has {b} rows: flatten them to [1, T]")
         spec, doc_pos = cu_seqlens_layout(batch["cu_seqlens"], batch.get("cu_seqlens_padded"), s)
-        return spec, (doc_pos if pos is None else row_positions(1, s, pos))
-    return documents(b, s, pos, padding), row_positions(b, s, pos)
+        return (spec if causal else in_full(spec)), (doc_pos if pos is None else row_positions(1, s, pos))
+    spec = documents(b, s, pos, padding)
+    return (spec if causal else in_full(spec)), row_positions(b, s, pos)
 
 
 def _split(batch: dict, b: int, s: int) -> tuple[dict, dict]:
@@ -83,7 +87,7 @@ def _split(batch: dict, b: int, s: int) -> tuple[dict, dict]:
 
 
 def _flat_labels(labels: torch.Tensor, spec: AttnMaskSpec) -> torch.Tensor:
-    """Flat pre-shifted labels with tokens in no document (padding) set to -100: they learn nothing."""
+    """Flat pre-shifted labels with tokens in no document (padding) set to ``IGNORE_INDEX``: they learn nothing."""
     if not isinstance(labels, torch.Tensor) or labels.numel() != spec.total_seqlen:
         got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
         raise ValueError(f"labels must be a tensor with one entry per token ({spec.total_seqlen}); got {got}")
@@ -92,15 +96,40 @@ def _flat_labels(labels: torch.Tensor, spec: AttnMaskSpec) -> torch.Tensor:
     return flat
 
 
+def check_shifted(input_ids: torch.Tensor, labels: torch.Tensor) -> None:
+    """Refuse labels that equal ``input_ids`` at every labelled token: HF-style labels, not shifted.
+
+    Pre-shifted labels are ``input_ids[i + 1]`` (or ignored) at position ``i``; equal to
+    ``input_ids[i]`` everywhere they would train each token to predict itself. Labels that
+    fit both readings (a run of one repeated token) are let through: shifting changes nothing.
+    """
+    ids, lab = input_ids.reshape(-1), labels.reshape(-1).to(input_ids.device)
+    kept = lab != IGNORE_INDEX
+    if ids.numel() != lab.numel() or not bool(kept.any()) or not bool((lab[kept] == ids[kept]).all()):
+        return
+    nxt = kept[:-1]
+    if not bool((lab[:-1][nxt] == ids[1:][nxt]).all()):
+        raise ValueError(
+            "labels equal input_ids at every labelled token: they are not shifted, so each token would learn to "
+            "predict itself. magi_prepare_batch (and shift_labels given to a flexcp trainer) takes pre-shifted "
+            "labels: labels[i] is the target of position i, i.e. input_ids[i + 1], with "
+            f"{IGNORE_INDEX} at each document's last token (HF's model-side shift would pair the wrong tokens "
+            "after dispatch). Shift them first, e.g. flexcp.hf.shifted_labels(labels), or give HF-style labels "
+            "to a flexcp trainer, which shifts them itself"
+        )
+
+
 def _prepare(model, cp_group, spec: AttnMaskSpec, positions: np.ndarray, chunk_size: int,
              fields: dict[str, torch.Tensor], labels: torch.Tensor | None) -> tuple[dict, DistAttnKey]:
     """The one preparation path: the layout key of ``spec``, the flat dispatched fields, the registered layout.
 
     Returns ``({name: local flat tensor}, key)`` for every field in ``fields`` (any shape
     with one entry per token), ``position_ids`` (the real ``positions``) and, when given,
-    ``labels`` (pre-shifted; padding -> -100).
+    ``labels`` (pre-shifted; padding -> ``IGNORE_INDEX``). Refuses labels that are not shifted.
     """
-    heads = _get_head_config(_unwrap(model))
+    if labels is not None:
+        check_shifted(fields["input_ids"], labels)
+    heads = _get_head_config(model)
     key = build_key(spec, cp_group, num_heads_q=heads[0], num_heads_kv=heads[1], head_dim=heads[2],
                     chunk_size=chunk_size)
     device = fields["input_ids"].device
@@ -124,8 +153,8 @@ def magi_prepare_batch(model, batch: dict, cp_group, chunk_size: int = DEFAULT_C
     module. ``new_batch['magi_key']`` is the key: ``model(**new_batch)`` (labels popped)
     forwards it to every attention layer.
 
-    Labels must be pre-shifted (``labels[i]`` is the target of position ``i``, -100 to
-    ignore; ``batch['shift_labels']`` is read when ``labels`` is absent): after dispatch a
+    Labels must be pre-shifted (``labels[i]`` is the target of position ``i``, ``IGNORE_INDEX``
+    to ignore; ``batch['shift_labels']`` is read when ``labels`` is absent): after dispatch a
     rank's tokens are not contiguous, so HF's in-model shift would pair wrong tokens. The
     local labels are returned as both ``labels`` and ``shift_labels``, so
     ``model(**new_batch).loss`` uses them as they are (transformers >= 4.50 honours
@@ -134,8 +163,9 @@ def magi_prepare_batch(model, batch: dict, cp_group, chunk_size: int = DEFAULT_C
     mean (or compute a sum loss from the logits).
     """
     ids = _input_ids(batch)
+    check_flexcp_attention(model, "magi_prepare_batch")
     b, s = ids.shape
-    spec, positions = _mask_and_positions(batch, b, s)
+    spec, positions = _mask_and_positions(batch, b, s, causal=not is_bidirectional(model))
     rows, new_batch = _split(batch, b, s)
     rows = {name: x for name, x in rows.items() if name not in PREPARED_FIELDS}
     rows["input_ids"] = ids
@@ -178,7 +208,7 @@ def magi_prepare_packed_cp(model, batch: dict, cp_group):
     ``cu_seqlens``, optionally ``cu_seqlens_padded``), builds the per-document key of
     :func:`build_flex_key` (padding rows of a padded layout attend to nothing) and
     dispatches the sequence with flexcp's load balancer. ``new_batch`` holds the local
-    flat ``input_ids``, real per-document ``position_ids``, ``labels`` (padding -100) and
+    flat ``input_ids``, real per-document ``position_ids``, ``labels`` (padding ``IGNORE_INDEX``) and
     ``qkv_format='thd'``; the attention func finds the key via ``get_most_recent_key``.
     """
     ids = batch["input_ids"].reshape(-1)

@@ -6,10 +6,19 @@ from typing import Iterator
 
 import torch
 
+ATTN_NAME = "magi"
+"""The name flexcp's attention is registered under in transformers (``attn_implementation="magi"``)."""
 
-def _unwrap(model):
-    """The model inside a DDP/FSDP-style wrapper (``.module``), else the model."""
-    return getattr(model, "module", model)
+
+def unwrap_model(model):
+    """The model inside DDP / FSDP / accelerate wrappers (``.module``, any depth) and PEFT (``get_base_model``).
+
+    flexcp's one unwrap helper: what it reads from a model (config, attention modules) lives there.
+    """
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
 
 
 def _get_head_config(model) -> tuple[int, int, int]:
@@ -18,7 +27,7 @@ def _get_head_config(model) -> tuple[int, int, int]:
     For VLMs the text attention dims live under ``config.text_config``; that sub-config
     is used when the top-level config does not expose ``num_attention_heads``.
     """
-    cfg = getattr(_unwrap(model), "config", model)
+    cfg = getattr(unwrap_model(model), "config", model)
     if not hasattr(cfg, "num_attention_heads") and hasattr(cfg, "text_config"):
         cfg = cfg.text_config
     heads_q = getattr(cfg, "num_attention_heads", None)
@@ -40,7 +49,7 @@ def _iter_language_model_attention(model) -> Iterator[torch.nn.Module]:
     stack under ``language_model`` or ``model.language_model``, and only that subtree is
     walked. Plain LLMs (no ``language_model``) yield every attention module.
     """
-    root = _unwrap(model)
+    root = unwrap_model(model)
     lm = getattr(root, "language_model", None)
     if lm is None:
         lm = getattr(getattr(root, "model", None), "language_model", None)
@@ -49,15 +58,50 @@ def _iter_language_model_attention(model) -> Iterator[torch.nn.Module]:
             yield module
 
 
+def check_flexcp_attention(model, caller: str) -> None:
+    """Refuse a model whose language attention is not flexcp's ``"magi"`` (e.g. ``"eager"`` or ``"sdpa"``).
+
+    Such a model would run on dispatched shards with its own attention: at cp > 1 each rank
+    attends only its local tokens, at cp = 1 packed documents attend each other. Modules
+    without an HF config (custom models) are not judged.
+    """
+    impls = {getattr(getattr(m, "config", None), "_attn_implementation", None) for m in _iter_language_model_attention(model)}
+    wrong = sorted(str(i) for i in impls - {None, ATTN_NAME})
+    if wrong:
+        raise ValueError(
+            f"{caller}: {type(unwrap_model(model)).__name__} attends with attn_implementation={', '.join(map(repr, wrong))}, "
+            f"not flexcp's {ATTN_NAME!r}, so its attention would ignore the dispatched layout (at cp > 1 each rank "
+            "attends only its own tokens; packed documents attend each other). Call "
+            "flexcp.magi_attn_utils.register_magi_attention() and load the model with "
+            f"attn_implementation={ATTN_NAME!r} (or switch a loaded one: model.set_attn_implementation({ATTN_NAME!r}))"
+        )
+
+
+def is_bidirectional(model) -> bool:
+    """Whether the language model's attention layers are bidirectional (``is_causal=False``: an encoder).
+
+    Layers without an ``is_causal`` attribute are not counted; a model with both kinds
+    (an encoder-decoder) is refused: one step runs one mask.
+    """
+    flags = {bool(m.is_causal) for m in _iter_language_model_attention(model) if hasattr(m, "is_causal")}
+    if len(flags) > 1:
+        raise ValueError(
+            f"{type(unwrap_model(model)).__name__} has both causal and bidirectional (is_causal=False) attention "
+            "layers; flexcp's HF path runs one mask per step: use a decoder-only or an encoder-only model"
+        )
+    return flags == {False}
+
+
 def _set_cp_group_on_attention(model, cp_group) -> None:
     """Stamp ``cp_group`` on every attention sub-module so the magi forward finds the step's key.
 
     A stamped ``None`` means cp = 1 without torch.distributed; modules with no ``cp_group``
     attribute at all fall back to SDPA.
     """
-    for module in _unwrap(model).modules():
+    for module in unwrap_model(model).modules():
         if _is_attention(module):
             module.cp_group = cp_group
 
 
-__all__ = ["_get_head_config", "_iter_language_model_attention", "_set_cp_group_on_attention"]
+__all__ = ["ATTN_NAME", "_get_head_config", "_iter_language_model_attention", "_set_cp_group_on_attention",
+           "check_flexcp_attention", "is_bidirectional", "unwrap_model"]

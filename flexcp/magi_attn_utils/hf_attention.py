@@ -19,10 +19,10 @@ import torch
 from ..runtime import DistAttnKey, calc_attn
 from ..runtime.key import group_slot
 from .amp import attend_in_autocast_dtype
+from .heads import ATTN_NAME
 from .registry import REGISTRY
 from .step import hf_step_key
 
-ATTN_NAME = "magi"
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
 

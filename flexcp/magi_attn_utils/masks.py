@@ -149,6 +149,30 @@ def prefix_tree_position_ids(node_lengths: Sequence[int], sample_paths: Sequence
     return torch.from_numpy(flat - np.repeat(starts - depth, lens))
 
 
+def in_full(spec: AttnMaskSpec) -> AttnMaskSpec:
+    """The documents of ``spec`` attended in both directions: an encoder's mask (``is_causal=False``).
+
+    Exact for a mask of whole documents, each one square slice (causal or full over the
+    same rows and keys, as :func:`documents` and :func:`cu_seqlens_layout` build them): each
+    becomes full. A document with padding inside it is several slices with no one
+    bidirectional reading here, so it is refused.
+    """
+    t = spec.table
+    t = t.take(np.nonzero(slice_areas(t) > 0)[0])
+    codes = [AttnMaskType.FULL.code, AttnMaskType.CAUSAL.code]
+    bad = np.nonzero((t.qs != t.ks) | (t.qe != t.ke) | ~np.isin(t.types, codes))[0]
+    if len(bad):
+        n = int(bad[0])
+        raise ValueError(
+            "a bidirectional model (its attention layers have is_causal=False, e.g. BERT) attends each document "
+            "in full; this batch has a document with padding inside it (tokens [{}, {}) attend [{}, {}) as part "
+            "of it): put the padding at the ends of the rows, or pass the mask as batch['attn_spec']".format(
+                t.qs[n], t.qe[n], t.ks[n], t.ke[n])
+        )
+    ranges = np.stack([t.qs, t.qe], axis=1).tolist()
+    return AttnMaskSpec(ranges, ranges, [AttnMaskType.FULL] * len(ranges), spec.total_seqlen)
+
+
 def windowed(spec: AttnMaskSpec, window: int, positions: np.ndarray | None = None) -> AttnMaskSpec:
     """``spec`` restricted to keys with ``q_pos - k_pos < window`` (HF's sliding window, self included).
 
@@ -190,6 +214,7 @@ def windowed(spec: AttnMaskSpec, window: int, positions: np.ndarray | None = Non
 
 __all__ = [
     "as_numpy",
+    "in_full",
     "clean_cu_seqlens",
     "cu_seqlens_layout",
     "documents",

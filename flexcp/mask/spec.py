@@ -15,6 +15,10 @@ from .types import AttnMaskType
 
 Range = tuple[int, int]
 
+MAX_SEQLEN = 2**31
+"""Most tokens a mask may cover (q or k): areas, up to ``total_seqlen x total_seqlen_k`` cells, are exact
+int64 counts, and 2**31 tokens of q alone (one head of 64 bf16 features) would be 256 GiB."""
+
 
 def _as_ranges(name: str, ranges: Any) -> tuple[Range, ...]:
     if hasattr(ranges, "tolist"):  # torch tensors and numpy arrays
@@ -99,8 +103,12 @@ class AttnMaskSpec:
         return ("flexcp.mask/1", self.total_seqlen, self.total_seqlen_k, len(self), digest.hexdigest())
 
     def area(self) -> int:
-        """Exact number of unmasked (q, k) cells."""
-        return int(slice_areas(self.table).sum())
+        """Exact number of unmasked (q, k) cells.
+
+        Validates first (cached): on overlapping slices the sum of slice areas would count shared
+        cells twice, and an exact union would need per-cell work, so overlaps are an error here too.
+        """
+        return int(slice_areas(self.validate().table).sum())
 
     def row_key_counts(self) -> np.ndarray:
         """Number of keys each of the ``total_seqlen`` rows attends to."""
@@ -129,6 +137,12 @@ class AttnMaskSpec:
         """
         if self.__dict__.get("_validated"):
             return self
+        for name, total in (("total_seqlen", self.total_seqlen), ("total_seqlen_k", self.total_seqlen_k)):
+            if total > MAX_SEQLEN:
+                raise ValueError(
+                    f"{name}={total} is beyond the {MAX_SEQLEN} (2**31) tokens a mask may cover: mask areas are "
+                    f"exact int64 counts of up to total_seqlen x total_seqlen_k cells, and q/k/v for that many "
+                    f"tokens fit no device; split the batch into sequences of at most 2**31 tokens")
         t = self.table
         for name, start, end, total in (
             ("q_ranges", t.qs, t.qe, self.total_seqlen),

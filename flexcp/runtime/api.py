@@ -21,6 +21,7 @@ from ..dist_attn.function import DistAttnState
 from ..dist_attn.plan import build_rank_plans
 from ..kernels import SCHEDULES, check_qkv, resolve_scale
 from ..mask import AttnMaskSpec
+from ..mask.ints import as_int
 from .key import (
     DistAttnKey,
     KeyEntry,
@@ -78,8 +79,12 @@ def build_key(
             raise ValueError(f"build_key: {name} must be a positive int; got {value!r}")
     if num_heads_q % num_heads_kv:
         raise ValueError(f"num_heads_q ({num_heads_q}) must be a multiple of num_heads_kv ({num_heads_kv})")
+    num_stages, chunk_size = as_int("num_stages", num_stages), as_int("chunk_size", chunk_size)
     if num_stages < 1:
         raise ValueError(f"num_stages must be >= 1; got {num_stages}")
+    if cp_group is not None and not isinstance(cp_group, dist.ProcessGroup):
+        raise ValueError(f"build_key: cp_group must be a torch.distributed ProcessGroup (e.g. dist.group.WORLD, or "
+                         f"device_mesh['cp'].get_group()) or None for no CP; got {cp_group!r} ({type(cp_group).__name__})")
     spec.validate()
     layout = spec if dispatch_spec is None else dispatch_spec
     if not isinstance(layout, AttnMaskSpec) or layout.total_seqlen != spec.total_seqlen:
@@ -109,6 +114,9 @@ def build_key(
 
 def dispatch(x: torch.Tensor, key: DistAttnKey, pad_value: float = 0, dim: int = 0) -> torch.Tensor:
     """This rank's shard of a global tensor (identical on every rank), padded with ``pad_value``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"dispatch: x must be a torch.Tensor (the global tensor, tokens along dim={dim}); got "
+                        f"{type(x).__name__}: convert it first, e.g. torch.as_tensor(x)")
     return _ops.dispatch(x, lookup(key).plan, key.rank, dim=dim, pad_value=pad_value)
 
 

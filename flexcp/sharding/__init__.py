@@ -4,8 +4,8 @@
 global and the sharded layout; ``position_ids`` gives the global index of local tokens.
 """
 
-from .ops import dispatch, position_ids, undispatch
+from .ops import IGNORE_INDEX, dispatch, position_ids, undispatch
 from .plan import DEFAULT_CHUNK_SIZE, DispatchPlan, build_plan
 from .solver import SOLVERS
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "DispatchPlan", "SOLVERS", "build_plan", "dispatch", "position_ids", "undispatch"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "IGNORE_INDEX", "DispatchPlan", "SOLVERS", "build_plan", "dispatch", "position_ids", "undispatch"]

@@ -22,7 +22,11 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .collectives import all_gather_single, reduce_scatter_single
 from .plan import DispatchPlan
+
+IGNORE_INDEX = -100
+"""The label of a token without a target (PyTorch's ``cross_entropy`` default): pad dispatched labels with it."""
 
 
 def _norm_dim(x: torch.Tensor, dim: int) -> int:
@@ -84,7 +88,7 @@ class _Undispatch(torch.autograd.Function):
         local = x_local.movedim(dim, 0).contiguous()
         if plan.cp_size > 1:
             gathered = local.new_empty((plan.padded_seqlen, *local.shape[1:]))
-            dist.all_gather_into_tensor(gathered, local, group=group)
+            all_gather_single(gathered, local, group=group)
         else:
             gathered = local
         chunks = gathered.unflatten(0, (plan.num_chunks, plan.chunk_size))
@@ -102,7 +106,7 @@ class _Undispatch(torch.autograd.Function):
         gathered = chunks.index_select(0, _index(plan.rank_order, grad.device)).flatten(0, 1)
         if plan.cp_size > 1:
             local = gathered.new_empty((plan.local_len, *gathered.shape[1:]))
-            dist.reduce_scatter_tensor(local, gathered, op=dist.ReduceOp.SUM, group=ctx.group)
+            reduce_scatter_single(local, gathered, op=dist.ReduceOp.SUM, group=ctx.group)
         else:
             local = gathered
         return local.movedim(0, ctx.dim), None, None, None
@@ -112,7 +116,7 @@ def dispatch(x: torch.Tensor, plan: DispatchPlan, rank: int, dim: int = 0, pad_v
     """This rank's shard of the global ``x`` (same on every rank): its chunks in order, padded with ``pad_value``.
 
     ``x.shape[dim]`` must be ``plan.total_seqlen``; the result has ``plan.local_len`` rows
-    along ``dim``. Use ``pad_value=-100`` for labels (padding rows are ignored by the loss).
+    along ``dim``. Use ``pad_value=IGNORE_INDEX`` for labels (padding rows are ignored by the loss).
     Backward: see the module docstring (no communication).
     """
     dim = _norm_dim(x, dim)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
+from ..clihelp import new_parser
 from .config import ConfigError, FinetuneConfig, from_dict, load_config, to_dict, validate
 from .parallel import free_port
 
@@ -40,7 +41,8 @@ def cross_rank_fraction(cfg: FinetuneConfig, batches: int = EVAL_BATCHES) -> flo
     from ..mask import AttnMaskSpec
     from ..runtime.api import DEFAULT_NUM_STAGES
     from ..runtime.placement import choose_plan
-    from .data import IGNORE_INDEX, RecallSource
+    from ..sharding import IGNORE_INDEX
+    from .data import RecallSource
     from .model import preset_config
 
     s, r = cfg.data.seq_len, cfg.data.recall
@@ -95,12 +97,16 @@ def _environ(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="flexcp demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = new_parser("flexcp demo", __doc__)
     p.add_argument("--nproc", type=int, default=2, help="local CPU processes (the world size)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides of the demo config, e.g. train.steps=100 out_dir=/tmp/demo")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     try:
         cfg = validate(demo_config(args.overrides), args.nproc)

@@ -18,8 +18,7 @@ import numpy as np
 import torch
 
 from ..mask import AttnMaskSpec
-
-IGNORE_INDEX = -100
+from ..sharding import IGNORE_INDEX
 
 
 @dataclass(frozen=True)

@@ -95,11 +95,6 @@ class Launch:
         return int(_entry_areas(self.sig, self.sq, self.sk).sum())
 
 
-def expressible(table: SliceTable) -> np.ndarray:
-    """Boolean per slice: whether it maps to cuDNN entries (every non-empty slice type does)."""
-    return np.isin(table.types, (FULL, CAUSAL, INV_CAUSAL, BI_CAUSAL))
-
-
 def to_entries(table: SliceTable) -> Entries:
     """Entries covering exactly the cells of ``table``'s non-empty slices."""
     t = table.nonempty()
