@@ -111,3 +111,24 @@ def test_compiled_magi_cp2_one_graph_no_recompile_equals_eager() -> None:
     for rank, res in enumerate(run_spawned(_cp2_compiled, 2, timeout=300)):
         assert res["frames"] == [1, 1], f"rank {rank}: graphs after each batch {res['frames']}"
         assert res["breaks"] == 0 and max(res["errs"]) < 1e-5, f"rank {rank}: {res}"
+
+
+def test_compiled_kernel_attention_takes_a_new_mask_without_recompiling() -> None:
+    """``flexcp.attention`` (the ``flexcp::attention`` op) compiled: one graph, a new spec of the same length reuses it."""
+    from flexcp import attention
+    from flexcp.mask import AttnMaskSpec
+
+    def loss(q, k, v, spec):
+        return attention(q, k, v, spec)[0].square().sum()
+
+    backend = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(loss, backend=backend)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(24, h, 8, generator=g, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
+    specs = (AttnMaskSpec([(0, 10), (10, 24)], [(0, 10), (10, 24)], ["causal", "causal"], 24),
+             AttnMaskSpec([(0, 24), (4, 24)], [(0, 4), (4, 24)], ["full", "bi_causal"], 24))
+    for spec in specs:
+        got = torch.autograd.grad(compiled(q, k, v, spec), (q, k, v))
+        want = torch.autograd.grad(loss(q, k, v, spec), (q, k, v))
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert backend.frame_count == 1

@@ -15,7 +15,7 @@ import torch
 
 from ..dist_attn.function import dist_backward, dist_forward
 from ..kernels import select_backend
-from ..kernels.backend import stat_dtype
+from ..kernels.api import attention_backward_fake, attention_fake, register_attention_autograd
 from .key import DistAttnKey, KeyEntry, key_of_handle, lookup
 
 
@@ -44,9 +44,7 @@ def calc_attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, handle: torc
     return out.contiguous(), lse.contiguous()
 
 
-@calc_attn_op.register_fake
-def _calc_attn_fake(q, k, v, handle, scale, softcap, backend):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:2], dtype=stat_dtype(q.dtype))
+calc_attn_op.register_fake(attention_fake)
 
 
 @torch.library.custom_op("flexcp::calc_attn_backward", mutates_args=())
@@ -60,26 +58,9 @@ def calc_attn_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, 
     return dq.contiguous(), dk.contiguous(), dv.contiguous()
 
 
-@calc_attn_backward_op.register_fake
-def _calc_attn_backward_fake(dout, q, k, v, out, lse, handle, scale, softcap, backend):
-    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+calc_attn_backward_op.register_fake(attention_backward_fake)
 
 
-def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, handle, scale, softcap, backend = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, handle)
-    ctx.scale, ctx.softcap, ctx.backend = scale, softcap, backend
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, handle = ctx.saved_tensors
-    dq, dk, dv = calc_attn_backward_op(dout.contiguous(), q, k, v, out, lse, handle, ctx.scale, ctx.softcap,
-                                       ctx.backend)
-    return dq, dk, dv, None, None, None, None
-
-
-calc_attn_op.register_autograd(_backward, setup_context=_setup_context)
+register_attention_autograd(calc_attn_op, calc_attn_backward_op)
 
 __all__ = ["calc_attn_backward_op", "calc_attn_op"]
