@@ -141,7 +141,8 @@ def train_run(rank: int, world: int, arch: str = "llama", kind: str = "trainer",
     seen_in_training = len(seen)
     result = {"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
               "weights": _trainable(trainer.accelerator.unwrap_model(trainer.model)),
-              "tokens": seen[:seen_in_training], "initial": initial}
+              "tokens": seen[:seen_in_training], "initial": initial,
+              "compiled": isinstance(trainer.model_wrapped, torch._dynamo.eval_frame.OptimizedModule)}
     if evaluate:
         result["eval_loss"] = trainer.evaluate()["eval_loss"]
     return result

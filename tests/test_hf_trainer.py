@@ -69,6 +69,22 @@ def test_cp2_trainer_equals_cp1(case: str, tmp_path) -> None:
         assert all(0 < t < full for t, full in zip(rank["tokens"], ref["tokens"]))
 
 
+def test_cp2_compiled_trainer_equals_cp1_compiled(tmp_path) -> None:
+    """TrainingArguments(torch_compile=True): compiled FlexCPTrainer at cp = 2 equals the compiled Trainer at cp = 1.
+
+    (The plain Trainer on packed batches: TRL's SFTTrainer adds graphs of its own metrics that
+    cost minutes to compile on CPU; FlexCPSFTTrainer shares the mixin.)
+    """
+    kw = dict(arch="llama", kind="trainer", packing=True, steps=3,
+              extra_args={"torch_compile": True, "torch_compile_backend": "aot_eager"})
+    ref = _reference(tmp_path, **kw)
+    out = _cp2(tmp_path, **kw)
+    assert ref["compiled"] and all(rank["compiled"] for rank in out)
+    for rank in out:
+        torch.testing.assert_close(torch.tensor(rank["losses"]), torch.tensor(ref["losses"]), atol=2e-5, rtol=0)
+        _assert_same_weights(ref, rank, atol=5e-5)
+
+
 def test_cp2_trainer_with_every_lever_equals_the_plain_cp1_trainer(tmp_path) -> None:
     """tiled_mlp, tiled_loss and offload_activations change memory, not the run (packed, checkpointed)."""
     kw = dict(arch="llama", kind="trainer", packing=True, extra_args={"gradient_checkpointing": True}, evaluate=True)
