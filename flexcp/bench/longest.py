@@ -53,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m flexcp.bench.longest", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("results/longest"))
-    p.add_argument("--budget-s", type=float, default=520.0, help="no step starts that is predicted to end after this")
+    p.add_argument("--budget-s", type=float, default=500.0, help="no step starts that is predicted to end after this")
     p.add_argument("--max-step-s", type=float, default=200.0, help="no single step predicted longer than this")
     p.add_argument("--doc-len", type=int, default=64 * K, help="documents of the packs are cut to this many tokens")
     p.add_argument("--speed", type=int, nargs="+", default=[64 * K, 256 * K], help="tokens/s lengths (all levers)")
