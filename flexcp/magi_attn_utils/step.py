@@ -28,7 +28,7 @@ import torch
 from ..mask import AttnMaskSpec
 from ..runtime.key import find, group_of_slot, key_of_handle
 from .keys import resolve_key, window_key
-from .masks import documents, row_positions
+from .masks import step_mask
 from .registry import REGISTRY
 
 
@@ -52,11 +52,10 @@ class _HFLocal:
         return pos
 
     def spec(self) -> AttnMaskSpec:
-        return documents(self.batch_size, self.seqlen, self._pos(), self.attention_mask)
+        return step_mask(self.batch_size, self.seqlen, position_ids=self._pos(), attention_mask=self.attention_mask)[0]
 
     def positions(self) -> np.ndarray | None:
-        pos = self._pos()
-        return None if pos is None else row_positions(self.batch_size, self.seqlen, pos)
+        return step_mask(self.batch_size, self.seqlen, position_ids=self._pos())[1]
 
 
 class _Ident:
