@@ -134,6 +134,9 @@ class ModelConfig(Section):
     attn_implementation: AttnImplementation = "magi"
     """"magi" (flexcp, any mask, any cp) or HF's "sdpa" / "flex_attention" / "eager" (cp = 1, causal or packed data)."""
     activation_checkpointing: bool = False
+    compile: Literal["off", "inductor", "aot_eager"] = "off"
+    """``torch.compile`` the model's forward with this backend ("off": eager). flexcp's attention is a custom
+    op, so a compiled step is one graph per forward and a new batch's mask does not recompile."""
     offload_activations: bool = False
     """Keep the tensors the forward saves for backward in pinned host memory (``flexcp.hf.ActivationOffload``).
 
