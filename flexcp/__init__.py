@@ -4,7 +4,8 @@ Public API: the mask language (:class:`AttnMaskSpec`, :class:`AttnMaskType`),
 single-device attention over any slice mask (:func:`attention`), and the distributed
 runtime mirroring MagiAttention's names (:func:`build_key`, :func:`dispatch`,
 :func:`calc_attn`, :func:`undispatch`, :func:`get_position_ids`, ...). The Hugging Face
-backend lives in :mod:`flexcp.magi_attn_utils`; the Trainer / TRL integration
+backend lives in :mod:`flexcp.magi_attn_utils` (``attn_implementation="magi"`` is registered in
+transformers as soon as transformers loads, see :mod:`flexcp.hf.autoregister`); the Trainer / TRL integration
 (:class:`FlexCPTrainer`, :class:`FlexCPSFTTrainer`, :class:`FlexCPMixin`) and the long-sequence
 levers (:func:`tile_mlp`, :func:`tile_loss`, :class:`ActivationOffload`) in :mod:`flexcp.hf`,
 imported on first use.
@@ -24,7 +25,11 @@ from .runtime import (
     undispatch,
 )
 
+from .hf.autoregister import install as _install_magi_registration
+
 __version__ = "0.1.0"
+
+_install_magi_registration()  # attn_implementation="magi" works without register_magi_attention()
 
 _HF_LAZY = ("ActivationOffload", "FlexCPMixin", "FlexCPSFTTrainer", "FlexCPTrainer", "tile_loss", "tile_mlp")
 

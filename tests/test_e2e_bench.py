@@ -18,7 +18,7 @@ import torch
 
 from flexcp.bench import e2e_workloads as wl
 from flexcp.bench.e2e_memory import _predict, search
-from flexcp.bench.e2e_report import format_probe, speedups, write_outputs
+from flexcp.bench.e2e_report import format_probe, progress_line, speedups, write_outputs
 from flexcp.train.data import IGNORE_INDEX
 from multiproc import run_spawned
 
@@ -214,6 +214,26 @@ def test_report_ratios_and_probe_summary(tmp_path):
             "gpu_memory_gib": 140.0, "probe_doc_len": 8192}
     md = write_outputs(meta, rows + probe, tmp_path)
     assert "| packed | sdpa | 1 | 1k |" in md and "OOM" in md and (tmp_path / "e2e.png").exists()
+
+
+def test_smoke_run_says_what_it_ran(tmp_path):
+    from flexcp.bench.e2e_bench import PROBE_START, parse_args
+
+    assert not parse_args(["--cpu", "--tiny"]).probe  # no 128k / 256k probe in a smoke run
+    assert parse_args(["--cpu", "--tiny", "--probe-start", "256", "512"]).probe  # unless asked for
+    assert parse_args([]).probe and parse_args([]).probe_start == PROBE_START
+    sliding = {**_row("sliding", "magi", 256, 1.0, 256, 255), "window": 64}
+    rows = [_row("rollouts", "magi", 256, 2.0, 256, 185), _row("rollouts", "magi-unshared", 256, 1.0, 697, 185), sliding]
+    meta = {"world": 1, "device": "CPU", "dtype": "fp32", "torch": "t", "transformers": "x", "date": "d",
+            "gpu_memory_gib": None, "tiny": True, "completions": 4}
+    md = write_outputs(meta, rows, tmp_path)
+    for wrong in ("per GPU", "llama-1b", "mistral-1b", "4096", "saves -"):
+        assert wrong not in md, wrong
+    assert "Models: rollouts: tiny llama; sliding window 64 (tiny mistral)" in md and "tokens/s per process" in md
+    assert "the prefix tree costs 100% more time here" in md
+    assert progress_line(rows[0], meta) == "rollouts, magi, cp=1, 256 tokens: 2.00 s/step, 128 tokens/s per process, loss 1.0000"
+    assert progress_line({"probe": True, "offload": True, "seq_len": 512, "oom": True}, meta) == \
+        "with offloading, 512 tokens: OOM"
 
 
 # ---------------------------------------------------------------------------------- recipe options

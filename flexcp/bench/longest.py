@@ -6,16 +6,18 @@ up to ``--doc-len`` tokens (64k by default: long documents, yet a step's attenti
 linear in the pack length, so a 1.25M-token step takes tens of seconds, not hours). Parts, in
 priority order, each skipped when its predicted time passes the global budget:
 
-1. ``llama-1b``, every on-GPU lever (tiled MLP, tiled loss, final norm recomputed): the
-   speed lengths (``--speed``, 256k among them), then ``--long`` (1.25M) directly;
-2. the levers one by one at ``--lever-len`` (plain, + tiled MLP, + offload) and the losses of
-   every lever on vs plain over ``--loss-steps`` steps from the same weights;
+1. ``llama-1b``, every on-GPU lever as the recipe sets them (tiled MLP where memory is short,
+   tiled loss, norms recomputed): tokens/s at the ``--speed`` lengths (256k among them);
+2. the levers one by one at ``--lever-len`` (plain, MLP always tiled, + offload) and the losses
+   of every lever on vs plain over ``--loss-steps`` steps from the same weights;
 3. the ``--pack-len`` many-document pack vs one causal sequence of that length (peak memory);
-4. ``llama-1b`` + activation offload at ``--offload-long`` (2M), capped by the host memory;
-5. ``llama-3b`` (Llama-3.2-3B shapes, random init) + offload at ``--long-3b`` (512k);
-6. what a TRL user has today: HF ``flex_attention`` + gradient checkpointing (chunked loss as
+4. ``llama-3b`` (Llama-3.2-3B shapes, random init) + offload at ``--long-3b`` (512k);
+5. ``llama-1b`` at ``--long`` (1.25M) without offload, then 6. with offload at ``--offload-long``
+   (2M), capped by the free host memory: after everything shorter, since past 1,048,576
+   tokens a kernel with 32-bit offsets may fail and take the CUDA context with it;
+7. what a TRL user has today: HF ``flex_attention`` + gradient checkpointing (chunked loss as
    TRL's fused LM head, no tiled MLP, no offload) at ``--flex`` lengths;
-7. a coarse search upward (one step per mode) while time remains.
+8. a coarse search upward (one step per mode) while time remains.
 
 Every row records the peak memory split: state (allocated at forward start: weights and
 AdamW moments), kept activations (forward end minus start), backward working set (peak
@@ -51,8 +53,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m flexcp.bench.longest", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("results/longest"))
-    p.add_argument("--budget-s", type=float, default=510.0, help="no step starts that is predicted to end after this")
-    p.add_argument("--max-step-s", type=float, default=150.0, help="no single step predicted longer than this")
+    p.add_argument("--budget-s", type=float, default=500.0, help="no step starts that is predicted to end after this")
+    p.add_argument("--max-step-s", type=float, default=200.0, help="no single step predicted longer than this")
     p.add_argument("--doc-len", type=int, default=64 * K, help="documents of the packs are cut to this many tokens")
     p.add_argument("--speed", type=int, nargs="+", default=[64 * K, 256 * K], help="tokens/s lengths (all levers)")
     p.add_argument("--long", type=int, default=1_250_000, help="llama-1b target without offload")
@@ -64,7 +66,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--long-3b", type=int, default=512 * K, help="llama-3b target (with offload)")
     p.add_argument("--flex", type=int, nargs="*", default=[256 * K, 512 * K], help="HF flex_attention lengths")
     p.add_argument("--granule", type=int, default=64 * K, help="length resolution of the upward search")
-    p.add_argument("--host-frac", type=float, default=0.8, help="offloaded activations may use this much free host RAM")
+    p.add_argument("--host-frac", type=float, default=0.85,
+                   help="offloaded activations may use this much of the free host RAM")
     p.add_argument("--mlp-chunk", type=int, default=8192, help="tokens per tiled-MLP chunk (model.tiled_mlp)")
     p.add_argument("--chunk-size", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
@@ -99,7 +102,8 @@ class Session:
                 "train": {"steps": 1 << 30, "lr": 1e-5, "warmup_steps": 0, "dtype": "fp32" if a.cpu else "bf16"},
                 "checkpoint": {"resume": False, "export_hf": False}, "logging": {"progress": "none"}}
 
-    def use(self, preset: str, attn: str = "magi", tiled_mlp: int | None = None, offload: bool = False):
+    def use(self, preset: str, attn: str = "magi", tiled_mlp: int | None = None, offload: bool = False,
+            when: str = "needed"):
         """The trainer for (preset, attention), levers set as asked (the MLP tiling and offload switch in place)."""
         from ..train.config import from_dict
         from ..train.loop import Trainer
@@ -114,7 +118,7 @@ class Session:
             use_sequence(self.trainer, wl.packed_documents(2 * self.args.chunk_size, self.trainer.lm.config.vocab_size))
             self.trainer.train_step()  # AdamW moments exist from here on
             self.log({"part": "build", "model": preset, "attention": attn, "seconds": time.monotonic() - t0})
-        tile_mlp(self.trainer.lm, tiled_mlp)
+        tile_mlp(self.trainer.lm, tiled_mlp, when)
         if offload and self.trainer.offload is None:
             self.trainer.offload = ActivationOffload(self.device, min_bytes=0 if self.args.tiny else 1 << 20)
         elif not offload and self.trainer.offload is not None:
@@ -127,6 +131,8 @@ class Session:
             self.trainer.offload.arena.release()
         self.trainer = self.key = None
         free_trainer()
+        if self.device.type == "cuda" and hasattr(torch._C, "_host_emptyCache"):
+            torch._C._host_emptyCache()  # pinned blocks torch cached (the loss part's weight snapshot)
 
     # ------------------------------------------------------------------ steps
     def predict_s(self, mode: tuple, seq_len: int) -> float:
@@ -138,10 +144,11 @@ class Session:
         return 1.3 * rate * seq_len + build
 
     def step(self, part: str, preset: str, seq_len: int, *, attn: str = "magi", tiled_mlp: int | None = None,
-             offload: bool = False, causal: bool = False, steps: int = 1, extra: dict | None = None) -> dict:
+             offload: bool = False, causal: bool = False, steps: int = 1, extra: dict | None = None,
+             when: str = "needed") -> dict:
         """``steps`` training steps on one pack (or causal sequence) of ``seq_len`` tokens; the last step's row."""
         tiled_mlp = self.args.mlp_chunk if tiled_mlp is None else tiled_mlp
-        levers = ("tiled_mlp" if tiled_mlp else "") + ("+offload" if offload else "")
+        levers = (f"tiled_mlp ({when})" if tiled_mlp else "") + ("+offload" if offload else "")
         mode = (preset, attn, levers)
         head = {"part": part, "model": preset, "attention": attn, "levers": levers or "plain", "seq_len": seq_len,
                 "workload": "causal" if causal else f"pack (docs <= {self.args.doc_len})", **(extra or {})}
@@ -153,7 +160,7 @@ class Session:
             return row
 
         def run() -> dict:
-            trainer = self.use(preset, attn, tiled_mlp, offload)
+            trainer = self.use(preset, attn, tiled_mlp, offload, when)
             vocab = trainer.lm.config.vocab_size
             seq = (wl.causal_sequence(seq_len, vocab, seed=self.args.seed) if causal else
                    wl.packed_documents(seq_len, vocab, seed=self.args.seed, max_doc_len=self.args.doc_len))
@@ -163,6 +170,7 @@ class Session:
                 res = probe_step(trainer, self.device)
             if trainer.offload is not None:
                 res["host_arena_gib"] = trainer.offload.host_bytes / GIB
+                res["host_pinned"] = all(b.pinned for b in trainer.offload.arena.blocks)
                 res["offloaded_gib"] = trainer.offload.saved_bytes / GIB
             return {**res, **wl.describe(seq)}
 
@@ -223,51 +231,59 @@ def run_parts(s: Session, args) -> None:
     rows: list[dict] = []
     rec = lambda r: rows.append(r) or r  # noqa: E731
     big = "llama-1b"
-    # 1. every on-GPU lever: speed lengths, then the target directly
+    # 1. every on-GPU lever (tiled MLP where memory is short, tiled loss, norms recomputed): tokens/s
     for n in args.speed:
         rec(s.step("1 speed", big, n, steps=2))
-    long_row = rec(s.step("1 longest", big, args.long))
-    if not long_row.get("fits") and "skipped" not in long_row:  # bracket once below
-        rec(s.step("1 longest", big, (args.long * 4 // 5) // args.granule * args.granule))
-    # 2. lever by lever, and the losses
+    # 2. lever by lever (the MLP tiled even where it would fit untiled: its cost), and the losses
     for mlp, off in ((0, False), (args.mlp_chunk, False), (args.mlp_chunk, True)):
-        rec(s.step("2 levers", big, args.lever_len, tiled_mlp=mlp, offload=off, steps=2))
+        # two steps with offload: the first one also page-locks the host arena
+        rec(s.step("2 levers", big, args.lever_len, tiled_mlp=mlp, offload=off, steps=1 + off, when="always"))
     loss_rows(s, args, big)
     # 3. many-document pack vs one causal sequence
     rec(s.step("3 pack vs causal", big, args.pack_len))
     rec(s.step("3 pack vs causal", big, args.pack_len, causal=True))
-    # 4. offload: the target, capped by the host memory
-    for part, preset, target in (("4 offload longest", big, args.offload_long),
-                                 ("5 llama-3b", "llama-3b", args.long_3b)):
-        per_tok = offload_per_token("tiny" if args.tiny else preset)
-        n = min(target, host_cap(args, per_tok))
-        extra = {"target": target, "host_need_gib": per_tok * target / GIB,
-                 "host_free_gib": host_memory_gib("MemAvailable"), "host_capped": n < target}
-        rec(s.step(part, preset, n, offload=True, extra=extra))
-        s.drop()  # 5: the 3B model; 6: another attention
-    # 6. what a TRL user has today
+    # 4. the 3B-shaped model with offload, capped by the host memory
+    s.drop()
+    offload_target(s, args, rec, "4 llama-3b", "llama-3b", args.long_3b)
+    # 5-6. the 1.1B targets: past 1,048,576 tokens q holds more than 2**31 elements (32 heads x 64), where a kernel
+    # with 32-bit offsets fails, possibly taking the CUDA context with it: after everything shorter
+    s.drop()
+    long_row = rec(s.step("5 longest", big, args.long))
+    if not long_row.get("fits") and "skipped" not in long_row:  # bracket once below
+        rec(s.step("5 longest", big, (args.long * 4 // 5) // args.granule * args.granule))
+    offload_target(s, args, rec, "6 offload longest", big, args.offload_long)
+    # 7. what a TRL user has today
     s.drop()
     if not args.cpu:  # FlexAttention has no CPU backward
         for n in args.flex:
-            r = rec(s.step("6 HF flex_attention", big, n, attn="flex_attention", tiled_mlp=0))
+            r = rec(s.step("7 HF flex_attention", big, n, attn="flex_attention", tiled_mlp=0))
             if not r.get("fits"):
                 break
-    # 7. upward while time remains: llama-1b without offload, then with
     s.drop()
+    # 8. upward while time remains: llama-1b without offload, then with
     for off in (False, True):
         mode_rows = [r for r in rows if r.get("model") == big and r.get("attention", "magi") == "magi"
-                     and r.get("levers") == ("tiled_mlp+offload" if off else "tiled_mlp")]
+                     and r.get("levers") == ("tiled_mlp (needed)+offload" if off else "tiled_mlp (needed)")]
         n = next_length(mode_rows, usable_gib(s.device), args.granule)
         if n is not None and off:
             n = min(n, host_cap(args, offload_per_token("tiny" if args.tiny else big)))
         if n is not None and n > max(r["seq_len"] for r in mode_rows if r.get("fits")):
-            rec(s.step("7 search", big, n, offload=off))
+            rec(s.step("8 search", big, n, offload=off))
+
+
+def offload_target(s: Session, args, rec: Callable[[dict], dict], part: str, preset: str, target: int) -> None:
+    """One offloaded step at ``target`` tokens, or at the longest length whose host copies fit the free host RAM."""
+    per_tok = offload_per_token("tiny" if args.tiny else preset)
+    n = min(target, host_cap(args, per_tok))
+    extra = {"target": target, "host_need_gib": per_tok * target / GIB,
+             "host_free_gib": host_memory_gib("MemAvailable"), "host_capped": n < target}
+    rec(s.step(part, preset, n, offload=True, extra=extra))
 
 
 def loss_rows(s: Session, args, preset: str) -> None:
     """Losses over ``--loss-steps`` steps from the same weights: every lever on vs plain."""
     left = s.deadline - time.monotonic()
-    predicted = 2 * args.loss_steps * s.predict_s((preset, "magi", "tiled_mlp+offload"), args.loss_len)
+    predicted = 2 * args.loss_steps * s.predict_s((preset, "magi", "tiled_mlp (always)+offload"), args.loss_len)
     if predicted > left:
         s.log({"part": "2 losses", "skipped": f"time (predicted {predicted:.0f} s)"})
         return
@@ -281,7 +297,7 @@ def loss_rows(s: Session, args, preset: str) -> None:
         initial = InitialState(trainer)
         for name, mlp, off in (("plain", 0, False), ("all levers", args.mlp_chunk, True)):
             initial.restore()
-            s.use(preset, tiled_mlp=mlp, offload=off)
+            s.use(preset, tiled_mlp=mlp, offload=off, when="always")
             out[name] = [trainer.train_step().loss for _ in range(args.loss_steps)]
         rel = [abs(a - b) / max(abs(a), 1e-12) for a, b in zip(out["plain"], out["all levers"])]
         return {"losses_plain": out["plain"], "losses_levers": out["all levers"], "max_rel_diff": max(rel),

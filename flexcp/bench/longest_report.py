@@ -71,8 +71,9 @@ def notes(rows: list[dict]) -> list[str]:
     pv = [r for r in rows if r.get("part") == "3 pack vs causal" and "peak_gib" in r]
     if len(pv) == 2:
         pack, causal = (pv[0], pv[1]) if pv[0]["workload"] != "causal" else (pv[1], pv[0])
-        out.append(f"- {_len(pack['seq_len'])} pack of {pack.get('docs')} documents peaks at {pack['peak_gib']:.2f} GiB, "
-                   f"one causal sequence at {causal['peak_gib']:.2f} GiB: ratio {pack['peak_gib'] / causal['peak_gib']:.3f}")
+        ratio = pack["peak_gib"] / causal["peak_gib"]
+        out.append(f"- {_len(pack['seq_len'])} pack of {pack.get('docs')} documents peaks at {pack['peak_gib']:.2f} "
+                   f"GiB, one causal sequence at {causal['peak_gib']:.2f} GiB: ratio {ratio:.3f}")
     for r in rows:
         if r.get("host_capped"):
             out.append(f"- {r['part']}: {_len(r['target'])} tokens would offload {r['host_need_gib']:.0f} GiB to the "

@@ -23,6 +23,7 @@ from .batch import check_same_batch, shard_batch, shifted_labels
 from .data import share_batches_in_cp_groups
 from .mesh import CPMesh, build_cp_mesh
 from .offload import ActivationOffload, HostArena
+from .recompute import recompute_norms
 from .tiled_loss import linear_cross_entropy, tile_loss
 from .tiled_mlp import tile_mlp
 
@@ -48,6 +49,7 @@ __all__ = [
     "build_cp_mesh",
     "check_same_batch",
     "linear_cross_entropy",
+    "recompute_norms",
     "register_magi_attention",
     "shard_batch",
     "share_batches_in_cp_groups",

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .offload import ActivationOffload
+from .recompute import recompute_norms
 from .tiled_loss import tile_loss
 from .tiled_mlp import tile_mlp
 
@@ -25,7 +26,8 @@ def _tokens(name: str, value: int) -> int:
 
 def apply_levers(model: nn.Module, tiled_mlp: int, tiled_loss: int, offload_activations: bool,
                  device: torch.device) -> ActivationOffload | None:
-    """Tile the model's MLPs (``tiled_mlp`` tokens per chunk) and loss (``tiled_loss``); 0 leaves one off.
+    """Tile the model's MLPs (``tiled_mlp`` tokens per chunk; its norms are then recomputed too) and loss
+    (``tiled_loss``); 0 leaves one off.
 
     Returns the :class:`ActivationOffload` for ``device`` when ``offload_activations``, else None.
     """
@@ -35,6 +37,7 @@ def apply_levers(model: nn.Module, tiled_mlp: int, tiled_loss: int, offload_acti
         raise ValueError(f"offload_activations must be True or False; got {offload_activations!r}")
     if tiled_mlp:
         tile_mlp(model, tiled_mlp)
+        recompute_norms(model)  # the other float32 copies in a layer's backward working set
     if tiled_loss:
         tile_loss(model, tiled_loss)
     return ActivationOffload(device) if offload_activations else None

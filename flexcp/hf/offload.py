@@ -50,17 +50,22 @@ class _Block:
 
     def __init__(self, nbytes: int, pin: bool) -> None:
         self.buf = torch.empty(nbytes, dtype=torch.uint8)
+        if pin and nbytes > 0:
+            self.buf.zero_()  # fault the pages in on all CPU threads; registering then only pins them
         self.pinned = pin and nbytes > 0 and _register(self.buf)
         self.used = 0
 
-    def free(self) -> None:
+    def unpin(self) -> None:
+        """Unregister the page lock (before the memory is freed)."""
         if self.pinned:
-            _unregister(self.buf)
             self.pinned = False
-        self.buf = torch.empty(0, dtype=torch.uint8)
+            _unregister(self.buf)
 
     def __del__(self) -> None:
-        self.free()
+        try:
+            self.unpin()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: CUDA may be gone already
+            pass
 
 
 class HostArena:
@@ -117,7 +122,7 @@ class HostArena:
     def release(self) -> None:
         """Give all host memory back."""
         for b in self.blocks:
-            b.free()
+            b.unpin()
         self.blocks, self.current = [], 0
 
 
@@ -173,7 +178,8 @@ class ActivationOffload:
     # ------------------------------------------------------------------ forward: to the host
     def _pack(self, t: torch.Tensor) -> Any:
         nbytes = t.numel() * t.element_size()
-        if nbytes < self.min_bytes or t.device != self.device or isinstance(t, nn.Parameter) or t.layout != torch.strided:
+        if (nbytes < self.min_bytes or t.device != self.device or isinstance(t, nn.Parameter)
+                or t.layout != torch.strided):
             return t
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
         if (known := self._seen.get(key)) is not None:
@@ -228,6 +234,7 @@ class ActivationOffload:
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(self.stream):
                 dev.copy_(entry.host, non_blocking=True)
+                dev.record_stream(self.stream)  # not reused before the copy ends, even if never consumed
                 entry.event = torch.cuda.Event()
                 entry.event.record(self.stream)
         else:

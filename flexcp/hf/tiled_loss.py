@@ -5,7 +5,7 @@ the loss upcasts them to float32). :class:`LinearCrossEntropy` computes the head
 token losses ``chunk_tokens`` rows at a time, keeps only the hidden states, the weight and
 the labels, and recomputes each chunk's logits in backward, so one chunk of
 ``[chunk_tokens, vocab]`` logits is alive at a time. Per chunk it runs exactly the
-operations of the plain loss (``F.linear`` in the head's dtype, ``.float()``, the optional
+operations of the plain loss (``F.linear`` in the head's dtype, ``.float()`` (float64 stays), the optional
 softcap, ``F.cross_entropy(reduction="sum")``), so only the order of the final sum differs.
 
 :func:`tile_loss` makes an HF causal LM (Llama, Qwen, Mistral, Gemma 2, ...) use it whenever
@@ -22,18 +22,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from ..magi_attn_utils.heads import unwrap_model
 from ..sharding import IGNORE_INDEX
+from .recompute import recompute_norms
 from .tiled_mlp import autocast_state, recompute_autocast
 
-__all__ = ["LinearCrossEntropy", "linear_cross_entropy", "logit_softcap", "recompute_final_norm", "tile_loss"]
+__all__ = ["LinearCrossEntropy", "linear_cross_entropy", "logit_softcap", "tile_loss"]
 
 
 def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
                 softcap: float, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
-    logits = F.linear(hidden, weight, bias).float()
+    logits = F.linear(hidden, weight, bias)
+    logits = logits if logits.dtype == torch.float64 else logits.float()
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
     loss = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
@@ -42,7 +43,7 @@ def _chunk_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """``(sum of token losses (float32), argmax hits)`` of ``linear(hidden, weight, bias)`` against ``labels``.
+    """``(sum of token losses (float32; float64 for float64 inputs), argmax hits)`` of ``linear(hidden, weight, bias)``.
 
     ``hidden`` ``[N, H]``, ``weight`` ``[V, H]``, ``labels`` ``[N]`` (``ignore_index`` skipped).
     Forward and backward go ``chunk`` rows at a time; backward recomputes each chunk's
@@ -56,7 +57,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         ctx.chunk, ctx.softcap, ctx.ignore_index = chunk, softcap, ignore_index
         ctx.autocast = autocast_state(hidden.device.type)
         ctx.save_for_backward(hidden, weight, bias, labels)
-        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        loss = torch.zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32), device=hidden.device)
         hits = torch.zeros((), dtype=torch.long, device=hidden.device)
         for s in range(0, hidden.shape[0], chunk):
             part, h = _chunk_loss(hidden[s : s + chunk], weight, bias, labels[s : s + chunk], softcap, ignore_index)
@@ -106,29 +107,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if y.shape[0] != h.shape[0]:
         raise ValueError(f"labels hold {y.shape[0]} tokens but hidden {h.shape[0]}; pass labels aligned with hidden")
     return LinearCrossEntropy.apply(h, weight, bias, y, chunk_tokens, float(softcap), ignore_index)
-
-
-def recompute_final_norm(model: nn.Module) -> bool:
-    """Checkpoint the decoder's final norm (``model.get_decoder().norm``): keep its input, not its float32 internals.
-
-    HF's RMSNorm saves a float32 copy of its input and more (about 12 bytes per hidden
-    unit per token, the input's 2 alone once recomputed). Returns False when the model has
-    no ``norm`` on its decoder (nothing changed).
-    """
-    base = unwrap_model(model)
-    norm = getattr(base.get_decoder(), "norm", None) if hasattr(base, "get_decoder") else None
-    if not isinstance(norm, nn.Module):
-        return False
-    if "_flexcp_plain_forward" not in norm.__dict__:
-        plain = norm._flexcp_plain_forward = norm.forward
-
-        def forward(x: torch.Tensor) -> torch.Tensor:
-            if torch.is_grad_enabled() and x.requires_grad:
-                return checkpoint(plain, x, use_reentrant=False)
-            return plain(x)
-
-        norm.forward = forward
-    return True
 
 
 def logit_softcap(config: Any) -> float:
@@ -192,7 +170,8 @@ def tile_loss(model: nn.Module, chunk_tokens: int = 8192) -> None:
     (and no ``logits_to_keep``): the loss is the model's own (same shifting, ``ignore_index``
     and ``num_items_in_batch`` normalization), ``outputs.logits`` is then an empty
     ``[.., T, 0]`` tensor. Evaluation and calls without labels build logits as before.
-    Also recomputes the final norm (:func:`recompute_final_norm`). Call again to change the
+    Also recomputes the final norm (:func:`flexcp.hf.recompute.recompute_norms`, ``layers=False``):
+    its float32 copies would otherwise be the largest thing the loss keeps. Call again to change the
     chunk. The LM head must be an ``nn.Linear``.
     """
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1:
@@ -212,4 +191,4 @@ def tile_loss(model: nn.Module, chunk_tokens: int = 8192) -> None:
     head._flexcp_plain_forward = head.forward
     head.forward = state.head_forward(head._flexcp_plain_forward)
     base.loss_function = lambda *a, **k: state.loss(*a, head=head, **k)
-    recompute_final_norm(base)
+    recompute_norms(base, layers=False)

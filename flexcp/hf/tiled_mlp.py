@@ -7,7 +7,8 @@ tiling changes is memory: the untiled MLP keeps its ``intermediate_size``-wide a
 builds their gradients at once, the largest part of a long sequence's backward working set.
 :class:`TiledMLPFunction` keeps only the MLP's input; its backward recomputes one chunk at a
 time and backpropagates it, so those intermediates exist for one chunk only. The cost is one
-more MLP forward per step.
+more MLP forward per step, so by default a call whose intermediates easily fit the GPU's
+free memory runs untiled (:func:`fits_untiled`).
 
 :func:`tile_mlp` applies it to every decoder layer of an HF causal LM whose layer has an
 ``mlp`` module (Llama, Qwen2/3, Mistral, Gemma 2/3, Phi-3, ...) by wrapping the module's
@@ -17,14 +18,14 @@ keep working: the function's parameter inputs are whatever the module holds when
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from torch import nn
 
 from ..magi_attn_utils.heads import unwrap_model
 
-__all__ = ["TiledMLPFunction", "decoder_layers_of", "tile_mlp", "tiled_rows"]
+__all__ = ["TiledMLPFunction", "decoder_layers_of", "fits_untiled", "tile_mlp", "tiled_rows"]
 
 
 def autocast_state(device_type: str) -> tuple[str, bool, torch.dtype]:
@@ -103,11 +104,25 @@ def tiled_rows(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chun
     return out.view(*x.shape[:-1], out.shape[-1])
 
 
+def fits_untiled(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the untiled MLP on ``x`` fits easily: its intermediates and their gradients (about 6 x tokens x
+    ``intermediate_size`` values) take at most half the memory the device can still give (CUDA only)."""
+    if x.device.type != "cuda":
+        return False
+    widest = max((p.shape[0] for p in module.parameters() if p.ndim == 2), default=x.shape[-1])
+    need = 6 * (x.numel() // x.shape[-1]) * max(widest, x.shape[-1]) * x.element_size()
+    free, _ = torch.cuda.mem_get_info(x.device)
+    spare = torch.cuda.memory_reserved(x.device) - torch.cuda.memory_allocated(x.device)
+    return 2 * need <= free + spare
+
+
 def _tiled_forward(module: nn.Module, plain: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         chunk = module._flexcp_tiled_mlp_chunk
         if args or kwargs or x.numel() // max(x.shape[-1], 1) <= chunk:
             return plain(x, *args, **kwargs)
+        if module._flexcp_tiled_mlp_when == "needed" and fits_untiled(module, x):
+            return plain(x)
         params = tuple(p for p in module.parameters() if p.requires_grad)
         if not torch.is_grad_enabled() or not (x.requires_grad or params):
             with torch.no_grad():
@@ -128,16 +143,22 @@ def decoder_layers_of(model: nn.Module) -> Sequence[nn.Module]:
     return layers
 
 
-def tile_mlp(model: nn.Module, chunk_tokens: int = 8192) -> int:
+def tile_mlp(model: nn.Module, chunk_tokens: int = 8192, when: Literal["needed", "always"] = "needed") -> int:
     """Run every decoder layer's ``mlp`` over ``chunk_tokens`` tokens at a time (forward and backward).
 
     Results are those of the untiled MLP (the same operations on every row); sequences of
-    at most ``chunk_tokens`` tokens run untiled. Call again to change the chunk;
-    ``chunk_tokens=0`` restores the plain forward. Returns the number of MLPs changed.
+    at most ``chunk_tokens`` tokens run untiled. ``when="needed"`` (default) runs a call
+    untiled when its intermediates easily fit the GPU's free memory (:func:`fits_untiled`:
+    tiling costs one more MLP forward per step, so it only runs where memory is short; on
+    CPU it always tiles); ``"always"`` tiles every longer call. Call again to change the
+    chunk or the policy; ``chunk_tokens=0`` restores the plain forward. Returns the number of
+    MLPs changed.
     """
     if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 0:
         raise ValueError(f"chunk_tokens must be an int >= 0 (tokens per MLP chunk; 0 turns tiling off); "
                          f"got {chunk_tokens!r}")
+    if when not in ("needed", "always"):
+        raise ValueError(f"when must be 'needed' or 'always'; got {when!r}")
     count = 0
     for i, layer in enumerate(decoder_layers_of(model)):
         mlp = getattr(layer, "mlp", None)
@@ -146,12 +167,12 @@ def tile_mlp(model: nn.Module, chunk_tokens: int = 8192) -> int:
         plain = mlp.__dict__.get("_flexcp_plain_forward")
         if chunk_tokens == 0:
             if plain is not None:
-                del mlp.forward, mlp._flexcp_plain_forward, mlp._flexcp_tiled_mlp_chunk
+                del mlp.forward, mlp._flexcp_plain_forward, mlp._flexcp_tiled_mlp_chunk, mlp._flexcp_tiled_mlp_when
                 count += 1
             continue
         if plain is None:
             mlp._flexcp_plain_forward = mlp.forward
             mlp.forward = _tiled_forward(mlp, mlp._flexcp_plain_forward)
-        mlp._flexcp_tiled_mlp_chunk = chunk_tokens
+        mlp._flexcp_tiled_mlp_chunk, mlp._flexcp_tiled_mlp_when = chunk_tokens, when
         count += 1
     return count

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import weakref
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+import torch
 
 from .geometry import SliceTable, find_overlap, row_key_counts, slice_areas
 from .ints import as_int
@@ -76,6 +79,19 @@ class AttnMaskSpec:
         object.__setattr__(self, "mask_types", types)
         object.__setattr__(self, "total_seqlen", total)
         object.__setattr__(self, "total_seqlen_k", total_k)
+        # the spec as a one-element int64 CPU tensor, what the kernels' custom op carries: to torch.compile
+        # a tensor attribute is a graph input, so a new mask of the same length does not recompile
+        object.__setattr__(self, "handle", torch.tensor([self.digest()], dtype=torch.int64))
+        _register(self)
+
+    def __reduce__(self):
+        # rebuilt through __init__ (so the copy registers its handle in the receiving process)
+        return type(self), (self.q_ranges, self.k_ranges, [t.value for t in self.mask_types], self.total_seqlen,
+                            self.total_seqlen_k)
+
+    def digest(self) -> int:
+        """60-bit digest of the fingerprint: the spec's ``handle`` (equal specs, equal handles)."""
+        return int(self._fingerprint[-1][:15], 16)
 
     # ----------------------------------------------------------------- views
     @cached_property
@@ -173,3 +189,33 @@ class AttnMaskSpec:
         q = np.stack([table.qs, table.qe], axis=1).tolist()
         k = np.stack([table.ks, table.ke], axis=1).tolist()
         return cls(q, k, [int(x) for x in table.types], total_seqlen, total_seqlen_k)
+
+
+_LIVE: dict[int, list] = {}
+"""Live specs by digest (weak references): what :func:`spec_of_handle` finds; a spec is forgotten when it dies."""
+
+
+def _register(spec: AttnMaskSpec) -> None:
+    d = spec.digest()
+    refs = [r for r in _LIVE.get(d, ()) if r() is not None]
+    refs.append(weakref.ref(spec, functools.partial(_forget, d)))
+    _LIVE[d] = refs
+
+
+def _forget(digest: int, dead: weakref.ref) -> None:
+    refs = [r for r in _LIVE.get(digest, ()) if r is not dead and r() is not None]
+    if refs:
+        _LIVE[digest] = refs
+    else:
+        _LIVE.pop(digest, None)
+
+
+def spec_of_handle(handle: torch.Tensor) -> AttnMaskSpec:
+    """A live spec whose ``handle`` this is (any of equal ones); a clear error if none is alive in this process."""
+    d = int(handle.reshape(-1)[0])
+    for ref in _LIVE.get(d, ()):
+        spec = ref()
+        if spec is not None:
+            return spec
+    raise ValueError("this AttnMaskSpec handle names no live spec in this process; pass the spec itself "
+                     "(keep it alive while attention runs)")

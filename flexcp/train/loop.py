@@ -86,6 +86,8 @@ class Trainer:
         self.bf16 = t.dtype == "bf16" or (t.dtype == "auto" and self.device.type == "cuda")
         self.offload = ActivationOffload(self.device) if cfg.model.offload_activations else None
         self.model = apply_fsdp(CausalLMLoss(self.lm, t.loss_chunk_tokens), self.lm, self.dims, self.bf16)
+        if cfg.model.compile != "off":
+            self.model.compile(backend=cfg.model.compile)  # in place: parameter names (checkpoints) unchanged
         self.optimizer = torch.optim.AdamW(_param_groups(self.model, t.weight_decay), lr=t.lr,
                                            betas=tuple(t.betas), eps=t.eps, foreach=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -9,7 +9,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from ..hf.tiled_loss import recompute_final_norm
+from ..hf.recompute import recompute_norms
 from ..hf.tiled_mlp import tile_mlp
 from .schema import ConfigError, ModelConfig
 from .tokenizer import TOKENIZER_FILES
@@ -134,7 +134,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, device: torch.device, seed: i
                           "use the checkpoint's own tokenizer (model.tokenizer)")
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
-        recompute_final_norm(model)  # keep its bf16 input, not the float32 copies HF's RMSNorm saves
+        recompute_norms(model)  # every norm keeps its bf16 input, not the float32 copies HF's RMSNorm saves
     if cfg.tiled_mlp:
         tile_mlp(model, cfg.tiled_mlp)
     model.train()

@@ -134,6 +134,9 @@ class ModelConfig(Section):
     attn_implementation: AttnImplementation = "magi"
     """"magi" (flexcp, any mask, any cp) or HF's "sdpa" / "flex_attention" / "eager" (cp = 1, causal or packed data)."""
     activation_checkpointing: bool = False
+    compile: Literal["off", "inductor", "aot_eager"] = "off"
+    """``torch.compile`` the model's forward with this backend ("off": eager). flexcp's attention is a custom
+    op, so a compiled step is one graph per forward and a new batch's mask does not recompile."""
     offload_activations: bool = False
     """Keep the tensors the forward saves for backward in pinned host memory (``flexcp.hf.ActivationOffload``).
 
@@ -146,8 +149,9 @@ class ModelConfig(Section):
 
     Same results as the untiled MLP; its ``intermediate_size``-wide activations then exist for one
     chunk instead of the whole sequence (for Llama-3.2-1B shapes about 96 KiB per token, the largest
-    part of a long sequence's backward working set), for one more MLP forward per step. On by default
-    because it changes nothing up to this many tokens per rank and is what lets long sequences fit."""
+    part of a long sequence's backward working set), for one more MLP forward per step. On by default:
+    a call runs untiled when it has at most this many tokens or when its intermediates easily fit the
+    GPU's free memory (``flexcp.hf.tiled_mlp.fits_untiled``), so it costs time only where memory is short."""
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def tokenizer_or_default(self) -> str:
