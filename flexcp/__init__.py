@@ -4,8 +4,10 @@ Public API: the mask language (:class:`AttnMaskSpec`, :class:`AttnMaskType`),
 single-device attention over any slice mask (:func:`attention`), and the distributed
 runtime mirroring MagiAttention's names (:func:`build_key`, :func:`dispatch`,
 :func:`calc_attn`, :func:`undispatch`, :func:`get_position_ids`, ...). The Hugging Face
-backend lives in :mod:`flexcp.magi_attn_utils`; the Trainer / TRL integration
-(:class:`FlexCPTrainer`, :class:`FlexCPSFTTrainer`, :class:`FlexCPMixin`) in :mod:`flexcp.hf`,
+backend lives in :mod:`flexcp.magi_attn_utils` (``attn_implementation="magi"`` is registered in
+transformers as soon as transformers loads, see :mod:`flexcp.hf.autoregister`); the Trainer / TRL integration
+(:class:`FlexCPTrainer`, :class:`FlexCPSFTTrainer`, :class:`FlexCPMixin`) and the long-sequence
+levers (:func:`tile_mlp`, :func:`tile_loss`, :class:`ActivationOffload`) in :mod:`flexcp.hf`,
 imported on first use.
 """
 
@@ -23,14 +25,18 @@ from .runtime import (
     undispatch,
 )
 
+from .hf.autoregister import install as _install_magi_registration
+
 __version__ = "0.1.0"
 
-_HF_TRAINERS = ("FlexCPMixin", "FlexCPSFTTrainer", "FlexCPTrainer")
+_install_magi_registration()  # attn_implementation="magi" works without register_magi_attention()
+
+_HF_LAZY = ("ActivationOffload", "FlexCPMixin", "FlexCPSFTTrainer", "FlexCPTrainer", "tile_loss", "tile_mlp")
 
 
 def __getattr__(name: str):
-    """The Trainer integration of :mod:`flexcp.hf`, imported on first use (it needs transformers / trl)."""
-    if name in _HF_TRAINERS:
+    """The Trainer integration and long-sequence levers of :mod:`flexcp.hf`, imported on first use."""
+    if name in _HF_LAZY:
         from . import hf
 
         return getattr(hf, name)
@@ -38,6 +44,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "ActivationOffload",
     "AttnMaskSpec",
     "AttnMaskType",
     "DistAttnKey",
@@ -54,5 +61,7 @@ __all__ = [
     "dispatch",
     "get_most_recent_key",
     "get_position_ids",
+    "tile_loss",
+    "tile_mlp",
     "undispatch",
 ]

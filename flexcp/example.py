@@ -7,20 +7,27 @@ import time
 
 import torch
 
+from .clihelp import new_parser
 from .kernels import attention
 from .mask import AttnMaskSpec
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="flexcp example", description=__doc__)
-    p.add_argument("--prompt", type=int, default=2048, help="prompt tokens (shared prefix)")
+def build_parser() -> argparse.ArgumentParser:
+    p = new_parser("flexcp example", "Build a prefix-tree mask (one prompt shared by several completions) and run\n"
+                   "flexcp.attention on it, forward and backward; prints the mask's size and the time.")
+    p.add_argument("--prompt", type=int, default=2048, help="prompt tokens (the shared prefix)")
     p.add_argument("--completions", type=int, default=4, help="number of completions")
     p.add_argument("--completion-len", type=int, default=1024, help="tokens per completion")
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--kv-heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    a = p.parse_args(argv)
+    p.add_argument("--heads", type=int, default=8, help="query heads")
+    p.add_argument("--kv-heads", type=int, default=2, help="key/value heads (fewer than --heads: GQA)")
+    p.add_argument("--head-dim", type=int, default=64, help="channels per head")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device: cuda when available, else cpu")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
 
     nodes = [a.prompt] + [a.completion_len] * a.completions
     spec, samples = AttnMaskSpec.prefix_tree(nodes, [[0, c + 1] for c in range(a.completions)])

@@ -85,8 +85,11 @@ def _trainable(model) -> dict:
 def train_run(rank: int, world: int, arch: str = "llama", kind: str = "trainer", cp: int | None = None,
               steps: int = 5, lora: bool = False, packing: bool = False, completion_only: bool = False,
               grad_accum: int = 1, batch: int = 2, extra_args: dict | None = None, out_dir: str | None = None,
-              resume: str | None = None, evaluate: bool = False) -> dict:
-    """Train; return the logged ``losses``, ``initial`` and final trainable ``weights``, ``tokens`` per forward, maybe ``eval_loss``."""
+              resume: str | None = None, evaluate: bool = False, levers: dict | None = None) -> dict:
+    """Train; return the logged ``losses``, ``initial`` and final trainable ``weights``, ``tokens`` per forward, maybe ``eval_loss``.
+
+    ``levers``: the flexcp trainer's long-sequence arguments (``tiled_mlp``, ``tiled_loss``, ``offload_activations``).
+    """
     if world > 1:
         _join_dist(rank, world)
     import flexcp.hf
@@ -108,7 +111,7 @@ def train_run(rank: int, world: int, arch: str = "llama", kind: str = "trainer",
                   gradient_accumulation_steps=grad_accum, disable_tqdm=True, dataloader_num_workers=0,
                   per_device_eval_batch_size=batch)
     common.update(extra_args or {})
-    cp_kwargs = {} if cp is None else {"cp_size": cp, "cp_chunk_size": 8}
+    cp_kwargs = {} if cp is None else {"cp_size": cp, "cp_chunk_size": 8, **(levers or {})}
     if kind == "trainer":
         from transformers import Trainer, TrainingArguments
 
@@ -138,7 +141,8 @@ def train_run(rank: int, world: int, arch: str = "llama", kind: str = "trainer",
     seen_in_training = len(seen)
     result = {"losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
               "weights": _trainable(trainer.accelerator.unwrap_model(trainer.model)),
-              "tokens": seen[:seen_in_training], "initial": initial}
+              "tokens": seen[:seen_in_training], "initial": initial,
+              "compiled": isinstance(trainer.model_wrapped, torch._dynamo.eval_frame.OptimizedModule)}
     if evaluate:
         result["eval_loss"] = trainer.evaluate()["eval_loss"]
     return result

@@ -10,10 +10,11 @@ import torch
 
 from flexcp.kernels.cudnn import graphs
 from flexcp.kernels.cudnn.graphs import Built, GraphCache, GraphKey
+from flexcp.kernels.cudnn.workspace import Shape
 
 
 def fake_key(i: int) -> GraphKey:
-    return GraphKey(True, (None, 0), 1, 128, 128, 2, 2, 16, torch.bfloat16, 0.25, 0, 128 * i, 128)
+    return GraphKey(True, (None, 0), Shape(1, 128, 128, 2, 2, 16, 128 * i, 128), torch.bfloat16, 0.25, 0)
 
 
 def test_exit_hook_drops_every_cache_s_graphs():
@@ -34,6 +35,7 @@ def test_graphs_are_gone_before_interpreter_teardown():
         atexit.register(lambda: print("alive" if seen["ref"]() is not None else "released"))
         import torch
         from flexcp.kernels.cudnn.graphs import Built, GraphCache, GraphKey
+        from flexcp.kernels.cudnn.workspace import Shape
 
         class FrontendGraph:
             pass
@@ -42,7 +44,7 @@ def test_graphs_are_gone_before_interpreter_teardown():
         g.cycle = g
         seen["ref"] = weakref.ref(g)
         cache = GraphCache()
-        cache._graphs[GraphKey(True, (None, 0), 1, 128, 128, 2, 2, 16, torch.bfloat16, 0.25, 0)] = Built(g, {}, 0)
+        cache._graphs[GraphKey(True, (None, 0), Shape(1, 128, 128, 2, 2, 16), torch.bfloat16, 0.25, 0)] = Built(g, {}, 0)
         del g
         """
     )

@@ -5,6 +5,8 @@ integers stored in float64, so sums are exact whatever the reduction order and e
 comparison is ``torch.equal``.
 """
 
+import warnings
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -32,6 +34,16 @@ def _ints(shape, seed, dtype=torch.float64):
 
 
 def _check_all(rank, world_size):
+    """Every case, and no FutureWarning on the way (torch 2.13 deprecates the old collective names)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prints = _check_cases(rank, world_size)
+    deprecated = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    assert not deprecated, deprecated
+    return prints
+
+
+def _check_cases(rank, world_size):
     prints = []
     for n, (spec, chunk, solver) in enumerate(_cases(world_size)):
         plan = build_plan(spec, world_size, chunk, solver)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from flexcp.sharding.plan import build_plan
-from flexcp.dist_attn.merge import merge_partials
+from flexcp.kernels.compose import merge_partials
 from flexcp.dist_attn.plan import build_rank_plans
 from flexcp.kernels import ReferenceBackend, attention
 from flexcp.mask import AttnMaskSpec

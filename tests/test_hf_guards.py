@@ -98,3 +98,29 @@ def test_encoder_document_with_inner_padding_is_refused() -> None:
     batch["attention_mask"][0, 5] = 0  # a hole inside the first row's document (positions continue)
     with pytest.raises(ValueError, match="bidirectional.*padding inside it"):
         mau.magi_prepare_batch(_bert("magi"), batch, None)
+
+
+# ------------------------------------------------------------------- registration without asking
+_FRESH = """
+import sys
+{imports}
+assert flexcp.magi_attn_utils.REGISTRY.registered == {before}, "registered too early (or not at once)"
+from transformers import LlamaConfig, LlamaForCausalLM
+cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=32)
+model = LlamaForCausalLM._from_config(cfg, attn_implementation="magi")  # no register_magi_attention() call
+assert model.config._attn_implementation == "magi" and flexcp.magi_attn_utils._MAGI_REGISTERED
+assert not any(type(f).__name__ == "_RegisterAfterLoad" for f in sys.meta_path)  # the hook removed itself
+"""
+
+
+@pytest.mark.parametrize("imports, before", [
+    ("import flexcp, flexcp.magi_attn_utils\nassert 'transformers.modeling_utils' not in sys.modules", False),
+    ("import transformers.modeling_utils, transformers.masking_utils, flexcp, flexcp.magi_attn_utils", True),
+], ids=["flexcp-first", "transformers-first"])
+def test_magi_is_registered_without_register_call(imports: str, before: bool) -> None:
+    import subprocess
+    import sys
+
+    code = _FRESH.format(imports=imports, before=before)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]

@@ -7,7 +7,7 @@ same data with the same seed: through the stock ``Trainer`` / ``SFTTrainer`` on 
 loss and the final weights must agree, while each rank's forward sees only its shard.
 Covered: padded batches, packing (HF's DataCollatorWithFlattening, TRL's padding-free
 packing), completion-only loss, LoRA, gradient accumulation, gradient checkpointing,
-bf16 autocast, save and resume; and the refusals at cp > 1.
+bf16 autocast, save and resume, the long-sequence levers; and the refusals at cp > 1.
 """
 
 from __future__ import annotations
@@ -67,6 +67,33 @@ def test_cp2_trainer_equals_cp1(case: str, tmp_path) -> None:
     for rank in out:  # CP really ran: each forward saw a shard, never the whole batch
         assert len(rank["tokens"]) == len(ref["tokens"])
         assert all(0 < t < full for t, full in zip(rank["tokens"], ref["tokens"]))
+
+
+def test_cp2_compiled_trainer_equals_cp1_compiled(tmp_path) -> None:
+    """TrainingArguments(torch_compile=True): compiled FlexCPTrainer at cp = 2 equals the compiled Trainer at cp = 1.
+
+    (The plain Trainer on packed batches: TRL's SFTTrainer adds graphs of its own metrics that
+    cost minutes to compile on CPU; FlexCPSFTTrainer shares the mixin.)
+    """
+    kw = dict(arch="llama", kind="trainer", packing=True, steps=3,
+              extra_args={"torch_compile": True, "torch_compile_backend": "aot_eager"})
+    ref = _reference(tmp_path, **kw)
+    out = _cp2(tmp_path, **kw)
+    assert ref["compiled"] and all(rank["compiled"] for rank in out)
+    for rank in out:
+        torch.testing.assert_close(torch.tensor(rank["losses"]), torch.tensor(ref["losses"]), atol=2e-5, rtol=0)
+        _assert_same_weights(ref, rank, atol=5e-5)
+
+
+def test_cp2_trainer_with_every_lever_equals_the_plain_cp1_trainer(tmp_path) -> None:
+    """tiled_mlp, tiled_loss and offload_activations change memory, not the run (packed, checkpointed)."""
+    kw = dict(arch="llama", kind="trainer", packing=True, extra_args={"gradient_checkpointing": True}, evaluate=True)
+    ref = _reference(tmp_path, **kw)
+    out = _cp2(tmp_path, **kw, levers={"tiled_mlp": 4, "tiled_loss": 5, "offload_activations": True})
+    for rank in out:
+        torch.testing.assert_close(torch.tensor(rank["losses"]), torch.tensor(ref["losses"]), atol=2e-5, rtol=0)
+        assert abs(rank["eval_loss"] - ref["eval_loss"]) < 2e-5
+        _assert_same_weights(ref, rank, atol=5e-5)
 
 
 def test_cp2_bf16_autocast_tracks_cp1(tmp_path) -> None:

@@ -91,3 +91,23 @@ def test_overrides_with_a_model_path_are_rejected(tmp_path):
 def test_legacy_llama_keys_are_accepted():
     cfg = validate(load_config(None, ["model.overrides.rope_theta=50000", "model.overrides.num_hidden_layers=2"]), 1)
     assert cfg.model.overrides["rope_theta"] == 50000
+
+
+def test_every_bad_data_line_is_reported_before_the_run_starts(tmp_path, capsys):
+    """Invalid JSON and a wrong field type in one file: each bad line on its own line, rc 2, nothing started."""
+    good = json.dumps({"text": "ok"})
+    lines = [good, good, '{"text": "broken', good, json.dumps({"text": None}), "[1, 2]"]
+    lines += [json.dumps({"text": 7})] * 22  # more bad lines than are listed one by one
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit) as exc:  # the real launch, not --check: the data is checked first
+        flexcp_main(["finetune", "data.kind=jsonl", f"data.path={data}", f"out_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and not (tmp_path / "run").exists()
+    listed = [line.strip() for line in err.splitlines() if line.strip().startswith(f"- {data}")]
+    assert listed[0] == f"- {data}:3 is not valid JSON (Unterminated string starting at, column 10); write one JSON object per line"
+    assert listed[1].startswith(f"- {data}:5: 'text' must be a string; got null") and "drop the line" in listed[1]
+    assert listed[2].startswith(f"- {data}:6: must be a JSON object")
+    assert [line.split(":")[1] for line in listed[3:20]] == [str(n) for n in range(7, 24)]  # 20 lines listed
+    assert listed[20] == f"- {data}: 5 more bad lines (25 in all); fix the lines above and run again with --check to list the rest"
+    assert len(listed) == 21

@@ -98,7 +98,8 @@ def test_data_kinds_are_read_only_and_own_their_checks(tmp_path):
     for kind in files:
         cfg = load_config(None, [f"data.kind={kind.name}"])
         assert any("set data.path" in p and kind.sample in p for p in kind.problems(cfg))
-        (tmp_path / kind.sample).write_text("")
+        good = {"jsonl": '{"text": "a"}', "rollouts": '{"prompt": "p", "completions": ["c"]}'}[kind.name]
+        (tmp_path / kind.sample).write_text(good + "\n")  # the file's records pass: only the config problem is left
         cfg = load_config(None, [f"data.kind={kind.name}", f"data.path={tmp_path / kind.sample}", "eval.every=5"])
         assert [p for p in kind.problems(cfg)] == [f"eval.every=5 with data.kind={kind.name!r} needs held-out data: "
                                                    "set eval.path to a JSONL file in data.path's format (or eval.every=0)"]

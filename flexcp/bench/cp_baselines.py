@@ -29,7 +29,8 @@ import torch.distributed as dist
 
 from ..sharding import DispatchPlan
 from ..sharding import ops as dispatch_ops
-from ..dist_attn.merge import merge_partials
+from ..sharding.collectives import all_gather_single, reduce_scatter_single
+from ..kernels.compose import merge_partials
 from ..kernels.backend import AttnBackend
 from ..mask.geometry import SliceTable, clip_band, slice_areas
 
@@ -179,7 +180,7 @@ class AllGatherScheme(_KernelScheme):
         if self.cp == 1:
             return tensors
         outs = [t.new_empty((self.cp * t.shape[0], *t.shape[1:])) for t in tensors]
-        works = [dist.all_gather_into_tensor(o, t, group=self.group, async_op=True) for o, t in zip(outs, tensors)]
+        works = [all_gather_single(o, t, group=self.group, async_op=True) for o, t in zip(outs, tensors)]
         for w in works:
             w.wait()
         return outs
@@ -189,7 +190,7 @@ class AllGatherScheme(_KernelScheme):
             return tensors
         outs = [t.new_empty((t.shape[0] // self.cp, *t.shape[1:])) for t in tensors]
         works = [
-            dist.reduce_scatter_tensor(o, t, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+            reduce_scatter_single(o, t, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
             for o, t in zip(outs, tensors)
         ]
         for w in works:

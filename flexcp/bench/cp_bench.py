@@ -41,6 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..clihelp import new_parser
 from ..sharding import DEFAULT_CHUNK_SIZE, SOLVERS, build_plan
 from ..kernels import select_backend
 from ..kernels.backend import AttnBackend
@@ -305,33 +306,39 @@ def _meta(args, argv: list[str], world: int, device: torch.device, label: str) -
 # ---------------------------------------------------------------------------------------- setup
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="flexcp bench cp", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = new_parser("flexcp bench cp", "Distributed attention, one GPU per rank: flexcp against all-gather and ring\n"
+                   "attention, forward and forward+backward, for each mask family and CP size.\n"
+                   "Launch: torchrun --nproc_per_node N -m flexcp.bench.cp_bench. Numbers: docs/benchmarks.md.")
     p.add_argument("--cp", type=int, nargs="+", default=[1, 2, 4], help="CP sizes (those <= world size run)")
-    p.add_argument("--masks", nargs="+", choices=MASKS, default=list(MASKS))
-    p.add_argument("--schemes", nargs="+", choices=SCHEMES, default=list(SCHEMES))
+    p.add_argument("--masks", nargs="+", choices=MASKS, default=list(MASKS), help="mask families")
+    p.add_argument("--schemes", nargs="+", choices=SCHEMES, default=list(SCHEMES), help="what to time")
     p.add_argument("--ring-masks", nargs="+", choices=MASKS, default=["causal"], help="masks the ring runs on")
-    p.add_argument("--tokens-per-gpu", type=int, default=16384)
+    p.add_argument("--tokens-per-gpu", type=int, default=16384, help="sequence length / CP size")
     p.add_argument("--heads", type=int, default=16, help="query heads")
-    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (GQA); default: --heads")
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--dtype", choices=DTYPES, default="bf16")
+    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (GQA); unset: --heads")
+    p.add_argument("--head-dim", type=int, default=128, help="channels per head")
+    p.add_argument("--dtype", choices=DTYPES, default="bf16", help="q, k, v dtype")
     p.add_argument("--window", type=int, default=4096, help="sliding window (keys per row, self included)")
     p.add_argument("--prompt-frac", type=float, default=0.25, help="prefix tree: prompt share of the tokens")
     p.add_argument("--completions", type=int, default=8, help="prefix tree: completions sharing the prompt")
-    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="dispatch chunk (tokens)")
     p.add_argument("--solver", choices=["auto", *sorted(SOLVERS)], default="auto",
                    help="flexcp's (and allgather's) sharding; 'auto' as in build_key")
     p.add_argument("--num-stages", type=int, default=DEFAULT_NUM_STAGES, help="flexcp remote stages")
     p.add_argument("--kernel", default="auto", help="single-device backend for every scheme")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs first")
+    p.add_argument("--reps", type=int, default=5, help="timed runs")
+    p.add_argument("--seed", type=int, default=0, help="seed of the inputs and packs")
     p.add_argument("--no-check", dest="check", action="store_false", help="skip comparing outputs with flexcp's")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
-    p.add_argument("--backend", choices=["nccl", "gloo"], default=None, help="default: nccl on cuda, else gloo")
-    p.add_argument("--out", type=Path, default=Path("results/cp_bench.json"))
-    args = p.parse_args(argv)
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: cuda when available")
+    p.add_argument("--backend", choices=["nccl", "gloo"], default=None, help="process group; unset: nccl on cuda, else gloo")
+    p.add_argument("--out", type=Path, default=Path("results/cp_bench.json"), help="results JSON")
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
     args.kv_heads = args.heads if args.kv_heads is None else args.kv_heads
     for name in ("tokens_per_gpu", "heads", "kv_heads", "head_dim", "window", "completions", "chunk_size",
                  "num_stages", "reps"):

@@ -23,7 +23,7 @@ trains (memory-limited), with and without activation offloading.
 
     python -m flexcp.bench.e2e_bench --out results/e2e                          # one GPU, everything
     torchrun --nproc_per_node 4 -m flexcp.bench.e2e_bench --cp 2 4 --no-probe   # cp > 1 rows (magi, native)
-    python -m flexcp.bench.e2e_bench --cpu --tiny --sizes 256 512 --steps 1     # CPU smoke run
+    python -m flexcp.bench.e2e_bench --cpu --tiny --sizes 256 --steps 1         # CPU smoke run (no probe)
 
 Points run in priority order and stop starting at the time budget (``--budget-s``, of which
 ``--probe-reserve-s`` is kept for the probe); what did not run is listed as not run.
@@ -44,6 +44,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from ..clihelp import new_parser
 from ..train.data import PackedSequence
 from ..train.loop import Trainer, close_distributed
 from ..train.metrics import model_flops
@@ -222,42 +223,70 @@ def run_table(setups: list[Setup], args, deadline: float, device: torch.device, 
 # ------------------------------------------------------------------------------------------ the launch
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="flexcp bench e2e", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+DESCRIPTION = """\
+Training speed of the fine-tuning recipe with flexcp attention against HF flex_attention and
+sdpa (cp = 1) and torch's native context parallelism (cp > 1), on packed documents, shared-prefix
+rollouts, a sliding-window model and one causal sequence; then the longest sequence one GPU
+trains, with and without activation offloading. Writes OUT/e2e.json, e2e.md and e2e.png.
+Numbers and how they were taken: docs/benchmarks.md.
+
+examples:
+  python -m flexcp.bench.e2e_bench --out results/e2e                          # one GPU, everything
+  torchrun --nproc_per_node 4 -m flexcp.bench.e2e_bench --cp 2 4 --no-probe   # cp > 1 rows
+  flexcp bench e2e --cpu --tiny --sizes 256 --steps 1                         # CPU smoke run (~30 s)
+"""
+PROBE_START = [131072, 262144]
+"""The probe's first two lengths on full-size models (``--probe-start``)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = new_parser("flexcp bench e2e", DESCRIPTION)
     p.add_argument("--sizes", type=int, nargs="+", default=[32768, 65536], help="sequence lengths (tokens)")
-    p.add_argument("--workloads", nargs="+", default=list(wl.WORKLOADS), choices=wl.WORKLOADS)
-    p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    p.add_argument("--workloads", nargs="+", default=list(wl.WORKLOADS), choices=wl.WORKLOADS, help="what to train")
+    p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS,
+                   help="attention implementations to compare (-unshared: rollouts without prefix sharing)")
     p.add_argument("--extras", action="store_true",
                    help="also sdpa on sliding, flex_attention on causal and on unshared rollouts (cp = 1)")
     p.add_argument("--cp", type=int, nargs="+", default=[1], help="CP sizes (each must divide the world size)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per point (after --warmup)")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per point first")
     p.add_argument("--max-point-s", type=float, default=10.0, help="stop timing a point after this many seconds")
-    p.add_argument("--budget-s", type=float, default=1200.0, help="no new point starts after this")
-    p.add_argument("--chunk-size", type=int, default=512)
-    p.add_argument("--seed", type=int, default=0, help="pack / rollout / token seed")
+    p.add_argument("--budget-s", type=float, default=1200.0, help="no new point starts after this many seconds")
+    p.add_argument("--chunk-size", type=int, default=512, help="dispatch chunk (tokens)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the packs, rollouts and tokens")
     p.add_argument("--completions", type=int, default=8, help="completions per rollout prompt")
-    p.add_argument("--prompt-frac", type=float, default=0.25, help="rollout prompt length / S")
+    p.add_argument("--prompt-frac", type=float, default=0.25, help="rollout prompt length / sequence length")
     p.add_argument("--no-probe", dest="probe", action="store_false", help="skip the longest-sequence probe")
     p.add_argument("--probe-only", action="store_true", help="only the longest-sequence probe (no table)")
     p.add_argument("--probe-reserve-s", type=float, default=400.0, help="seconds of --budget-s kept for the probe")
-    p.add_argument("--probe-start", type=int, nargs=2, default=[131072, 262144],
-                   help="two lengths whose peak memory gives the probe's linear model")
+    p.add_argument("--probe-start", type=int, nargs=2, default=None,
+                   help="the probe's first two lengths, whose peak memory predicts the longest "
+                        f"(unset: {PROBE_START[0]} {PROBE_START[1]}; with --tiny or --cpu, unset skips the probe)")
     p.add_argument("--probe-granule", type=int, default=32768, help="length resolution of the probe")
-    p.add_argument("--probe-doc-len", type=int, default=8192, help="documents of the probe's packs are cut to this")
-    p.add_argument("--probe-points", type=int, default=3, help="probe steps per mode after the two fit lengths")
+    p.add_argument("--probe-doc-len", type=int, default=8192, help="the probe's documents are cut to this length")
+    p.add_argument("--probe-points", type=int, default=3, help="probe steps per mode after the first two lengths")
     p.add_argument("--no-offload", dest="offload", action="store_false", help="probe without offloading only")
     p.add_argument("--host-frac", type=float, default=0.75, help="offloaded activations may use this much host RAM")
-    p.add_argument("--out", type=Path, default=Path("results/e2e"))
+    p.add_argument("--out", type=Path, default=Path("results/e2e"), help="output directory")
     p.add_argument("--replot", type=Path, default=None, help="redraw tables and plot from an e2e.json; no training")
     p.add_argument("--cpu", action="store_true", help="run on CPU with gloo (with --tiny and short --sizes)")
-    p.add_argument("--tiny", action="store_true", help="tiny presets instead of the 1.1B ones (smoke runs, tests)")
+    p.add_argument("--tiny", action="store_true", help="tiny models instead of the 1.1B ones (smoke runs, tests)")
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
     if args.probe_only and not args.probe:
         p.error("--probe-only and --no-probe exclude each other")
+    if args.probe_start is None:  # a smoke run does not search the memory limit of a full-size model
+        if args.tiny or args.cpu:
+            if args.probe_only:
+                p.error("--probe-only with --tiny or --cpu needs --probe-start A B (short lengths)")
+            args.probe = False
+        args.probe_start = list(PROBE_START)
     return args
 
 
@@ -298,7 +327,7 @@ def _meta(args, device: torch.device, argv) -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""),
             "sizes": args.sizes, "probe_doc_len": args.probe_doc_len, "steps": args.steps, "warmup": args.warmup,
-            "max_point_s": args.max_point_s,
+            "max_point_s": args.max_point_s, "tiny": args.tiny, "completions": args.completions,
             "argv": argv}
 
 
@@ -323,12 +352,6 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
 
-    def log(row: dict) -> None:
-        rows.append(row)
-        if rank == 0:
-            print(json.dumps(row), flush=True)
-            (args.out / "e2e.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-
     setups = [] if args.probe_only else build_setups(args.cp, dist.get_world_size(), args.workloads,
                                                       args.contenders, args.extras)
     if args.cpu:  # torch's ring attention runs CUDA SDPA only; FlexAttention has no CPU backward
@@ -336,6 +359,21 @@ def main(argv: list[str] | None = None) -> int:
         setups = [s for s in setups if s.impl not in ("native", "flex_attention")]
         if dropped and rank == 0:
             print(f"--cpu: not running {', '.join(dropped)} (CUDA only)", flush=True)
+    points = len(setups) * len(args.sizes)
+
+    def log(row: dict) -> None:
+        rows.append(row)
+        if rank == 0:
+            done = sum(not r.get("probe") for r in rows)
+            print(("[probe] " if row.get("probe") else f"[{done}/{points}] ") + e2e_report.progress_line(row, meta),
+                  flush=True)
+            (args.out / "e2e.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+
+    if rank == 0:
+        print(f"flexcp bench e2e: {points} points ({len(setups)} setups x {len(args.sizes)} lengths) on "
+              f"{meta['world']} x {meta['device']}, {'tiny' if args.tiny else 'full-size'} models"
+              + ("; then the longest-sequence probe" if args.probe else "; no longest-sequence probe")
+              + f"; results in {args.out}/e2e.json and e2e.md", flush=True)
     try:
         reserve = args.probe_reserve_s if args.probe and setups else 0.0
         run_table(setups, args, start + args.budget_s - reserve, device, log)

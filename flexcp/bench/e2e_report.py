@@ -10,12 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-WORKLOAD_TITLES = {
-    "packed": "packed documents (corpus lengths)",
-    "rollouts": "shared-prefix rollouts (1 prompt, 8 completions)",
-    "sliding": "sliding window 4096 (mistral-1b)",
-    "causal": "one causal sequence",
-}
+from .e2e_workloads import WORKLOAD_PRESET, WORKLOADS
 NOTES = {
     "native": "native = torch's context_parallel (ring attention over causal SDPA): it trains each pack as ONE "
               "causal sequence (documents attend across their boundaries: not the same training), so its "
@@ -24,6 +19,47 @@ NOTES = {
                      "(the prompt is stored and computed once per completion)",
     "sdpa": "sdpa = HF's SDPA; on packs and windows HF hands it a dense S x S mask (it computes every cell)",
 }
+
+
+def unit(meta: dict) -> str:
+    """What the per-device figures are per: a GPU, or a CPU process (``--cpu``)."""
+    return "GPU" if meta.get("gpu_memory_gib") else "process"
+
+
+def model_name(workload: str, meta: dict) -> str:
+    """The model a workload trained: its 1B preset, or the tiny stand-in of a ``--tiny`` run."""
+    preset = WORKLOAD_PRESET[workload]
+    return f"tiny {preset.split('-')[0]}" if meta.get("tiny") else preset
+
+
+def workload_title(workload: str, rows: list[dict], meta: dict) -> str:
+    """A workload's title, from what ran (window, completions, model)."""
+    if workload == "sliding":
+        windows = sorted({r["window"] for r in table_rows(rows) if r["workload"] == "sliding" and r.get("window")})
+        return f"sliding window {'/'.join(map(str, windows)) or '?'} ({model_name(workload, meta)})"
+    return {"packed": "packed documents (corpus lengths)",
+            "rollouts": f"shared-prefix rollouts (1 prompt, {meta.get('completions', 8)} completions)",
+            "causal": "one causal sequence"}[workload]
+
+
+def models_line(rows: list[dict], meta: dict) -> str:
+    """The model each workload that ran trained on (the sliding one with its window)."""
+    ran = [w for w in WORKLOADS if any(r["workload"] == w for r in table_rows(rows))]
+    return "Models: " + "; ".join(workload_title(w, rows, meta) if w == "sliding" else f"{w}: {model_name(w, meta)}"
+                                  for w in ran)
+
+
+def progress_line(row: dict, meta: dict) -> str:
+    """One line for a finished point or probe step, as the benchmark runs."""
+    if row.get("probe"):
+        head = f"{'with' if row['offload'] else 'without'} offloading, {_k(row['seq_len'])} tokens: "
+        return head + (_status(row) or f"trains, peak {_num(row.get('peak_gib'), '.1f')} GiB, {row['step_s']:.1f} s/step")
+    head = f"{row['workload']}, {row['contender']}, cp={row['cp']}, {_k(row['size'])} tokens: "
+    status = _status(row)
+    if status:
+        return head + status
+    return (head + f"{row['step_s']:.2f} s/step, {row['tokens_per_s_per_gpu']:,.0f} tokens/s per {unit(meta)}, "
+            f"loss {row['loss']:.4f}")
 
 
 def _k(n: int) -> str:
@@ -52,11 +88,11 @@ def probe_rows(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r.get("probe")]
 
 
-def format_table(rows: list[dict]) -> str:
-    """The throughput table, one row per (workload, contender, cp, size)."""
+def format_table(rows: list[dict], per: str = "GPU") -> str:
+    """The throughput table, one row per (workload, contender, cp, size); ``per``: what the rates are per."""
     head = ["workload", "contender", "cp", "S", "tokens/seq", "docs", "label tokens", "attn cells (x mask)",
-            "step s", "tokens/s per GPU", "label tok/s per GPU", "TFLOP/s per GPU", "peak GiB", "loss (step 1)",
-            "timed steps"]
+            "step s", f"tokens/s per {per}", f"label tok/s per {per}", f"TFLOP/s per {per}", "peak GiB",
+            "loss (step 1)", "timed steps"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table_rows(rows):
         launch = f" (launch {r['launch']})" if r.get("launch", 1) != 1 else ""  # rows merged from another launch
@@ -82,7 +118,7 @@ def _ok(r: dict) -> bool:
     return "step_s" in r
 
 
-def speedups(rows: list[dict]) -> list[str]:
+def speedups(rows: list[dict], per: str = "GPU") -> list[str]:
     """Per workload, cp and size: magi's tokens/s over each other contender's (label tokens/s for rollouts)."""
     by = defaultdict(dict)
     for r in table_rows(rows):
@@ -97,7 +133,7 @@ def speedups(rows: list[dict]) -> list[str]:
         parts = [f"{magi[key] / r[key]:.2f}x {name}" for name, r in group.items() if name != "magi"]
         losses = [r["loss"] for r in group.values()]
         out.append(f"- {w} {_k(size)}, cp={cp}: magi is " + ", ".join(parts)
-                   + f" ({'label ' if w == 'rollouts' else ''}tokens/s per GPU); step-1 losses "
+                   + f" ({'label ' if w == 'rollouts' else ''}tokens/s per {per}); step-1 losses "
                    + ", ".join(f"{name} {r['loss']:.4f}" for name, r in group.items())
                    + f" (spread {max(losses) - min(losses):.1e})")
         shared, unshared = group.get("magi"), group.get("magi-unshared")
@@ -106,9 +142,15 @@ def speedups(rows: list[dict]) -> list[str]:
                        f"{unshared['tokens'] / shared['tokens']:.2f}x the tokens ({unshared['tokens']:,} vs "
                        f"{shared['tokens']:,}, both {shared['label_tokens']:,} label tokens) and "
                        f"{unshared['step_s'] / shared['step_s']:.2f}x the step time ({unshared['step_s']:.2f} s vs "
-                       f"{shared['step_s']:.2f} s): the prefix tree saves "
-                       f"{1 - shared['step_s'] / unshared['step_s']:.0%} of the time")
+                       f"{shared['step_s']:.2f} s): " + _time_change(shared["step_s"], unshared["step_s"]))
     return out
+
+
+def _time_change(shared_s: float, unshared_s: float) -> str:
+    """What sharing the prefix does to the step time, in words that stay true when it is slower."""
+    if shared_s <= unshared_s:
+        return f"the prefix tree saves {1 - shared_s / unshared_s:.0%} of the time"
+    return f"the prefix tree costs {shared_s / unshared_s - 1:.0%} more time here"
 
 
 def format_probe(rows: list[dict], meta: dict) -> str:
@@ -157,7 +199,7 @@ def format_probe(rows: list[dict], meta: dict) -> str:
 
 
 def plot(rows: list[dict], meta: dict, path: Path) -> bool:
-    """tokens/s per GPU against sequence length, one panel per workload (+ the probe's peak memory)."""
+    """tokens/s per GPU (or CPU process) against sequence length, one panel per workload (+ the probe's peak memory)."""
     try:
         import matplotlib
 
@@ -171,7 +213,7 @@ def plot(rows: list[dict], meta: dict, path: Path) -> bool:
         if _ok(r):
             key = "label_tokens_per_s_per_gpu" if r["workload"] == "rollouts" else "tokens_per_s_per_gpu"
             series[(r["workload"], f"{r['contender']} cp={r['cp']}")].append((r["size"], r[key]))
-    workloads = [w for w in WORKLOAD_TITLES if any(k[0] == w for k in series)]
+    workloads = [w for w in WORKLOADS if any(k[0] == w for k in series)]
     probe = [r for r in probe_rows(rows) if r.get("fits")]
     panels = len(workloads) + (1 if probe else 0)
     if not panels:
@@ -191,8 +233,8 @@ def plot(rows: list[dict], meta: dict, path: Path) -> bool:
         ax.set_xticks(sorted(sizes), [_k(n) for n in sorted(sizes)])
         ax.minorticks_off()
         ax.set_xlabel("sequence length (tokens)")
-        ax.set_ylabel("label tokens/s per GPU" if w == "rollouts" else "tokens/s per GPU")
-        ax.set_title(WORKLOAD_TITLES[w], fontsize=10)
+        ax.set_ylabel(f"{'label ' if w == 'rollouts' else ''}tokens/s per {unit(meta)}")
+        ax.set_title(workload_title(w, rows, meta), fontsize=10)
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower left")
@@ -212,7 +254,7 @@ def plot(rows: list[dict], meta: dict, path: Path) -> bool:
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1024:.0f}k"))
         ax.set_xlabel("sequence length (tokens)")
         ax.set_ylabel("peak GiB")
-        ax.set_title("longest sequence one GPU trains (llama-1b)", fontsize=10)
+        ax.set_title(f"longest sequence one {unit(meta)} trains ({model_name('packed', meta)})", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     for ax in flat[panels:]:
@@ -230,12 +272,14 @@ def write_outputs(meta: dict, rows: list[dict], out: Path) -> str:
     used = {r["contender"] for r in table_rows(rows)}
     parts = [f"End-to-end training, {meta['world']} x {meta['device']}, {meta['dtype']}, activation checkpointing, "
              f"chunked loss, torch {meta['torch']}, transformers {meta['transformers']}, {meta['date']}", "",
-             format_table(rows), "", *speedups(rows), *(f"- {NOTES[c]}" for c in NOTES if c in used)]
+             models_line(rows, meta), "",
+             format_table(rows, unit(meta)), "", *speedups(rows, unit(meta)),
+             *(f"- {NOTES[c]}" for c in NOTES if c in used)]
     probe = format_probe(rows, meta)
     if probe:
         cut = meta.get("probe_doc_len", "?")
-        parts += ["", f"Longest sequence one GPU trains (llama-1b, magi, packs of documents cut to {cut} tokens):", "",
-                  probe]
+        parts += ["", f"Longest sequence one {unit(meta)} trains ({model_name('packed', meta)}, magi, packs of "
+                  f"documents cut to {cut} tokens):", "", probe]
     parts += ["", f"plot: {'e2e.png' if drew else 'not drawn (matplotlib is not installed)'}"]
     text = "\n".join(parts) + "\n"
     (out / "e2e.md").write_text(text)

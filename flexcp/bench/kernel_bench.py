@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from ..clihelp import new_parser
 from ..kernels import get_backend
 from ..kernels.cudnn import CudnnBackend
 from ..kernels.torch_sdpa import single_rect
@@ -350,20 +351,26 @@ def format_table(rows: list[Row]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="flexcp bench kernel", description=__doc__.splitlines()[0])
-    p.add_argument("--masks", nargs="+", default=list(MASKS), choices=MASKS)
-    p.add_argument("--seqlens", nargs="+", type=int, default=[8192, 32768])
-    p.add_argument("--heads", nargs="+", default=["16:16", "32:8"], help="hq:hkv pairs")
-    p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+def build_parser() -> argparse.ArgumentParser:
+    p = new_parser("flexcp bench kernel", "Single-GPU attention speed (TFLOP/s, forward and forward+backward) of flexcp's\n"
+                   "backends against cuDNN SDPA and FlexAttention, on the same masks and inputs; prints\n"
+                   "which backend 'auto' picks. Numbers: docs/benchmarks.md.")
+    p.add_argument("--masks", nargs="+", default=list(MASKS), choices=MASKS, help="mask families")
+    p.add_argument("--seqlens", nargs="+", type=int, default=[8192, 32768], help="sequence lengths (tokens)")
+    p.add_argument("--heads", nargs="+", default=["16:16", "32:8"], help="query:key-value head pairs")
+    p.add_argument("--head-dim", type=int, default=128, help="channels per head")
+    p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS, help="what to time")
     p.add_argument("--stages", action="store_true", help="add distributed-stage shapes (cp = 4 and 8 plans)")
     p.add_argument("--cache-steps", type=int, default=0, help="measure the cuDNN graph cache over N corpus packs instead")
     p.add_argument("--rep-ms", type=int, default=300, help="do_bench repetition budget per measurement")
     p.add_argument("--sweep", action="store_true", help="time tile configs of each Triton kernel instead")
     p.add_argument("--json", default=None, help="write rows and environment here")
     p.add_argument("--markdown", default=None, help="write the markdown table here")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if not torch.cuda.is_available():
         print("flexcp bench kernel needs a CUDA GPU", file=sys.stderr)
         return 2

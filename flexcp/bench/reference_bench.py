@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ..clihelp import new_parser
 from ..kernels import attention, get_backend
 from ..mask import AttnMaskSpec, causal, varlen
 from .docdist import sample_pack
@@ -173,19 +174,24 @@ def format_report(meta: dict, rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="flexcp bench reference", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 32768])
-    parser.add_argument("--masks", nargs="+", choices=MASKS, default=list(MASKS))
-    parser.add_argument("--heads", type=int, default=2, help="q heads")
-    parser.add_argument("--kv-heads", type=int, default=1, help="k/v heads (GQA)")
-    parser.add_argument("--head-dim", type=int, default=64)
+def build_parser() -> argparse.ArgumentParser:
+    parser = new_parser("flexcp bench reference", "Speed (tokens/s) and peak memory of the pure-PyTorch reference attention on\n"
+                        "the CPU; each row runs in its own process. Numbers: docs/benchmarks.md.")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384, 32768], help="sequence lengths")
+    parser.add_argument("--masks", nargs="+", choices=MASKS, default=list(MASKS), help="mask families")
+    parser.add_argument("--heads", type=int, default=2, help="query heads")
+    parser.add_argument("--kv-heads", type=int, default=1, help="key/value heads (GQA)")
+    parser.add_argument("--head-dim", type=int, default=64, help="channels per head")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs after the warm-up")
     parser.add_argument("--single-run-s", type=float, default=10.0, help="time a row once if its warm-up is slower")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch intra-op threads")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the inputs")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     meta = {
         "cpu": cpu_name(),

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..clihelp import new_parser
 from ..sharding import DEFAULT_CHUNK_SIZE, SOLVERS, build_plan
 from ..mask import varlen
 from .common import cpu_name
@@ -113,18 +114,23 @@ def format_report(meta: dict, imbalance: list[dict], timing: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="flexcp bench solver", description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = new_parser("flexcp bench solver", "How evenly each dispatch solver spreads the attention work of packed batches\n"
+                        "over the CP ranks, and how long planning takes (CPU). Numbers: docs/benchmarks.md.")
     parser.add_argument("--tokens", type=int, nargs="+", default=[32768, 131072], help="pack lengths")
     parser.add_argument("--cp", type=int, nargs="+", default=[2, 4, 8, 16], help="CP sizes")
     parser.add_argument("--packs", type=int, default=20, help="packs per (tokens, cp)")
-    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="dispatch chunk (tokens)")
     parser.add_argument("--max-doc-frac", type=float, default=0.5, help="document cap as a fraction of the pack")
     parser.add_argument("--timing-tokens", type=int, default=1 << 20, help="batch size of the planning-time table")
-    parser.add_argument("--timing-cp", type=int, nargs="+", default=[8, 64])
+    parser.add_argument("--timing-cp", type=int, nargs="+", default=[8, 64], help="CP sizes of the planning-time table")
     parser.add_argument("--repeats", type=int, default=20, help="timed runs per planning-time row")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     meta = {
         "cpu": cpu_name(),
         "cores": os.cpu_count(),

@@ -23,6 +23,8 @@ from typing import Mapping
 import torch
 import torch.distributed as dist
 
+from ..sharding.collectives import all_gather_single
+
 FINGERPRINT_BYTES = 8
 """Bytes each rank contributes per checked call."""
 
@@ -86,7 +88,7 @@ def _gather_fingerprint(value: int, group: dist.ProcessGroup) -> list[int]:
     with torch.cuda.stream(stream):
         mine = torch.tensor([value], dtype=torch.int64).to(device, non_blocking=False)
         out = torch.empty(world, dtype=torch.int64, device=device)
-        dist.all_gather_into_tensor(out, mine, group=group)
+        all_gather_single(out, mine, group=group)
         host = out.to("cpu")
     return host.tolist()
 

@@ -1,4 +1,6 @@
-"""Distributed attention as one autograd Function: GroupCast K/V, compute per stage, merge; the reverse in backward.
+"""Distributed attention, forward and backward: GroupCast K/V, compute per stage, merge; the reverse in backward.
+
+The two functions are the bodies of the ``flexcp::calc_attn`` custom ops (runtime/ops.py).
 
 Forward: all remote stages' K/V casts are issued at once (async, one all-to-all each,
 K and V together), the host stage is computed while they travel, then each remote
@@ -26,7 +28,7 @@ import torch.distributed as dist
 from ..comm import CastPlan, agree, group_cast, group_reduce
 from ..kernels.backend import AttnBackend, stat_dtype
 from ..kernels.cache import schedule_for
-from .merge import merge_partials
+from ..kernels.compose import merge_partials
 from .plan import RankAttnPlan
 
 
@@ -63,48 +65,48 @@ class DistAttnState:
         return [group_cast([k, v], cp, self.group, async_op=True) for cp in self.cast_plans]
 
 
-class DistAttnFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, state: DistAttnState, backend: AttnBackend, scale: float, softcap: float):
-        state.agree(q, k, scale, softcap, grad=any(ctx.needs_input_grad[:3]))
-        host, stage_preps = state.preps(backend, q.device)
-        handles = state.cast_kv(k, v)
-        # partials merge in float32 (float64 inputs: float64); with no remote stage the host result is final
-        partial_dtype = stat_dtype(q.dtype) if state.plan.stages else None
-        out, lse = backend.forward(q, k, v, host, scale, softcap, out_dtype=partial_dtype)
-        for stage, prep, handle in zip(state.plan.stages, stage_preps, handles):
-            k_r, v_r = (t.contiguous() for t in handle.wait())
-            if len(stage.table):
-                o, l = backend.forward(q, k_r, v_r, prep, scale, softcap, out_dtype=stat_dtype(q.dtype))
-                out, lse = merge_partials(out, lse, o, l)
-        out = out.to(q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.state, ctx.backend, ctx.scale, ctx.softcap = state, backend, scale, softcap
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+def dist_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: DistAttnState, backend: AttnBackend,
+                 scale: float, softcap: float, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of the local shard over the whole sequence: host stage while the casts travel, then each remote stage.
 
-    @staticmethod
-    def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        state, backend = ctx.state, ctx.backend
-        host, stage_preps = state.preps(backend, q.device)
-        dout = dout.contiguous()
-        handles = state.cast_kv(k, v)
-        # with remote stages the host's gradients are the float32 accumulators; alone they are final
-        final_dtype = None if state.plan.stages else q.dtype
-        dq, dk, dv = backend.backward(dout, q, k, v, out, lse, host, ctx.scale, ctx.softcap, final_dtype)
-        reductions = []
-        for stage, prep, cast_plan, handle in zip(state.plan.stages, stage_preps, state.cast_plans, handles):
-            k_r, v_r = (t.contiguous() for t in handle.wait())
-            # a remote stage's partials come in the inputs' dtype (cuDNN writes them so; they travel
-            # at that width) and are summed into the float32 accumulators; an empty stage sends the same
-            if len(stage.table):
-                dq_s, dk_s, dv_s = backend.backward(dout, q, k_r, v_r, out, lse, prep, ctx.scale, ctx.softcap, q.dtype)
-                dq += dq_s
-            else:
-                dk_s, dv_s = torch.zeros_like(k_r), torch.zeros_like(v_r)
-            reductions.append(group_reduce([dk_s, dv_s], cast_plan, state.group, out=[dk, dv],
-                                           reduce_dtype=dk.dtype, async_op=True))
-        for r in reductions:
-            r.wait()
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+    ``grad`` (whether q/k/v need gradients) goes into the ranks' agreement fingerprint.
+    """
+    state.agree(q, k, scale, softcap, grad=grad)
+    host, stage_preps = state.preps(backend, q.device)
+    handles = state.cast_kv(k, v)
+    # partials merge in float32 (float64 inputs: float64); with no remote stage the host result is final
+    partial_dtype = stat_dtype(q.dtype) if state.plan.stages else None
+    out, lse = backend.forward(q, k, v, host, scale, softcap, out_dtype=partial_dtype)
+    for stage, prep, handle in zip(state.plan.stages, stage_preps, handles):
+        k_r, v_r = (t.contiguous() for t in handle.wait())
+        if len(stage.table):
+            o, l = backend.forward(q, k_r, v_r, prep, scale, softcap, out_dtype=stat_dtype(q.dtype))
+            out, lse = merge_partials(out, lse, o, l)
+    return out.to(q.dtype), lse
+
+
+def dist_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, state: DistAttnState, backend: AttnBackend, scale: float,
+                  softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of the local shard: host stage, then each remote stage GroupReduced to its owners."""
+    host, stage_preps = state.preps(backend, q.device)
+    dout = dout.contiguous()
+    handles = state.cast_kv(k, v)
+    # with remote stages the host's gradients are the float32 accumulators; alone they are final
+    final_dtype = None if state.plan.stages else q.dtype
+    dq, dk, dv = backend.backward(dout, q, k, v, out, lse, host, scale, softcap, final_dtype)
+    reductions = []
+    for stage, prep, cast_plan, handle in zip(state.plan.stages, stage_preps, state.cast_plans, handles):
+        k_r, v_r = (t.contiguous() for t in handle.wait())
+        # a remote stage's partials come in the inputs' dtype (cuDNN writes them so; they travel
+        # at that width) and are summed into the float32 accumulators; an empty stage sends the same
+        if len(stage.table):
+            dq_s, dk_s, dv_s = backend.backward(dout, q, k_r, v_r, out, lse, prep, scale, softcap, q.dtype)
+            dq += dq_s
+        else:
+            dk_s, dv_s = torch.zeros_like(k_r), torch.zeros_like(v_r)
+        reductions.append(group_reduce([dk_s, dv_s], cast_plan, state.group, out=[dk, dv],
+                                       reduce_dtype=dk.dtype, async_op=True))
+    for r in reductions:
+        r.wait()
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

@@ -3,6 +3,10 @@
 - :class:`FlexCPTrainer` (``transformers.Trainer``) and :class:`FlexCPSFTTrainer`
   (``trl.SFTTrainer``, needs the ``trl`` extra) take ``cp_size=N``; :class:`FlexCPMixin`
   adds it to any other Trainer subclass.
+- Long sequences on one GPU: :func:`tile_mlp` (decoder MLPs over chunks of tokens),
+  :func:`tile_loss` (LM head + loss over chunks: no full logits), :class:`ActivationOffload`
+  (saved activations in pinned host memory, asynchronous copies); the trainers take them as
+  ``tiled_mlp=``, ``tiled_loss=``, ``offload_activations=``.
 - :func:`register_magi_attention` registers ``attn_implementation="magi"``; at cp = 1 a
   model with it runs anywhere without further setup (local attention honouring packed
   ``position_ids``, padding masks and sliding windows).
@@ -18,6 +22,10 @@ from ..magi_attn_utils import register_magi_attention
 from .batch import check_same_batch, shard_batch, shifted_labels
 from .data import share_batches_in_cp_groups
 from .mesh import CPMesh, build_cp_mesh
+from .offload import ActivationOffload, HostArena
+from .recompute import recompute_norms
+from .tiled_loss import linear_cross_entropy, tile_loss
+from .tiled_mlp import tile_mlp
 
 _LAZY = {"FlexCPMixin": "trainer", "FlexCPTrainer": "trainer", "FlexCPSFTTrainer": "sft"}
 
@@ -32,14 +40,20 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "ActivationOffload",
     "CPMesh",
     "FlexCPMixin",
     "FlexCPSFTTrainer",
     "FlexCPTrainer",
+    "HostArena",
     "build_cp_mesh",
     "check_same_batch",
+    "linear_cross_entropy",
+    "recompute_norms",
     "register_magi_attention",
     "shard_batch",
     "share_batches_in_cp_groups",
     "shifted_labels",
+    "tile_loss",
+    "tile_mlp",
 ]

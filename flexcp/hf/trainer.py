@@ -17,6 +17,7 @@ mixed precision, FSDP2, saving and resuming) is the Trainer's own code.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ from ..magi_attn_utils.heads import check_flexcp_attention, unwrap_model
 from ..sharding import IGNORE_INDEX
 from .batch import shard_batch, shifted_labels
 from .data import share_batches_in_cp_groups
+from .levers import apply_levers
 from .mesh import CPMesh, build_cp_mesh
 
 
@@ -41,9 +43,15 @@ class FlexCPMixin:
     :func:`flexcp.hf.register_magi_attention`, which ``from_pretrained`` needs); another
     attention implementation is refused at every ``cp_size``.
     ``cp_chunk_size`` is the dispatch chunk of the load balancer (tokens).
+
+    Long-sequence memory levers (off by default; see README "Longest sequences"): ``tiled_mlp=N``
+    runs every decoder layer's MLP over N tokens at a time, ``tiled_loss=N`` computes the LM head
+    and loss over N tokens at a time (``outputs.logits`` is then empty in training),
+    ``offload_activations=True`` keeps what each training forward saves in pinned host memory.
     """
 
-    def __init__(self, *args: Any, cp_size: int = 1, cp_chunk_size: int = DEFAULT_CHUNK_SIZE, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, cp_size: int = 1, cp_chunk_size: int = DEFAULT_CHUNK_SIZE, tiled_mlp: int = 0,
+                 tiled_loss: int = 0, offload_activations: bool = False, **kwargs: Any) -> None:
         if isinstance(cp_chunk_size, bool) or not isinstance(cp_chunk_size, int) or cp_chunk_size < 1:
             raise ValueError(f"cp_chunk_size must be a positive int (tokens); got {cp_chunk_size!r}")
         if isinstance(cp_size, bool) or not isinstance(cp_size, int) or cp_size < 1:
@@ -53,6 +61,8 @@ class FlexCPMixin:
         self.cp_chunk_size = cp_chunk_size
         super().__init__(*args, **kwargs)
         check_flexcp_attention(self.model, type(self).__name__)
+        self.activation_offload = apply_levers(self.model, tiled_mlp, tiled_loss, offload_activations,
+                                               self.args.device)
         self.cp_mesh: CPMesh = build_cp_mesh(cp_size, self.args.device.type)
         if cp_size > 1:
             self._check_cp_setup()
@@ -129,7 +139,10 @@ class FlexCPMixin:
         """The parent's loss on this rank's shard of the micro-batch (outputs, if returned, are the shard's)."""
         if self.cp_mesh.cp > 1:
             inputs = shard_batch(model, inputs, self.cp_mesh.cp_group, self.cp_chunk_size)
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        offload = self.activation_offload if model.training and self.activation_offload is not None else nullcontext
+        with offload():
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
 
     def prediction_step(self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool,
                         ignore_keys: list[str] | None = None):

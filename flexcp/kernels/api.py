@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from ..mask.spec import AttnMaskSpec
-from .backend import AttnBackend, get_backend
+from ..mask.spec import AttnMaskSpec, spec_of_handle
+from .backend import AttnBackend, get_backend, stat_dtype
 from .cache import schedule_for
 
 
@@ -23,8 +23,14 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{name} must be a 3-D THD tensor [tokens, heads, head_dim]; got {shape}")
+        if x.device.type == "meta":
+            raise ValueError(f"{name} is on the meta device (shapes without data); materialize the model first "
+                             "(e.g. model.to_empty(device=...) then load its weights) before running attention")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape; got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if q.shape[1] == 0:
+        raise ValueError("q has 0 heads; q must be [tokens, heads >= 1, head_dim] (check the head split of the "
+                         "projection, e.g. num_attention_heads in the model config)")
     if q.shape[2] == 0:
         raise ValueError("q, k, v have head_dim 0; the last dimension must hold at least one feature")
     if q.shape[2] != k.shape[2]:
@@ -69,21 +75,68 @@ def prepared(backend: AttnBackend, spec: AttnMaskSpec, device: torch.device) -> 
     return schedule_for(backend, spec.table, spec.total_seqlen, spec.total_seqlen_k, device)
 
 
-class _FlexAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, backend: AttnBackend, prep: Any, scale: float, softcap: float):
-        out, lse = backend.forward(q, k, v, prep, scale, softcap)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.backend, ctx.prep, ctx.scale, ctx.softcap = backend, prep, scale, softcap
-        ctx.mark_non_differentiable(lse)
-        return out, lse
+@torch.library.custom_op("flexcp::attention", mutates_args=())
+def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: torch.Tensor, scale: float, softcap: float,
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` under the spec whose ``handle`` is ``spec``: validation, backend choice and schedule inside the op."""
+    impl, prep = _resolved(spec, q, k, softcap, backend)
+    out, lse = impl.forward(q, k, v, prep, scale, softcap)
+    return out.contiguous(), lse.contiguous()
 
-    @staticmethod
+
+def attention_fake(q: torch.Tensor, *_: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fake ``(out, lse)`` of an attention op: ``out`` like ``q``, ``lse [tokens, heads_q]`` in ``stat_dtype``."""
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:2], dtype=stat_dtype(q.dtype))
+
+
+def attention_backward_fake(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            *_: Any) -> tuple[torch.Tensor, ...]:
+    """Fake ``(dq, dk, dv)`` of an attention backward op: like ``q``, ``k``, ``v``."""
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+
+
+attention_op.register_fake(attention_fake)
+
+
+@torch.library.custom_op("flexcp::attention_backward", mutates_args=())
+def attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                          lse: torch.Tensor, spec: torch.Tensor, scale: float, softcap: float,
+                          backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` of :func:`attention_op`: one call covers the whole mask, gradients in the inputs' dtype."""
+    impl, prep = _resolved(spec, q, k, softcap, backend)
+    dq, dk, dv = impl.backward(dout, q, k, v, out, lse, prep, scale, softcap, q.dtype)
+    return dq.to(q.dtype).contiguous(), dk.to(k.dtype).contiguous(), dv.to(v.dtype).contiguous()
+
+
+attention_backward_op.register_fake(attention_backward_fake)
+
+
+def _resolved(handle: torch.Tensor, q: torch.Tensor, k: torch.Tensor, softcap: float, backend: str) -> tuple[AttnBackend, Any]:
+    """The validated spec of ``handle``, its backend and schedule (host work, inside the ops)."""
+    spec = spec_of_handle(handle).validate()
+    impl = select_backend(backend, q, k, softcap)
+    return impl, prepared(impl, spec, q.device)
+
+
+def register_attention_autograd(forward_op: Any, backward_op: Any) -> None:
+    """Autograd of an attention op pair ``(q, k, v, handle, scale, softcap, backend) -> (out, lse)`` and
+    ``(dout, q, k, v, out, lse, handle, scale, softcap, backend) -> (dq, dk, dv)``; ``lse`` is not differentiable."""
+
+    def setup_context(ctx, inputs, output) -> None:
+        q, k, v, handle, scale, softcap, backend = inputs
+        ctx.save_for_backward(q, k, v, *output, handle)
+        ctx.scale, ctx.softcap, ctx.backend = scale, softcap, backend
+        ctx.mark_non_differentiable(output[1])
+
     def backward(ctx, dout, _dlse):
-        q, k, v, out, lse = ctx.saved_tensors
-        # one call covers the whole mask: gradients come back in the inputs' dtype, no extra conversion
-        dq, dk, dv = ctx.backend.backward(dout.contiguous(), q, k, v, out, lse, ctx.prep, ctx.scale, ctx.softcap, q.dtype)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+        q, k, v, out, lse, handle = ctx.saved_tensors
+        dq, dk, dv = backward_op(dout.contiguous(), q, k, v, out, lse, handle, ctx.scale, ctx.softcap, ctx.backend)
+        return dq, dk, dv, None, None, None, None
+
+    forward_op.register_autograd(backward, setup_context=setup_context)
+
+
+register_attention_autograd(attention_op, attention_backward_op)
 
 
 def attention(
@@ -101,6 +154,9 @@ def attention(
     ``out`` has q's dtype; ``lse`` is ``[tq, hq]`` float32, float64 for float64 inputs (not differentiable). Rows with
     no keys give out 0, lse -inf and zero gradients. ``softmax_scale`` defaults to
     ``d ** -0.5``; ``softcap > 0`` applies ``cap * tanh(s / cap)`` to the scaled scores.
+    It runs as the ``flexcp::attention`` custom op (the spec travels as its ``handle`` tensor;
+    validation, backend choice and schedules happen inside), so ``torch.compile`` traces no host
+    code and a new mask of the same length does not recompile.
     """
     if not isinstance(spec, AttnMaskSpec):
         raise ValueError(f"spec must be an AttnMaskSpec; got {type(spec).__name__}")
@@ -111,7 +167,4 @@ def attention(
             f"and total_seqlen_k={spec.total_seqlen_k}; build the spec for these lengths"
         )
     scale, softcap = resolve_scale(q.shape[-1], softmax_scale, softcap)
-    spec.validate()
-    impl = select_backend(backend, q, k, softcap)
-    prep = prepared(impl, spec, q.device)
-    return _FlexAttention.apply(q.contiguous(), k.contiguous(), v.contiguous(), impl, prep, scale, softcap)
+    return attention_op(q.contiguous(), k.contiguous(), v.contiguous(), spec.handle, scale, softcap, backend)

@@ -1,8 +1,8 @@
-"""Combining partial results inside one kernel call: outputs merged by lse, gradients summed.
+"""Combining partial results: outputs merged by lse, gradients summed.
 
-Used wherever one mask runs as several pieces (cuDNN launches, or slice groups on
-different backends): each piece covers some rows over some keys, and pieces that share
-rows are combined exactly, never overwritten.
+Used wherever one mask runs as several pieces (cuDNN launches, slice groups on different
+backends, the stages of a distributed call): each piece covers some rows over some keys,
+and pieces that share rows are combined exactly, never overwritten. The one lse merge.
 """
 
 from __future__ import annotations
@@ -12,14 +12,29 @@ import torch
 from .backend import stat_dtype
 
 
-def merge_into(out: torch.Tensor, lse: torch.Tensor, out_part: torch.Tensor, lse_part: torch.Tensor) -> None:
-    """``(out, lse) <- merge((out, lse), (out_part, lse_part))`` in place, in ``out``'s dtype; empty rows stay 0 / -inf."""
+def _lse_weights(lse: torch.Tensor, lse_part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(merged lse, weight of out, weight of out_part)``; rows empty in both get weights 0 and lse -inf."""
     new = torch.logaddexp(lse, lse_part.to(lse.dtype))
     safe = torch.where(torch.isinf(new), torch.zeros_like(new), new)
-    w = torch.exp(lse - safe).unsqueeze(-1)
-    w_part = torch.exp(lse_part - safe).unsqueeze(-1)
+    return new, torch.exp(lse - safe).unsqueeze(-1), torch.exp(lse_part - safe).unsqueeze(-1)
+
+
+def merge_into(out: torch.Tensor, lse: torch.Tensor, out_part: torch.Tensor, lse_part: torch.Tensor) -> None:
+    """``(out, lse) <- merge((out, lse), (out_part, lse_part))`` in place, in ``out``'s dtype; empty rows stay 0 / -inf."""
+    new, w, w_part = _lse_weights(lse, lse_part)
     out.mul_(w.to(out.dtype)).add_(out_part.to(out.dtype) * w_part.to(out.dtype))
     lse.copy_(new)
+
+
+def merge_partials(
+    out: torch.Tensor, lse: torch.Tensor, out_part: torch.Tensor, lse_part: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``merge((out, lse), (out_part, lse_part))`` as new tensors (autograd-friendly); empty rows stay 0 / -inf.
+
+    ``out*`` are ``[t, h, d]``, ``lse*`` ``[t, h]``, all float32 (or all float64 for float64 inputs).
+    """
+    new, w, w_part = _lse_weights(lse, lse_part)
+    return out * w + out_part * w_part, new
 
 
 class GradSum:

@@ -14,7 +14,7 @@ from ..runtime import calc_attn
 from ..runtime.key import group_info
 from .amp import attend_in_autocast_dtype
 from .keys import resolve_key, window_key
-from .masks import as_numpy, cu_seqlens_layout, documents
+from .masks import as_numpy, documents, step_mask
 from .registry import REGISTRY
 
 
@@ -43,17 +43,18 @@ def _window(window_size: Any) -> int | None:
 
 
 def _call_layout(b: int, s: int, cp_size: int, kwargs: dict) -> tuple[_Fixed, bool]:
-    """The call's mask and whether it binds: ``magi_attn_spec``, else ``cu_seqlens`` (cp = 1), else rows."""
-    pos = kwargs.get("position_ids")
-    positions = None if pos is None else as_numpy(pos).reshape(-1)
+    """The call's mask and whether it binds: ``magi_attn_spec``, else ``cu_seqlens`` (cp = 1), through
+    :func:`.masks.step_mask`; else the rows as documents (positions are not read: they do not bind here)."""
     spec = kwargs.get("magi_attn_spec")
-    if spec is not None:
-        return _Fixed(spec, positions), True
     cu = kwargs.get("cu_seqlens", kwargs.get("cu_seqlens_q"))
-    if cu is not None and cp_size == 1 and int(cu.numel()) > 2:
-        spec, doc_pos = cu_seqlens_layout(cu, None, b * s)
-        return _Fixed(spec, doc_pos if positions is None else positions), True
-    return _Fixed(documents(b, s), None), False
+    if cu is not None and not (cp_size == 1 and int(cu.numel()) > 2):
+        cu = None
+    if spec is None and cu is None:
+        return _Fixed(documents(b, s), None), False
+    pos = kwargs.get("position_ids")
+    mask, positions = step_mask(1, b * s, spec=spec, cu_seqlens=cu,
+                                position_ids=None if pos is None else as_numpy(pos).reshape(-1))
+    return _Fixed(mask, positions), True
 
 
 def _sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None) -> torch.Tensor:

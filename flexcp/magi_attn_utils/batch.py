@@ -22,7 +22,7 @@ from ..runtime.key import group_info
 from .heads import (_get_head_config, _iter_language_model_attention, _set_cp_group_on_attention, check_flexcp_attention,
                     is_bidirectional)
 from .keys import DEFAULT_CHUNK_SIZE, flex_chunk_size
-from .masks import as_numpy, clean_cu_seqlens, cu_seqlens_layout, documents, in_full, row_positions
+from .masks import as_numpy, clean_cu_seqlens, cu_seqlens_layout, documents, in_full, row_positions, step_mask
 from .registry import REGISTRY
 
 LAYOUT_FIELDS = ("attention_mask", "cu_seqlens", "cu_seqlens_padded", "attn_spec", "max_seqlen", "qkv_format")
@@ -43,22 +43,21 @@ def _input_ids(batch: dict) -> torch.Tensor:
 
 
 def _mask_and_positions(batch: dict, b: int, s: int, causal: bool = True) -> tuple[AttnMaskSpec, np.ndarray]:
-    """The step's mask over the ``b * s`` flat tokens and their real positions.
+    """The step's mask over the ``b * s`` flat tokens and their real positions (:func:`.masks.step_mask`).
 
-    In order: ``batch['attn_spec']``, the active spec (both used as given), ``cu_seqlens``
-    (+ ``cu_seqlens_padded``), else documents from rows, ``position_ids`` resets and the
-    padding ``attention_mask``; documents found this way are causal, or attended in full
-    when ``causal`` is False (an encoder).
+    The explicit spec is ``batch['attn_spec']``, else the active spec (both used as given, and
+    then the batch must carry ``position_ids`` and no padding); documents found from
+    ``cu_seqlens`` or the rows are causal, or attended in full when ``causal`` is False (an encoder).
     """
     pos = batch.get("position_ids")
     padding = batch.get("attention_mask")
     spec = batch.get("attn_spec")
     if spec is None:
         spec = REGISTRY.active_spec
+    found, positions = step_mask(b, s, spec=spec, cu_seqlens=batch.get("cu_seqlens"),
+                                 cu_seqlens_padded=batch.get("cu_seqlens_padded"), position_ids=pos,
+                                 attention_mask=padding)
     if spec is not None:
-        if not isinstance(spec, AttnMaskSpec) or spec.total_seqlen != b * s:
-            total = spec.total_seqlen if isinstance(spec, AttnMaskSpec) else type(spec).__name__
-            raise ValueError(f"the step's AttnMaskSpec must cover the batch's {b * s} flat tokens; got {total}")
         if pos is None:
             raise ValueError(
                 "a batch with its own AttnMaskSpec needs position_ids (the tokens' real positions, e.g. "
@@ -66,14 +65,9 @@ def _mask_and_positions(batch: dict, b: int, s: int, causal: bool = True) -> tup
             )
         if padding is not None and not bool(torch.as_tensor(padding).all()):
             raise ValueError("with an AttnMaskSpec, leave padding tokens out of the spec instead of passing attention_mask")
-        return spec, row_positions(b, s, pos)
-    if batch.get("cu_seqlens") is not None:
-        if b != 1:
-            raise ValueError(f"cu_seqlens describes one packed row; input_ids has {b} rows: flatten them to [1, T]")
-        spec, doc_pos = cu_seqlens_layout(batch["cu_seqlens"], batch.get("cu_seqlens_padded"), s)
-        return (spec if causal else in_full(spec)), (doc_pos if pos is None else row_positions(1, s, pos))
-    spec = documents(b, s, pos, padding)
-    return (spec if causal else in_full(spec)), row_positions(b, s, pos)
+    if spec is None and not causal:
+        found = in_full(found)
+    return found, (row_positions(b, s, None) if positions is None else positions)
 
 
 def _split(batch: dict, b: int, s: int) -> tuple[dict, dict]:

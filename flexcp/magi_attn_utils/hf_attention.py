@@ -1,29 +1,27 @@
 """The ``"magi"`` backend of Hugging Face transformers: an attention function and a mask function.
 
 The attention function receives HF's ``query [b, hq, s, d]``, ``key``/``value [b, hkv, s, d]``,
-flattens the batch rows into one THD sequence, finds the step's key (see
-:func:`flexcp.magi_attn_utils.keys.resolve_key`), derives the layer's sliding-window key
-when the layer has one, and runs :func:`flexcp.calc_attn` with the layer's scaling and
-logit softcap. The mask function makes transformers skip its dense 4-D masks: it returns
+flattens the batch rows into one THD sequence, finds the step's key (the ``flexcp::hf_step_key``
+op of step.py: :func:`flexcp.magi_attn_utils.keys.resolve_key`, then the layer's sliding-window
+key when the layer has one, once per step) and runs :func:`flexcp.calc_attn` (the ``flexcp::calc_attn`` op) with the
+layer's scaling and logit softcap. Both are custom ops, so ``torch.compile`` of the model
+traces no host code here: no graph break, and a new batch does not recompile. The mask function makes transformers skip its dense 4-D masks: it returns
 ``None``, or the ``[b, s]`` padding mask when some token is padding (O(tokens)).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
-from ..mask import AttnMaskSpec
-from ..runtime import calc_attn
+from ..runtime import DistAttnKey, calc_attn
+from ..runtime.key import group_slot
 from .amp import attend_in_autocast_dtype
 from .heads import ATTN_NAME
-from .keys import resolve_key, window_key
-from .masks import documents, row_positions
 from .registry import REGISTRY
+from .step import hf_step_key
 
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 
@@ -45,36 +43,11 @@ def magi_mask_function(
     ``attention_mask`` is read, so the lengths are optional (early transformers 5 releases pass
     ``cache_position`` instead of ``q_length``).
     """
-    if attention_mask is None or bool(attention_mask.all()):
+    if attention_mask is None:
         return None
-    return attention_mask
-
-
-@dataclass
-class _HFLocal:
-    """The mask a cp = 1 call infers from its own inputs: rows, position resets, padding."""
-
-    batch_size: int
-    seqlen: int
-    position_ids: torch.Tensor | None
-    attention_mask: torch.Tensor | None
-    use_positions: bool
-
-    def _pos(self) -> torch.Tensor | None:
-        pos = self.position_ids if self.use_positions else None
-        if pos is not None and pos.dim() > 2:
-            raise ValueError(
-                f"position_ids of shape {tuple(pos.shape)} (multimodal RoPE) do not describe documents; "
-                "prepare VLM batches with magi_prepare_vlm"
-            )
-        return pos
-
-    def spec(self) -> AttnMaskSpec:
-        return documents(self.batch_size, self.seqlen, self._pos(), self.attention_mask)
-
-    def positions(self) -> np.ndarray | None:
-        pos = self._pos()
-        return None if pos is None else row_positions(self.batch_size, self.seqlen, pos)
+    if torch.compiler.is_compiling():  # the all-ones test is data-dependent: hf_step_key makes it, in its op
+        return attention_mask
+    return None if bool(attention_mask.all()) else attention_mask
 
 
 def _sliding_window(module: torch.nn.Module, kwargs: dict) -> int | None:
@@ -156,20 +129,19 @@ def magi_attention_forward(
     if not hasattr(module, "cp_group") and not causal:
         return _sdpa_fallback(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     _check_call(module, query, key, attention_mask, dropout, kwargs)
-    cp_group = getattr(module, "cp_group", None)  # none stamped: cp = 1, local attention
     b, hq, s, d = query.shape
-    heads = (hq, key.shape[1], d)
-    self_key = bool(getattr(module, "_magi_self_key", False))
-    local = _HFLocal(b, s, kwargs.get("position_ids"), attention_mask, use_positions=not self_key)
-    dist_key = resolve_key(cp_group, b * s, heads, explicit=kwargs.get("magi_key"), local=local,
-                           binding=attention_mask is not None or self_key)
-    window = _sliding_window(module, kwargs)
-    if window is not None:
-        dist_key = window_key(dist_key, window)
+    explicit = kwargs.get("magi_key")
+    if explicit is not None and not isinstance(explicit, DistAttnKey):
+        raise ValueError(f"magi_key must be a DistAttnKey (from magi_prepare_batch or flexcp.build_key); "
+                         f"got {type(explicit).__name__}")
+    handle = hf_step_key(None if explicit is None else explicit.handle, kwargs.get("position_ids"), attention_mask,
+                         b, s, hq, key.shape[1], d, _sliding_window(module, kwargs) or 0,
+                         group_slot(getattr(module, "cp_group", None)),  # none stamped: cp = 1, local attention
+                         bool(getattr(module, "_magi_self_key", False)))
     if scaling is None:
         scaling = getattr(module, "scaling", None)
     q, k, v = (x.transpose(1, 2).reshape(b * s, x.shape[1], d) for x in (query, key, value))
-    out, _ = attend_in_autocast_dtype(calc_attn, q, k, v, key=dist_key, softmax_scale=scaling,
+    out, _ = attend_in_autocast_dtype(calc_attn, q, k, v, key=handle, softmax_scale=scaling,
                                       softcap=_softcap(module, kwargs))
     return out.view(b, s, hq, d), None
 

@@ -124,6 +124,42 @@ def cu_seqlens_layout(cu_seqlens: Any, cu_seqlens_padded: Any, total: int) -> tu
     return spec, np.arange(total, dtype=np.int64) - starts
 
 
+def step_mask(
+    batch_size: int,
+    seqlen: int,
+    *,
+    spec: AttnMaskSpec | None = None,
+    cu_seqlens: Any = None,
+    cu_seqlens_padded: Any = None,
+    position_ids: Any = None,
+    attention_mask: Any = None,
+) -> tuple[AttnMaskSpec, np.ndarray | None]:
+    """The step's mask over ``batch_size * seqlen`` flat tokens and their real positions: the one precedence.
+
+    1. ``spec``, an explicit AttnMaskSpec (a batch's ``attn_spec``, a call's ``magi_attn_spec``,
+       the active spec), as given;
+    2. ``cu_seqlens`` (+ ``cu_seqlens_padded``): the packed documents of one row;
+    3. documents from the rows, ``position_ids`` resets and the padding ``attention_mask``.
+
+    Positions are ``position_ids`` when given, else 2's per-document positions, else None (the
+    rows' own ``arange``). Every HF-path caller (batch preparation, the attention layers' step
+    key, the custom-model attn func) reads its mask through this function.
+    """
+    n = batch_size * seqlen
+    positions = None if position_ids is None else row_positions(batch_size, seqlen, position_ids)
+    if spec is not None:
+        if not isinstance(spec, AttnMaskSpec) or spec.total_seqlen != n:
+            total = spec.total_seqlen if isinstance(spec, AttnMaskSpec) else type(spec).__name__
+            raise ValueError(f"the step's AttnMaskSpec must cover the batch's {n} flat tokens; got {total}")
+        return spec, positions
+    if cu_seqlens is not None:
+        if batch_size != 1:
+            raise ValueError(f"cu_seqlens describes one packed row; the batch has {batch_size} rows: flatten them to [1, T]")
+        spec, doc_pos = cu_seqlens_layout(cu_seqlens, cu_seqlens_padded, n)
+        return spec, (doc_pos if positions is None else positions)
+    return documents(batch_size, seqlen, position_ids, attention_mask), positions
+
+
 def prefix_tree_position_ids(node_lengths: Sequence[int], sample_paths: Sequence[Sequence[int]]) -> torch.Tensor:
     """Real positions of a prefix tree's flat layout: a node continues from its ancestors' lengths.
 
@@ -221,5 +257,6 @@ __all__ = [
     "expand_rows",
     "prefix_tree_position_ids",
     "row_positions",
+    "step_mask",
     "windowed",
 ]

@@ -78,6 +78,8 @@ class MagiRegistry:
         """CP group of the custom-model attn_func (a closure with no module to read it from)."""
         self.registered = False
         """Whether ``register_magi_attention`` has run."""
+        self.generation = 0
+        """Counts prepared layouts registered: a step key resolved before a ``magi_prepare_*`` call is stale after it."""
         self._groups: dict[str, _Group] = {}
 
     # ------------------------------------------------------------------------------ groups
@@ -127,6 +129,7 @@ class MagiRegistry:
         prepared; window keys survive only if the positions did not change.
         """
         group = self._record(key.group_id)
+        self.generation += int(prepared)
         old = group.layouts.pop(key, None)
         if old is not None and positions is None:
             positions = old.positions

@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 import numpy as np
 
 from .geometry import clip_band
-from .ints import as_int, as_int_array
+from .ints import INT64_MAX, as_bool, as_int, as_int_array
 from .spec import AttnMaskSpec
 from .types import AttnMaskType
 
@@ -34,6 +34,9 @@ def _lengths(name: str, values: Sequence[int]) -> np.ndarray:
     arr = as_int_array(name, values).reshape(-1)
     if (arr < 0).any():
         raise ValueError(f"{name} must be non-negative; got {arr.tolist()}")
+    if len(arr) and int(arr.max()) > INT64_MAX // len(arr) and sum(arr.tolist()) > INT64_MAX:
+        raise ValueError(f"{name} add up to {sum(arr.tolist())} tokens, beyond int64 (2**63 - 1), the integers "
+                         "masks are computed in")
     return arr
 
 
@@ -51,6 +54,7 @@ def causal(seqlen: int) -> AttnMaskSpec:
 @family
 def varlen(seqlens: Sequence[int], causal: bool = True) -> AttnMaskSpec:
     """Block-diagonal mask for packed documents; empty documents are skipped."""
+    causal = as_bool("causal", causal)
     lens = _lengths("seqlens", seqlens)
     ends = np.cumsum(lens)
     starts = ends - lens
@@ -79,7 +83,13 @@ def prefix_tree(
     seen: set[tuple[int, int]] = set()
     q_ranges, k_ranges, types = [], [], []
     sample_ranges: list[list[tuple[int, int]]] = []
+    if isinstance(sample_paths, (str, bytes)) or not isinstance(sample_paths, Iterable):
+        raise ValueError(f"sample_paths must be a list of paths (lists of node indices), e.g. [[0, 1]]; "
+                         f"got {sample_paths!r}")
     for s, path in enumerate(sample_paths):
+        if isinstance(path, (str, bytes)) or not isinstance(path, Iterable):
+            raise ValueError(f"sample_paths[{s}] = {path!r} is not a path: sample_paths is a list of paths, each a "
+                             f"list of node indices root -> leaf, e.g. [[0, 1]] for one sample through nodes 0 and 1")
         path = [as_int(f"sample_paths[{s}]", p) for p in path]
         if len(set(path)) != len(path):
             raise ValueError(f"sample_paths[{s}] = {path} visits a node twice; a path goes root -> leaf once")
@@ -112,7 +122,7 @@ def sliding_window(seqlens: Sequence[int], window: int, causal: bool = True) -> 
     convention: ``window`` counts the row's own key. Built from diagonal bands cut
     into at most three typed slices per document, never a per-element mask.
     """
-    window = as_int("window", window)
+    window, causal = as_int("window", window), as_bool("causal", causal)
     if window < 1:
         raise ValueError(f"window must be >= 1 (keys per row, self included); got {window}")
     lens = _lengths("seqlens", seqlens)

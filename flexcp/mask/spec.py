@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import weakref
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+import torch
 
 from .geometry import SliceTable, find_overlap, row_key_counts, slice_areas
 from .ints import as_int
 from .types import AttnMaskType
 
 Range = tuple[int, int]
+
+MAX_SEQLEN = 2**31
+"""Most tokens a mask may cover (q or k): areas, up to ``total_seqlen x total_seqlen_k`` cells, are exact
+int64 counts, and 2**31 tokens of q alone (one head of 64 bf16 features) would be 256 GiB."""
 
 
 def _as_ranges(name: str, ranges: Any) -> tuple[Range, ...]:
@@ -72,6 +79,19 @@ class AttnMaskSpec:
         object.__setattr__(self, "mask_types", types)
         object.__setattr__(self, "total_seqlen", total)
         object.__setattr__(self, "total_seqlen_k", total_k)
+        # the spec as a one-element int64 CPU tensor, what the kernels' custom op carries: to torch.compile
+        # a tensor attribute is a graph input, so a new mask of the same length does not recompile
+        object.__setattr__(self, "handle", torch.tensor([self.digest()], dtype=torch.int64))
+        _register(self)
+
+    def __reduce__(self):
+        # rebuilt through __init__ (so the copy registers its handle in the receiving process)
+        return type(self), (self.q_ranges, self.k_ranges, [t.value for t in self.mask_types], self.total_seqlen,
+                            self.total_seqlen_k)
+
+    def digest(self) -> int:
+        """60-bit digest of the fingerprint: the spec's ``handle`` (equal specs, equal handles)."""
+        return int(self._fingerprint[-1][:15], 16)
 
     # ----------------------------------------------------------------- views
     @cached_property
@@ -99,8 +119,12 @@ class AttnMaskSpec:
         return ("flexcp.mask/1", self.total_seqlen, self.total_seqlen_k, len(self), digest.hexdigest())
 
     def area(self) -> int:
-        """Exact number of unmasked (q, k) cells."""
-        return int(slice_areas(self.table).sum())
+        """Exact number of unmasked (q, k) cells.
+
+        Validates first (cached): on overlapping slices the sum of slice areas would count shared
+        cells twice, and an exact union would need per-cell work, so overlaps are an error here too.
+        """
+        return int(slice_areas(self.validate().table).sum())
 
     def row_key_counts(self) -> np.ndarray:
         """Number of keys each of the ``total_seqlen`` rows attends to."""
@@ -129,6 +153,12 @@ class AttnMaskSpec:
         """
         if self.__dict__.get("_validated"):
             return self
+        for name, total in (("total_seqlen", self.total_seqlen), ("total_seqlen_k", self.total_seqlen_k)):
+            if total > MAX_SEQLEN:
+                raise ValueError(
+                    f"{name}={total} is beyond the {MAX_SEQLEN} (2**31) tokens a mask may cover: mask areas are "
+                    f"exact int64 counts of up to total_seqlen x total_seqlen_k cells, and q/k/v for that many "
+                    f"tokens fit no device; split the batch into sequences of at most 2**31 tokens")
         t = self.table
         for name, start, end, total in (
             ("q_ranges", t.qs, t.qe, self.total_seqlen),
@@ -159,3 +189,33 @@ class AttnMaskSpec:
         q = np.stack([table.qs, table.qe], axis=1).tolist()
         k = np.stack([table.ks, table.ke], axis=1).tolist()
         return cls(q, k, [int(x) for x in table.types], total_seqlen, total_seqlen_k)
+
+
+_LIVE: dict[int, list] = {}
+"""Live specs by digest (weak references): what :func:`spec_of_handle` finds; a spec is forgotten when it dies."""
+
+
+def _register(spec: AttnMaskSpec) -> None:
+    d = spec.digest()
+    refs = [r for r in _LIVE.get(d, ()) if r() is not None]
+    refs.append(weakref.ref(spec, functools.partial(_forget, d)))
+    _LIVE[d] = refs
+
+
+def _forget(digest: int, dead: weakref.ref) -> None:
+    refs = [r for r in _LIVE.get(digest, ()) if r is not dead and r() is not None]
+    if refs:
+        _LIVE[digest] = refs
+    else:
+        _LIVE.pop(digest, None)
+
+
+def spec_of_handle(handle: torch.Tensor) -> AttnMaskSpec:
+    """A live spec whose ``handle`` this is (any of equal ones); a clear error if none is alive in this process."""
+    d = int(handle.reshape(-1)[0])
+    for ref in _LIVE.get(d, ()):
+        spec = ref()
+        if spec is not None:
+            return spec
+    raise ValueError("this AttnMaskSpec handle names no live spec in this process; pass the spec itself "
+                     "(keep it alive while attention runs)")

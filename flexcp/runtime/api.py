@@ -17,21 +17,24 @@ import torch.distributed as dist
 from ..comm import agree
 from ..sharding import DEFAULT_CHUNK_SIZE
 from ..sharding import ops as _ops
-from ..dist_attn.function import DistAttnFunction, DistAttnState
+from ..dist_attn.function import DistAttnState
 from ..dist_attn.plan import build_rank_plans
-from ..kernels import SCHEDULES, check_qkv, resolve_scale, select_backend
+from ..kernels import SCHEDULES, check_qkv, resolve_scale
 from ..mask import AttnMaskSpec
+from ..mask.ints import as_int
 from .key import (
     DistAttnKey,
     KeyEntry,
     check_agreement,
     clear,
     debug_checks,
+    forget_groups,
     group_info,
     lookup,
     most_recent,
     remember,
 )
+from .ops import calc_attn_op
 from .placement import choose_plan
 
 DEFAULT_NUM_STAGES = 2
@@ -76,8 +79,12 @@ def build_key(
             raise ValueError(f"build_key: {name} must be a positive int; got {value!r}")
     if num_heads_q % num_heads_kv:
         raise ValueError(f"num_heads_q ({num_heads_q}) must be a multiple of num_heads_kv ({num_heads_kv})")
+    num_stages, chunk_size = as_int("num_stages", num_stages), as_int("chunk_size", chunk_size)
     if num_stages < 1:
         raise ValueError(f"num_stages must be >= 1; got {num_stages}")
+    if cp_group is not None and not isinstance(cp_group, dist.ProcessGroup):
+        raise ValueError(f"build_key: cp_group must be a torch.distributed ProcessGroup (e.g. dist.group.WORLD, or "
+                         f"device_mesh['cp'].get_group()) or None for no CP; got {cp_group!r} ({type(cp_group).__name__})")
     spec.validate()
     layout = spec if dispatch_spec is None else dispatch_spec
     if not isinstance(layout, AttnMaskSpec) or layout.total_seqlen != spec.total_seqlen:
@@ -107,6 +114,9 @@ def build_key(
 
 def dispatch(x: torch.Tensor, key: DistAttnKey, pad_value: float = 0, dim: int = 0) -> torch.Tensor:
     """This rank's shard of a global tensor (identical on every rank), padded with ``pad_value``."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"dispatch: x must be a torch.Tensor (the global tensor, tokens along dim={dim}); got "
+                        f"{type(x).__name__}: convert it first, e.g. torch.as_tensor(x)")
     return _ops.dispatch(x, lookup(key).plan, key.rank, dim=dim, pad_value=pad_value)
 
 
@@ -152,6 +162,7 @@ def _release_at_exit() -> None:
     the README's HF snippet on a loaded 2-core machine, none in 40 with this release).
     """
     clear_cache()
+    forget_groups()
     gc.collect()
 
 
@@ -162,7 +173,7 @@ def calc_attn(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    key: DistAttnKey,
+    key: DistAttnKey | torch.Tensor,
     *,
     softmax_scale: float | None = None,
     softcap: float = 0.0,
@@ -170,21 +181,18 @@ def calc_attn(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of the local shard (dispatched with ``key``) over the whole sequence; ``(out, lse)``.
 
+    ``key`` is a :class:`DistAttnKey` or its ``handle`` (what compiled code and custom ops carry).
+
     Every rank of the key's group must call it with the same key, dtype, ``softmax_scale``, ``softcap``
     and grad mode; every call proves it (an 8-byte fingerprint per rank before the first transfer)
-    and a mismatch raises on every rank, naming what differs.
+    and a mismatch raises on every rank, naming what differs. It runs as the ``flexcp::calc_attn``
+    custom op (runtime/ops.py): under ``torch.compile`` the key travels as a tensor, so nothing here
+    breaks the graph or recompiles for a new key.
     """
     check_qkv(q, k, v)
-    entry = lookup(key)
-    n = entry.plan.local_len
-    want_q, want_kv = (n, key.num_heads_q, key.head_dim), (n, key.num_heads_kv, key.head_dim)
-    if tuple(q.shape) != want_q or tuple(k.shape) != want_kv:
-        raise ValueError(
-            f"calc_attn: the key expects local q {want_q} and k/v {want_kv} (dispatched shards), got q "
-            f"{tuple(q.shape)} and k/v {tuple(k.shape)}; dispatch q/k/v with this key and match its head counts"
-        )
-    scale, softcap = resolve_scale(key.head_dim, softmax_scale, softcap)
-    impl = select_backend(backend, q, k, softcap)
-    return DistAttnFunction.apply(q.contiguous(), k.contiguous(), v.contiguous(), entry.state, impl, scale, softcap)
-
-
+    if isinstance(key, DistAttnKey):
+        key = key.handle
+    elif not (isinstance(key, torch.Tensor) and key.dtype == torch.int64 and key.numel() == 1):
+        raise ValueError(f"key must be a DistAttnKey (from build_key) or its handle; got {type(key).__name__}")
+    scale, softcap = resolve_scale(q.shape[-1], softmax_scale, softcap)
+    return calc_attn_op(q.contiguous(), k.contiguous(), v.contiguous(), key, scale, softcap, backend)

@@ -6,6 +6,7 @@ import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
 
 from ..comm import agree
@@ -32,6 +33,15 @@ class DistAttnKey:
     layout: tuple = ()
     """Fingerprint of the mask the token layout was planned from, when not ``mask`` (see build_key)."""
 
+    def __post_init__(self) -> None:
+        # the key as a one-element int64 CPU tensor, what the custom ops (runtime/ops.py) carry: to
+        # torch.compile a tensor attribute is a graph input, not a constant, so a new key does not recompile
+        object.__setattr__(self, "handle", torch.tensor([self.digest()], dtype=torch.int64))
+
+    def digest(self) -> int:
+        """63-bit digest of every field (the rank included): the key's handle, equal for equal keys."""
+        return _digest((self.agreement_hash(), self.rank))
+
     def agreement_hash(self) -> int:
         """63-bit digest of everything ranks must agree on (all fields but the rank)."""
         return _digest((self.mask, self.group_id, self.cp_size, self.chunk_size, self.num_heads_q,
@@ -53,6 +63,9 @@ MAX_KEYS = 64
 
 _ENTRIES: "OrderedDict[DistAttnKey, KeyEntry]" = OrderedDict()
 _MOST_RECENT: dict[str, DistAttnKey] = {}
+_BY_HANDLE: dict[int, DistAttnKey] = {}
+_GROUPS: list = [None]
+"""CP groups by slot (slot 0: no group, cp = 1); see :func:`group_slot`."""
 
 
 def group_info(group: dist.ProcessGroup | None) -> tuple[int, int, str]:
@@ -85,6 +98,7 @@ def remember(key: DistAttnKey, entry: KeyEntry) -> None:
     """Store (or refresh) a key; evict the least recently used beyond MAX_KEYS, never a group's latest."""
     _ENTRIES[key] = entry
     _ENTRIES.move_to_end(key)
+    _BY_HANDLE[key.digest()] = key
     _MOST_RECENT[key.group_id] = key
     latest = set(_MOST_RECENT.values())
     for old in list(_ENTRIES):
@@ -92,6 +106,7 @@ def remember(key: DistAttnKey, entry: KeyEntry) -> None:
             break
         if old not in latest:
             del _ENTRIES[old]
+            _BY_HANDLE.pop(old.digest(), None)
 
 
 def find(key: DistAttnKey) -> KeyEntry | None:
@@ -107,10 +122,44 @@ def lookup(key: DistAttnKey) -> KeyEntry:
     return entry
 
 
+def key_of_handle(handle: torch.Tensor | int) -> DistAttnKey:
+    """The built key whose ``handle`` (tensor, or its ``digest()``) this is; a clear error if evicted or never built here."""
+    key = _BY_HANDLE.get(int(handle.reshape(-1)[0]) if isinstance(handle, torch.Tensor) else int(handle))
+    if key is None:
+        raise ValueError("this DistAttnKey handle names no key built on this process (evicted or cleared); "
+                         "call build_key again")
+    return key
+
+
 def most_recent(group: dist.ProcessGroup | None) -> DistAttnKey | None:
     return _MOST_RECENT.get(group_info(group)[2])
+
+
+@torch._dynamo.assume_constant_result
+def group_slot(group: dist.ProcessGroup | None) -> int:
+    """A small int naming ``group`` (0 for ``None``), stable for the process: what the custom ops carry.
+
+    torch.compile folds it to a constant (the group object is guarded where it is read),
+    so compiled attention never traces into process-group code.
+    """
+    for slot, known in enumerate(_GROUPS):
+        if known is group:
+            return slot
+    _GROUPS.append(group)
+    return len(_GROUPS) - 1
+
+
+def group_of_slot(slot: int) -> dist.ProcessGroup | None:
+    """The group :func:`group_slot` named ``slot``."""
+    return _GROUPS[int(slot)]
 
 
 def clear() -> None:
     _ENTRIES.clear()
     _MOST_RECENT.clear()
+    _BY_HANDLE.clear()
+
+
+def forget_groups() -> None:
+    """Drop the groups :func:`group_slot` holds (at exit: gloo groups must not outlive the interpreter)."""
+    del _GROUPS[1:]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .collectives import all_gather_single, reduce_scatter_single
 from .plan import DispatchPlan
 
 IGNORE_INDEX = -100
@@ -87,7 +88,7 @@ class _Undispatch(torch.autograd.Function):
         local = x_local.movedim(dim, 0).contiguous()
         if plan.cp_size > 1:
             gathered = local.new_empty((plan.padded_seqlen, *local.shape[1:]))
-            dist.all_gather_into_tensor(gathered, local, group=group)
+            all_gather_single(gathered, local, group=group)
         else:
             gathered = local
         chunks = gathered.unflatten(0, (plan.num_chunks, plan.chunk_size))
@@ -105,7 +106,7 @@ class _Undispatch(torch.autograd.Function):
         gathered = chunks.index_select(0, _index(plan.rank_order, grad.device)).flatten(0, 1)
         if plan.cp_size > 1:
             local = gathered.new_empty((plan.local_len, *gathered.shape[1:]))
-            dist.reduce_scatter_tensor(local, gathered, op=dist.ReduceOp.SUM, group=ctx.group)
+            reduce_scatter_single(local, gathered, op=dist.ReduceOp.SUM, group=ctx.group)
         else:
             local = gathered
         return local.movedim(0, ctx.dim), None, None, None

@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-from .manifest import CheckpointError, save_error, verify, write_manifest
+from .manifest import CheckpointError, failure_causes, save_error, verify, write_manifest
 
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -126,10 +126,24 @@ def save_checkpoint(out_dir: str, model: nn.Module, optimizer: torch.optim.Optim
 
 def load_checkpoint(path: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                     progress: TrainProgress) -> None:
-    """Restore everything :func:`save_checkpoint` wrote (collective)."""
+    """Restore everything :func:`save_checkpoint` wrote (collective).
+
+    A checkpoint whose tensors do not fit this model (another architecture or size) is a
+    :class:`CheckpointError` saying so, not a raw size mismatch.
+    """
     if not os.path.isdir(path):
         raise ValueError(f"checkpoint {path!r} does not exist")
-    dcp.load({"run": _RunState(model, optimizer, scheduler, progress)}, checkpoint_id=path)
+    try:
+        dcp.load({"run": _RunState(model, optimizer, scheduler, progress)}, checkpoint_id=path)
+    except (Exception, dcp.api.CheckpointException) as exc:
+        text = "; ".join(str(c) for c in failure_causes(exc))
+        if "mismatch" in text.lower() or "missing key" in text.lower() or "unexpected key" in text.lower():
+            first = text.splitlines()[0] if text else type(exc).__name__
+            raise CheckpointError(
+                f"cannot resume from {path}: this out_dir holds a run of another model ({first}); use a new "
+                "out_dir for this model, or checkpoint.resume=false with checkpoint.overwrite=true to replace "
+                "that run") from exc
+        raise
 
 
 def export_hf(model: nn.Module, lm: nn.Module, prefix: str, tokenizer: Any, out_dir: str) -> str | None:

@@ -6,7 +6,9 @@ import argparse
 import os
 import sys
 
+from ..clihelp import new_parser
 from .config import ConfigError, load_config, to_dict, validate
+from .errors import RunError
 
 DESCRIPTION = """\
 Fine-tune a Hugging Face causal LM with FSDP2 x context parallelism (flexcp attention).
@@ -18,6 +20,9 @@ examples:
   flexcp finetune --config my.yaml --check --nproc-per-node 8    # validate for 8 ranks, start nothing
 
 A plain `flexcp finetune` is a world of one process; under torchrun every rank runs it.
+
+exit status: 0 done; 2 a problem the message names with its fix (the config, out_dir, a
+checkpoint that cannot be written or resumed, a non-finite loss); 1 anything else (a traceback).
 """
 
 
@@ -43,9 +48,8 @@ def check_world_size(nproc_per_node: int | None, nnodes: int) -> int:
     return int(os.environ.get("WORLD_SIZE", "0"))  # 0: the smallest world the config fits (dp x cp)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="flexcp finetune", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = new_parser("flexcp finetune", DESCRIPTION)
     p.add_argument("--config", help="YAML config (omit for the defaults: tiny preset on the recall task)")
     p.add_argument("--check", action="store_true",
                    help="validate the config, print it resolved, and exit without starting anything")
@@ -54,6 +58,11 @@ def main(argv: list[str] | None = None) -> int:
                         "else parallel.dp x parallel.cp of the config)")
     p.add_argument("--nnodes", type=int, default=1, metavar="N", help="with --check: nodes of the intended launch")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.lr=1e-4")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 prints config and errors
     if not args.check and (args.nproc_per_node is not None or args.nnodes != 1):
@@ -82,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         Trainer(cfg).fit()
+    except RunError as exc:
+        if main_rank:
+            print(f"flexcp finetune: error: {exc}", file=sys.stderr, flush=True)
+        return 2
     finally:
         close_distributed()
     return 0

@@ -23,7 +23,7 @@ import os
 import string
 import warnings
 from types import MappingProxyType
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -44,39 +44,81 @@ from .schema import ConfigError, Filler, FinetuneConfig
 from .tokenizer import Tokenizer, check_messages
 
 
-def _read_jsonl(path: str) -> list[tuple[int, dict[str, Any]]]:
-    """``(line number, record)`` of every non-blank line; errors name ``path:line`` and the fix."""
-    records = []
+MAX_REPORTED_LINES = 20
+"""Bad data lines listed one by one; past this, a count."""
+
+
+def _parse_line(raw: bytes, path: str, n: int) -> tuple[dict[str, Any] | None, str | None]:
+    """Line ``n``'s record, or what is wrong with it and the fix (``(None, None)`` for a blank line)."""
+    where = f"{path}:{n}"
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return None, (f"{where} is not UTF-8 (byte {raw[exc.start]:#04x} at column {exc.start + 1}); JSONL must be "
+                      f"UTF-8: re-encode the file, e.g. iconv -f latin1 -t utf-8 {path} > fixed.jsonl")
+    if not line.strip():
+        return None, None
+    try:
+        rec = json.loads(line.rstrip("\r\n"))
+    except json.JSONDecodeError as exc:
+        return None, f"{where} is not valid JSON ({exc.msg}, column {exc.colno}); write one JSON object per line"
+    if not isinstance(rec, dict):
+        return None, f"{where}: must be a JSON object {{...}}; got {type(rec).__name__}"
+    return rec, None
+
+
+def scan_jsonl(path: str, check_record: Callable[[dict[str, Any]], str | None]
+               ) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
+    """``(line number, record)`` of every good line, and one ``path:line: problem; fix`` per bad line.
+
+    A record is bad when it is not UTF-8, not a JSON object, or ``check_record`` names a
+    problem. The first :data:`MAX_REPORTED_LINES` bad lines are listed, then a count.
+    """
+    records, problems, bad = [], [], 0
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise ValueError(
-                    f"{path}:{n} is not UTF-8 (byte {raw[exc.start]:#04x} at column {exc.start + 1}); JSONL must be "
-                    f"UTF-8: re-encode the file, e.g. iconv -f latin1 -t utf-8 {path} > fixed.jsonl"
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{n} is not valid JSON: {exc}") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{n} must be a JSON object")
-            records.append((n, rec))
-    if not records:
-        raise ValueError(f"{path} holds no records (it is empty or has only blank lines); point data.path at a "
-                         "JSONL file with one JSON object per line")
+            rec, problem = _parse_line(raw, path, n)
+            if rec is not None:
+                problem = check_record(rec)
+                problem = problem and f"{path}:{n}: {problem}"
+            if problem:
+                bad += 1
+                if bad <= MAX_REPORTED_LINES:
+                    problems.append(problem)
+            elif rec is not None:
+                records.append((n, rec))
+    if bad > MAX_REPORTED_LINES:
+        problems.append(f"{path}: {bad - MAX_REPORTED_LINES} more bad lines ({bad} in all); fix the lines above "
+                        "and run again with --check to list the rest")
+    if not records and not bad:
+        problems.append(f"{path} holds no records (it is empty or has only blank lines); point the path at a "
+                        "JSONL file with one JSON object per line")
+    return records, problems
+
+
+def _read_jsonl(path: str, check_record: Callable[[dict[str, Any]], str | None]) -> list[tuple[int, dict[str, Any]]]:
+    """The good records of :func:`scan_jsonl`; a ValueError listing the bad lines if there are any."""
+    records, problems = scan_jsonl(path, check_record)
+    if problems:
+        raise ValueError("\n".join(problems))
     return records
 
 
-def _string(rec: dict[str, Any], key: str, where: str) -> str:
-    """``rec[key]`` when it is a string; else an error naming the record's line."""
+def _not_string(rec: dict[str, Any], key: str) -> str | None:
+    """What is wrong with ``rec[key]`` if it is not a string, and the fix."""
     value = rec[key]
-    if not isinstance(value, str):
-        raise ValueError(f"{where}: {key!r} must be a string; got {json.dumps(value)} ({type(value).__name__})")
-    return value
+    if isinstance(value, str):
+        return None
+    return f"{key!r} must be a string; got {json.dumps(value)} ({type(value).__name__}): make it a string or drop the line"
+
+
+def _messages_problem(messages: Any) -> str | None:
+    """What is wrong with a chat ``messages`` list, if anything."""
+    try:
+        check_messages(messages)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 class JsonlSource:
@@ -86,7 +128,7 @@ class JsonlSource:
         self.tok, self.seq_len = tok, seq_len
         self.docs: list[tuple[list[int], list[int]]] = []
         no_target: list[int] = []
-        for n, rec in _read_jsonl(path):
+        for n, rec in _read_jsonl(path, self.check_record):
             ids, targets = self._tokenize(rec, f"{path}:{n}")
             if not any(targets):  # nothing to learn from (like TRL, warn; unlike it, do not pack dead tokens)
                 no_target.append(n)
@@ -103,17 +145,25 @@ class JsonlSource:
                           f"train on) at line(s) {lines}", RuntimeWarning, stacklevel=2)
         self.packer = EpochPacker([len(d) for d, _ in self.docs], seq_len, seed, shuffle)
 
+    @staticmethod
+    def check_record(rec: dict[str, Any]) -> str | None:
+        """What is wrong with a record (``text`` string or chat ``messages``) and the fix; None if it is good."""
+        if "messages" in rec:
+            return _messages_problem(rec["messages"])
+        if "text" in rec:
+            return _not_string(rec, "text")
+        return f"a record needs 'text' or 'messages'; got keys {sorted(rec)}"
+
     def _tokenize(self, rec: dict[str, Any], where: str) -> tuple[list[int], list[bool]]:
-        bos = [] if self.tok.bos_id is None else [self.tok.bos_id]
+        """Token ids and which are targets, of a record :meth:`check_record` passed."""
         if "messages" in rec:
             try:
                 return self.tok.encode_chat(rec["messages"])
             except ValueError as exc:
                 raise ValueError(f"{where}: {exc}") from None
-        if "text" in rec:
-            ids = bos + self.tok.encode(_string(rec, "text", where)) + [self.tok.eos_id]
-            return ids, [False] * len(bos) + [True] * (len(ids) - len(bos))
-        raise ValueError(f"{where}: a record needs 'text' or 'messages'; got keys {sorted(rec)}")
+        bos = [] if self.tok.bos_id is None else [self.tok.bos_id]
+        ids = bos + self.tok.encode(rec["text"]) + [self.tok.eos_id]
+        return ids, [False] * len(bos) + [True] * (len(ids) - len(bos))
 
     def get(self, index: int) -> PackedSequence:
         return pack_documents([self.docs[i] for i in self.packer.items(index)], self.seq_len, self.tok.pad_id)
@@ -124,7 +174,7 @@ class RolloutSource:
 
     def __init__(self, path: str, tok: Tokenizer, seq_len: int, seed: int, shuffle: bool) -> None:
         self.tok, self.seq_len = tok, seq_len
-        self.groups = [self._group(rec, f"{path}:{n}") for n, rec in _read_jsonl(path)]
+        self.groups = [self._group(rec, f"{path}:{n}") for n, rec in _read_jsonl(path, self.check_record)]
         for n, g in enumerate(self.groups, 1):
             if g.num_tokens > seq_len:
                 raise ValueError(
@@ -133,25 +183,30 @@ class RolloutSource:
                 )
         self.packer = EpochPacker([g.num_tokens for g in self.groups], seq_len, seed, shuffle)
 
-    def _group(self, rec: dict[str, Any], where: str) -> RolloutGroup:
+    @staticmethod
+    def check_record(rec: dict[str, Any]) -> str | None:
+        """What is wrong with a rollout record and the fix; None if it is good."""
         comps = rec.get("completions")
         if not isinstance(comps, list) or not comps:
-            raise ValueError(f"{where}: a rollout record needs a non-empty 'completions' list")
-        if "messages" in rec:
-            try:
-                prompt = self.tok.render_chat(check_messages(rec["messages"]), add_generation_prompt=True)
-            except ValueError as exc:
-                raise ValueError(f"{where}: {exc}") from None
-        elif "prompt" in rec:
-            prompt = ([] if self.tok.bos_id is None else [self.tok.bos_id]) + self.tok.encode(_string(rec, "prompt", where))
-        else:
-            raise ValueError(f"{where}: a rollout record needs 'prompt' (text) or 'messages'")
-        if not prompt:
-            raise ValueError(f"{where}: the prompt is empty")
+            return "a rollout record needs a non-empty 'completions' list of strings"
         for i, c in enumerate(comps):
             if not isinstance(c, str):
-                raise ValueError(f"{where}: completions[{i}] must be a string; got {json.dumps(c)}")
-        return RolloutGroup(prompt, [self.tok.encode(c) + [self.tok.eos_id] for c in comps])
+                return f"completions[{i}] must be a string; got {json.dumps(c)}"
+        if "messages" in rec:
+            return _messages_problem(rec["messages"])
+        if "prompt" in rec:
+            return _not_string(rec, "prompt")
+        return "a rollout record needs 'prompt' (text) or 'messages'"
+
+    def _group(self, rec: dict[str, Any], where: str) -> RolloutGroup:
+        """The prefix tree of a record :meth:`check_record` passed."""
+        if "messages" in rec:
+            prompt = self.tok.render_chat(rec["messages"], add_generation_prompt=True)
+        else:
+            prompt = ([] if self.tok.bos_id is None else [self.tok.bos_id]) + self.tok.encode(rec["prompt"])
+        if not prompt:
+            raise ValueError(f"{where}: the prompt is empty")
+        return RolloutGroup(prompt, [self.tok.encode(c) + [self.tok.eos_id] for c in rec["completions"]])
 
     def get(self, index: int) -> PackedSequence:
         return pack_rollouts([self.groups[i] for i in self.packer.items(index)], self.seq_len, self.tok.pad_id)
@@ -246,8 +301,12 @@ class FileKind(DataKind):
                    f"data.path=flexcp/train/samples/{self.sample})")
         elif not os.path.isfile(d.path):
             yield f"data.path={d.path!r}: no such file"
+        else:  # every bad line now, before any rank starts
+            yield from scan_jsonl(d.path, self.source.check_record)[1]
         if e.path is not None and not os.path.isfile(e.path):
             yield f"eval.path={e.path!r}: no such file"
+        elif e.path is not None:
+            yield from scan_jsonl(e.path, self.source.check_record)[1]
         elif e.path is None and e.every:
             yield (f"eval.every={e.every} with data.kind={d.kind!r} needs held-out data: set eval.path "
                    "to a JSONL file in data.path's format (or eval.every=0)")

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 
+from ..clihelp import new_parser
 from .config import ConfigError, FinetuneConfig, from_dict, load_config, to_dict, validate
 from .parallel import free_port
 
@@ -96,12 +97,16 @@ def _environ(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="flexcp demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = new_parser("flexcp demo", __doc__)
     p.add_argument("--nproc", type=int, default=2, help="local CPU processes (the world size)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="overrides of the demo config, e.g. train.steps=100 out_dir=/tmp/demo")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     try:
         cfg = validate(demo_config(args.overrides), args.nproc)

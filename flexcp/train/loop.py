@@ -19,20 +19,27 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from ..hf.offload import ActivationOffload
 from ..magi_attn_utils import MagiState, magi_prepare_batch, setup_magi
 from .checkpoint import TrainProgress, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import FinetuneConfig, to_dict, validate
 from .data import PackedSequence, build_source
+from .errors import RunError
 from .evaluate import EVAL_INDEX_BASE, eval_due, held_out
 from .loggers import build_sinks, missing_sink_notice
 from .loss import CausalLMLoss
 from .metrics import MetricsLogger, StepMetrics, fmt_number, model_flops, plural
 from .model import build_model, count_params
 from .parallel import ParallelDims, apply_fsdp, build_parallel, init_distributed
+from .run_dir import prepare_out_dir
 from .stall import StallWatch
 from .tokenizer import load_tokenizer
 
-__all__ = ("EVAL_INDEX_BASE", "Trainer", "WarmupCosine", "close_distributed")
+__all__ = ("EVAL_INDEX_BASE", "DivergedError", "Trainer", "WarmupCosine", "close_distributed")
+
+
+class DivergedError(RunError):
+    """Training produced a non-finite loss or gradient norm; the message names the step and the last good checkpoint."""
 
 
 class WarmupCosine:
@@ -62,6 +69,7 @@ class Trainer:
     def __init__(self, cfg: FinetuneConfig) -> None:
         self.device = init_distributed(cfg.parallel.timeout_minutes)
         self.cfg = validate(cfg, dist.get_world_size())
+        prepare_out_dir(self.cfg, to_dict(self.cfg))  # before anything is built: a bad out_dir fails in a second
         self.stall = StallWatch(cfg.parallel.timeout_minutes)
         self.rank = dist.get_rank()
         p, t = cfg.parallel, cfg.train
@@ -76,7 +84,10 @@ class Trainer:
 
             self.lm = apply_lora(self.lm, cfg.model.lora)
         self.bf16 = t.dtype == "bf16" or (t.dtype == "auto" and self.device.type == "cuda")
+        self.offload = ActivationOffload(self.device) if cfg.model.offload_activations else None
         self.model = apply_fsdp(CausalLMLoss(self.lm, t.loss_chunk_tokens), self.lm, self.dims, self.bf16)
+        if cfg.model.compile != "off":
+            self.model.compile(backend=cfg.model.compile)  # in place: parameter names (checkpoints) unchanged
         self.optimizer = torch.optim.AdamW(_param_groups(self.model, t.weight_decay), lr=t.lr,
                                            betas=tuple(t.betas), eps=t.eps, foreach=True)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -94,6 +105,9 @@ class Trainer:
         if cfg.checkpoint.resume and (path := latest_checkpoint(cfg.out_dir)):
             load_checkpoint(path, self.model, self.optimizer, self.scheduler, self.progress)
             self.resumed_from = path
+            if self.rank == 0:
+                print(f"flexcp finetune: resuming run in {cfg.out_dir} from step {self.progress.step} ({path})",
+                      flush=True)
 
     # ------------------------------------------------------------------------------ attention wiring
 
@@ -124,14 +138,8 @@ class Trainer:
         return local
 
     def _saved_tensors(self) -> AbstractContextManager:
-        """Where the forward keeps what backward needs: host memory with ``model.offload_activations``.
-
-        ``save_on_cpu`` with pageable memory: pinned blocks come from torch's caching host
-        allocator, which rounds sizes up to powers of two (up to twice the host memory).
-        """
-        if self.cfg.model.offload_activations:
-            return torch.autograd.graph.save_on_cpu(pin_memory=False)
-        return nullcontext()
+        """Where the forward keeps what backward needs: host memory with ``model.offload_activations``."""
+        return self.offload() if self.offload is not None else nullcontext()
 
     def _run(self, seq: PackedSequence) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self._local_batch(seq)
@@ -228,8 +236,10 @@ class Trainer:
         extra: dict[str, Any] = {}
         while self.progress.step < end:
             with self.stall.step(self.progress.step + 1):
-                log.log(self.train_step())
+                metrics = self.train_step()
+                log.log(metrics)
                 step = self.progress.step
+                self._stop_if_diverged(metrics)
                 if eval_due(step, cfg.eval.every, cfg.train.steps):
                     extra["eval_loss"], extra["eval_acc"] = self.evaluate(cfg.eval.steps)
                     log.log_eval(step, extra["eval_loss"], extra["eval_acc"], cfg.eval.steps)
@@ -243,6 +253,22 @@ class Trainer:
             if cfg.checkpoint.export_hf:
                 extra["hf_export"] = self._export(os.path.join(cfg.out_dir, "hf"))
         return log.close(extra)
+
+    def _stop_if_diverged(self, m: StepMetrics) -> None:
+        """Stop at the first non-finite loss or gradient norm (the same all-reduced values on every rank).
+
+        Nothing of that step is saved: the last checkpoint written stays the newest, and resuming
+        from it after the fix repeats the run from there.
+        """
+        if math.isfinite(m.loss) and math.isfinite(m.grad_norm):
+            return
+        self.metrics.close({"diverged_at_step": m.step})
+        last = latest_checkpoint(self.cfg.out_dir)
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written before it"
+        raise DivergedError(
+            f"step {m.step} gave a non-finite loss ({m.loss}) or gradient norm ({m.grad_norm}); stopped without "
+            f"saving it: {kept}. Lower train.lr (now {self.cfg.train.lr:g}), keep train.max_grad_norm > 0, or "
+            "check the data; resume with checkpoint.resume=true")
 
     def _export(self, out_dir: str) -> str | None:
         """The final model for ``from_pretrained``: full weights, or LoRA merged / as an adapter."""

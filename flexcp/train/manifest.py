@@ -17,12 +17,14 @@ import shutil
 
 import torch.distributed as dist
 
+from .errors import RunError
+
 MANIFEST = "manifest.json"
 FORMAT = 1
 _CHUNK = 1 << 22
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RunError):
     """A checkpoint cannot be written or none can be resumed; the message names the path and the fix."""
 
 
@@ -129,17 +131,20 @@ def _check_file(ckpt_dir: str, rel: str, want: dict) -> str | None:
 def save_error(exc: BaseException, path: str) -> CheckpointError:
     """A clear error for a failed save: disk full and permissions name the path and the fix.
 
-    ``exc`` may be torch.distributed.checkpoint's CheckpointException, which carries each rank's failure.
+    ``exc`` may be torch.distributed.checkpoint's CheckpointException, whose ``failures`` map each
+    failed rank to ``(exception, traceback summary)``.
     """
-    failures = list(getattr(exc, "failures", {}).values())
-    causes = [c for f in failures for c in _chain(f)] + _chain(exc)
+    causes = failure_causes(exc)
     text = "; ".join(dict.fromkeys(f"{type(c).__name__}: {c}" for c in causes))
     codes = {getattr(c, "errno", None) for c in causes}
     folder = path
     while folder and not os.path.isdir(folder):
         folder = os.path.dirname(folder)
     folder = folder or "."
-    if codes & {errno.EACCES, errno.EPERM, errno.EROFS} or "Permission denied" in text or "Read-only" in text:
+    if errno.EROFS in codes or "Read-only file system" in text:
+        return CheckpointError(f"cannot write checkpoint {path}: {folder!r} is on a read-only file system ({text}); "
+                               "set out_dir to a directory on a writable disk (or remount it read-write)")
+    if codes & {errno.EACCES, errno.EPERM} or "Permission denied" in text:
         return CheckpointError(f"cannot write checkpoint {path}: no permission ({text}); make {folder!r} writable "
                                "or set out_dir to a directory you can write")
     if codes & {errno.ENOSPC, errno.EDQUOT} or "No space left" in text or "file write failed" in text:
@@ -150,6 +155,23 @@ def save_error(exc: BaseException, path: str) -> CheckpointError:
         return CheckpointError(f"cannot write checkpoint {path}: the disk is full ({free} under {folder!r}; "
                                f"{text}); free space, lower checkpoint.keep, or set out_dir to a larger disk")
     return CheckpointError(f"cannot write checkpoint {path}: {text}")
+
+
+def failure_causes(exc: BaseException) -> list[BaseException]:
+    """Every exception behind ``exc``: each failed rank's (of a CheckpointException) with its causes, then ``exc``'s
+    chain, leaving out the CheckpointException itself when it has them (its text repeats theirs with tracebacks)."""
+    causes = [c for f in _failures(exc) for c in _chain(f)] + _chain(exc)
+    return [c for c in causes if not hasattr(c, "failures")] or causes
+
+
+def _failures(exc: BaseException) -> list[BaseException]:
+    """The per-rank exceptions a CheckpointException carries (values: an exception, or ``(exception, traceback)``)."""
+    out = []
+    for value in getattr(exc, "failures", {}).values():
+        value = value[0] if isinstance(value, tuple) and value else value
+        if isinstance(value, BaseException):
+            out.append(value)
+    return out
 
 
 def _chain(exc: BaseException | None) -> list[BaseException]:

@@ -9,6 +9,8 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
+from ..hf.recompute import recompute_norms
+from ..hf.tiled_mlp import tile_mlp
 from .schema import ConfigError, ModelConfig
 from .tokenizer import TOKENIZER_FILES
 
@@ -22,6 +24,10 @@ PRESETS: Mapping[str, Mapping[str, Any]] = MappingProxyType({
                  num_key_value_heads=2, rope_theta=1e6, initializer_range=0.15),
     # about 1.1B parameters (Llama-3.2-1B shapes with a 32k vocabulary): the GPU benchmark's model
     "llama-1b": _LLAMA_1B,
+    # about 3.2B parameters: Llama-3.2-3B shapes (its 128,256-token vocabulary, tied embeddings): the long-sequence probe's
+    "llama-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                     num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0,
+                     tie_word_embeddings=True),
     # the same shapes as a Mistral-style model: every layer attends a sliding window of 4096 keys
     "mistral-1b": dict(_LLAMA_1B, model_type="mistral", sliding_window=4096),
 })
@@ -128,6 +134,9 @@ def build_model(cfg: ModelConfig, vocab_size: int, device: torch.device, seed: i
                           "use the checkpoint's own tokenizer (model.tokenizer)")
     if cfg.activation_checkpointing:
         enable_activation_checkpointing(model)
+        recompute_norms(model)  # every norm keeps its bf16 input, not the float32 copies HF's RMSNorm saves
+    if cfg.tiled_mlp:
+        tile_mlp(model, cfg.tiled_mlp)
     model.train()
     return model
 

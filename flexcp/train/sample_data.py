@@ -21,6 +21,8 @@ import random
 from types import MappingProxyType
 from typing import Callable, Mapping
 
+from ..clihelp import new_parser
+
 SAMPLES_DIR = os.path.join(os.path.dirname(__file__), "samples")
 WORDS = ("river", "stone", "maple", "cloud", "ember", "quartz", "lantern", "harbor", "violet", "meadow",
          "copper", "falcon", "summit", "willow", "canyon", "orchid", "glacier", "thunder", "pepper", "sparrow")
@@ -83,11 +85,14 @@ def render(name: str) -> str:
     return "".join(json.dumps(GENERATORS[kind](rng)) + "\n" for _ in range(count))
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m flexcp.train.sample_data", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = new_parser("python -m flexcp.train.sample_data", __doc__.replace("`", ""))
     p.add_argument("--out", default=SAMPLES_DIR, help="output directory (default: the packaged samples/)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     for name in FILES:
         path = os.path.join(args.out, name)

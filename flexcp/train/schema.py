@@ -11,6 +11,7 @@ nothing from the recipe, so every other recipe module may import it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Iterator, Literal
@@ -54,7 +55,9 @@ Filler = Literal["repeat", "random"]
 
 
 def field_problem(tp: Any, value: Any, name: str) -> str | None:
-    """What is wrong with ``value`` for a field of type ``tp`` beyond its Python type: a choice or a bound."""
+    """What is wrong with ``value`` for a field of type ``tp`` beyond its Python type: not finite, a choice or a bound."""
+    if problem := _finite_problem(value, name):
+        return problem
     if typing.get_origin(tp) is Annotated:
         for meta in tp.__metadata__:
             if isinstance(meta, Bound) and (problem := meta.problem(name, value)):
@@ -62,6 +65,17 @@ def field_problem(tp: Any, value: Any, name: str) -> str | None:
         tp = typing.get_args(tp)[0]
     if typing.get_origin(tp) is Literal and value not in typing.get_args(tp):
         return f"{name}={value!r} is not one of {', '.join(map(repr, typing.get_args(tp)))}"
+    return None
+
+
+def _finite_problem(value: Any, name: str) -> str | None:
+    """Every float in a config (a field, a list's item, a mapping's value) must be finite: inf / nan train on to NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{name} must be a finite number; got {value}"
+    items = enumerate(value) if isinstance(value, list) else value.items() if isinstance(value, dict) else ()
+    for key, item in items:
+        if problem := _finite_problem(item, f"{name}[{key}]" if isinstance(value, list) else f"{name}.{key}"):
+            return problem
     return None
 
 
@@ -120,12 +134,24 @@ class ModelConfig(Section):
     attn_implementation: AttnImplementation = "magi"
     """"magi" (flexcp, any mask, any cp) or HF's "sdpa" / "flex_attention" / "eager" (cp = 1, causal or packed data)."""
     activation_checkpointing: bool = False
+    compile: Literal["off", "inductor", "aot_eager"] = "off"
+    """``torch.compile`` the model's forward with this backend ("off": eager). flexcp's attention is a custom
+    op, so a compiled step is one graph per forward and a new batch's mask does not recompile."""
     offload_activations: bool = False
-    """Keep the tensors the forward saves for backward in host memory (``torch.autograd.graph.save_on_cpu``).
+    """Keep the tensors the forward saves for backward in pinned host memory (``flexcp.hf.ActivationOffload``).
 
-    With ``activation_checkpointing`` these are each layer's input (plus the final norm's and the loss
-    chunks' inputs): GPU memory per token drops by those, host memory grows by as much, and every step
-    copies them to the host and back (pageable memory: exact sizes, no rounding up)."""
+    With ``activation_checkpointing`` these are each layer's input (plus the final norm's and the loss's
+    inputs): GPU memory per token drops by those, host memory grows by as much (one page-locked arena of
+    exactly a step's bytes); the copies run on a side stream, overlapped with compute, and backward
+    prefetches the next layer's input."""
+    tiled_mlp: Annotated[int, NON_NEGATIVE] = 8192
+    """Run each decoder layer's MLP over this many tokens at a time, forward and backward (0: off).
+
+    Same results as the untiled MLP; its ``intermediate_size``-wide activations then exist for one
+    chunk instead of the whole sequence (for Llama-3.2-1B shapes about 96 KiB per token, the largest
+    part of a long sequence's backward working set), for one more MLP forward per step. On by default:
+    a call runs untiled when it has at most this many tokens or when its intermediates easily fit the
+    GPU's free memory (``flexcp.hf.tiled_mlp.fits_untiled``), so it costs time only where memory is short."""
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def tokenizer_or_default(self) -> str:
@@ -203,7 +229,13 @@ class CheckpointConfig(Section):
     every: Annotated[int, NON_NEGATIVE] = 0
     """Save a resumable checkpoint every N steps (0: only at the end)."""
     resume: bool = True
-    """Resume from the latest checkpoint under out_dir/checkpoints when there is one."""
+    """Resume from the latest checkpoint under out_dir/checkpoints when there is one (refused when the
+    config differs in what the run computes: model, data, cp, optimizer; see ``allow_config_change``)."""
+    allow_config_change: bool = False
+    """Resume even when the config differs from the saved run's in settings that change the run."""
+    overwrite: bool = False
+    """With ``resume=false``: delete a previous run's outputs in out_dir (checkpoints, metrics, tb, hf, config)
+    and start over; without it a run refuses to start beside another run's checkpoints."""
     keep: Annotated[int, POSITIVE] = 2
     """How many step checkpoints to keep (older ones are deleted)."""
     export_hf: bool = True

@@ -19,7 +19,7 @@ microseconds when V is finite, the exact confined result when it is not, no host
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -27,13 +27,14 @@ import torch
 
 from ...mask.cover import CoverageError, cells, check_cover
 from ...mask.geometry import BIG, SliceTable, clip_band
-from ..backend import AttnBackend, Offer, finiteness_gate, stat_dtype
+from ..backend import AttnBackend, Offer, finiteness_gate, qkv_bytes, stat_dtype
 from ..costs import FLOPS_PER_CELL, Cost
 from ..compose import GradSum, merge_into
 from .graphs import GraphCache, GraphKey, why_unavailable
 from .plan import UNBOUNDED, Launch, covered_rows, launch_bucket, launch_rows_overlap, plan_launches, row_depth, to_entries
 from . import workspace
-from .workspace import KNOWN_BAD, Shape, accumulator_elements, padded_reason, token_bucket, too_large
+from .workspace import (KNOWN_BAD, Shape, accumulator_elements, backward_workspace, head_groups, padded_reason,
+                        token_bucket, too_large)
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 128
@@ -100,13 +101,29 @@ def _launch_tensors(la: Launch, hq: int, hkv: int, d: int, device: torch.device)
 
 
 def backward_extents(la: Launch) -> tuple[int, int]:
-    """Rows the backward's ragged offsets address: ``(query rows, key rows)``.
+    """Rows a token-sized backward's ragged offsets address: ``(query rows, key rows)``.
 
-    The stats (lse) are bound whole and dQ whole or per row span, so query offsets reach the
-    launch's last row; dK/dV offsets reach its last key row, or its private rows. The graph's
-    ``max_total_seq_len_*`` must be at least these (cuDNN sizes its accumulators by them).
+    Query-side tensors (q, o, dO, stats, dQ) are bound from the launch's first row on, so
+    query offsets reach its row span's length; dK/dV offsets reach its last key row, or its
+    private rows. The graph's ``max_total_seq_len_*`` must be at least these (cuDNN sizes its
+    accumulators by them).
     """
-    return la.row_span[1], max(la.key_span[1], la.private_rows)
+    r0, r1 = la.row_span
+    return r1 - r0, max(la.key_span[1], la.private_rows)
+
+
+def packed_rows(la: Launch) -> bool:
+    """Whether the launch's entries tile its row span with no gap (their query offsets, counted
+    from the span's first row, are the running sums of their lengths).
+
+    cuDNN 9.19's token-sized backward (``max_total_seq_len_q``) gave a wrong dQ, with right dK/dV,
+    whenever query offsets were not those running sums from 0 (measured on one H200 over the
+    GPU differential check: random masks, prefix trees, CP host stages). So a token-sized
+    backward binds the query side from the span's first row, and a launch with gaps between
+    its entries runs padded instead (within the index limit; else on the fallback).
+    """
+    r0, r1 = la.row_span
+    return int(la.sq.sum()) == r1 - r0
 
 
 def launch_table(la: Launch) -> SliceTable:
@@ -198,6 +215,55 @@ class CudnnBackend(AttnBackend):
             seconds.append(work + shared * span * heads_q * cost.shared_row_ns * 1e-9)
         return Offer(tuple(launch_table(la) for la in launches), tuple(seconds))
 
+    def extra_memory_bytes(self, prep: CudnnPrep, *, heads_q: int, heads_kv: int, head_dim: int, dtype: torch.dtype) -> int:
+        """Predicted extra peak bytes of one forward+backward call (16-bit gradients, as ``flexcp.attention``
+        asks): the larger of the two passes, whose temporaries are freed in between.
+
+        Forward: one launch writes out/lse in place (nothing extra); several are merged in a
+        ``stat_dtype`` out accumulator, with one launch's span buffers alive beside it.
+        Backward: ``stat_dtype`` sums of dQ (launches share query rows) and of dK/dV (entries
+        share keys), plus, for the largest launch, its 16-bit span buffers and cuDNN's workspace
+        (``workspace.backward_workspace``: sized by tokens or padded, per the version policy and
+        :func:`packed_rows`; fitted to the H200 measurements, see there; per call over a group of
+        heads where the launch runs in head groups, plus one group's compact gradients). A launch on the fallback (refused, or over
+        the index limit) holds the fallback's full-size partials and its own need instead.
+        Not counted: cuDNN's forward workspace and the engine's few MiB, the copies of out / dout
+        a caller passing them in another dtype causes, and the gated recompute (it runs only
+        when V holds a NaN/inf).
+        """
+        if not prep.launches or prep.tq == 0:
+            return 0
+        hq, hkv, d, dev = heads_q, heads_kv, head_dim, prep.device.index or 0
+        e, f = dtype.itemsize, stat_dtype(dtype).itemsize
+        partials = f * d * (prep.tq * hq + 2 * prep.tk * hkv)  # a full-size stat-dtype dq, dk, dv (or out, lse)
+        shapes = [self.backward_shape(la, hq, hkv, d, dev, prep.tq, prep.tk) for la in prep.launches]
+        on = [la.sig not in self.refused and not too_large(s) for la, s in zip(prep.launches, shapes)]
+
+        def on_fallback(i: int) -> int:
+            return partials + self.fallback.extra_memory_bytes(self._fallback_prep(prep, i), heads_q=hq, heads_kv=hkv,
+                                                               head_dim=d, dtype=dtype)
+
+        fwd = 0
+        if len(prep.launches) > 1 or not on[0]:
+            spans = [(la.row_span[1] - la.row_span[0]) * hq * (d * e + f) for la in prep.launches]
+            fwd = prep.tq * hq * d * f + max(spans[i] if on[i] else on_fallback(i) for i in range(len(spans)))
+        direct = all(on)
+        direct_q, direct_k = direct and not any(prep.shared_rows), direct and prep.disjoint_keys
+        sums = (0 if direct_q else prep.tq * hq * d * f) + (0 if direct_k else 2 * prep.tk * hkv * d * f)
+        per_launch = []
+        for i, (la, shape) in enumerate(zip(prep.launches, shapes)):
+            if not on[i]:
+                per_launch.append(on_fallback(i))
+                continue
+            r0, r1 = la.row_span
+            krows = la.private_rows if la.private is not None else la.key_span[1] - la.key_span[0]
+            qrows, krows = (prep.tq if direct_q else r1 - r0), (prep.tk if direct_k else krows)
+            buffers = (0 if direct_q else qrows * hq * d * e) + (0 if direct_k else 2 * krows * hkv * d * e)
+            if shape.hq != hq:  # one group's compact gradients
+                buffers += (qrows * shape.hq + 2 * krows * shape.hkv) * d * e
+            per_launch.append(buffers + backward_workspace(shape, e))
+        return int(max(fwd, sums + max(per_launch)))
+
     # ------------------------------------------------------------------ helpers
     def padded_reason(self, device: int, head_dim: int) -> str | None:
         """Why backward graphs on ``device`` are sized by the padded shape (None: by tokens); see workspace.py."""
@@ -210,22 +276,27 @@ class CudnnBackend(AttnBackend):
                                  "(more memory); launches too large for that run on the fallback.")
         return why
 
-    def backward_shape(self, la: Launch, hq: int, hkv: int, d: int, device: int) -> Shape:
-        """The backward graph's shape for this launch: by tokens (bucketed totals) where the policy allows."""
+    def backward_shape(self, la: Launch, hq: int, hkv: int, d: int, device: int, tq: int, tk: int) -> Shape:
+        """The backward graph's shape for this launch: by tokens (bucketed totals) where the policy allows,
+        over a group of heads (``workspace.head_groups``) when all heads at once would need more
+        workspace than ``GROUP_LIMIT`` times the call's q/k/v bytes (16-bit)."""
         batch, mq, mk = launch_bucket(la)
-        if self.padded_reason(device, d) is not None:
-            return Shape(batch, mq, mk, hq, hkv, d)
-        rows, keys = backward_extents(la)
-        return Shape(batch, mq, mk, hq, hkv, d, token_bucket(rows), token_bucket(keys))
+        if self.padded_reason(device, d) is not None or not packed_rows(la):
+            shape = Shape(batch, mq, mk, hq, hkv, d)
+        else:
+            rows, keys = backward_extents(la)
+            shape = Shape(batch, mq, mk, hq, hkv, d, token_bucket(rows), token_bucket(keys))
+        limit = workspace.GROUP_LIMIT * qkv_bytes(tq, tk, heads_q=hq, heads_kv=hkv, head_dim=d, dtype=torch.bfloat16)
+        g = head_groups(shape, limit)
+        return replace(shape, hq=hq // g, hkv=hkv // g)
 
     def _key(self, la: Launch, q: torch.Tensor, k: torch.Tensor, scale: float, backward: bool) -> GraphKey:
         dev = q.device.index or 0
         hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
-        if backward:
-            s = self.backward_shape(la, hq, hkv, d, dev)
-            return GraphKey(True, la.sig, s.batch, s.max_q, s.max_k, hq, hkv, d, q.dtype, float(scale), dev, s.total_q, s.total_k)
-        batch, mq, mk = launch_bucket(la)
-        return GraphKey(False, la.sig, batch, mq, mk, hq, hkv, d, q.dtype, float(scale), dev)
+        if not backward:
+            return GraphKey(False, la.sig, Shape(*launch_bucket(la), hq, hkv, d), q.dtype, float(scale), dev)
+        shape = self.backward_shape(la, hq, hkv, d, dev, q.shape[0], k.shape[0])
+        return GraphKey(True, la.sig, shape, q.dtype, float(scale), dev, (hq, hkv))
 
     def _warn_once(self, topic: str, message: str) -> None:
         if topic not in self._warned:
@@ -238,12 +309,12 @@ class CudnnBackend(AttnBackend):
         if la.sig in self.refused:
             return False
         key = self._key(la, q, k, scale, backward)
-        if backward and too_large(key.shape()):
-            why = self.padded_reason(key.device, key.head_dim)
+        if backward and too_large(key.shape):
+            why = self.padded_reason(key.device, key.shape.head_dim)
             self._warn_once(
                 f"too large: {why}",
                 f"cudnn backward: launches whose float32 accumulator would exceed {workspace.INDEX_LIMIT} elements "
-                f"(this one: {accumulator_elements(key.shape())}) run on the {self.fallback.name} fallback (cuDNN "
+                f"(this one: {accumulator_elements(key.shape)}) run on the {self.fallback.name} fallback (cuDNN "
                 "gave a wrong dQ past that size, measured); "
                 + (f"its workspace is padded because {why}" if why else "even sized by tokens"),
             )
@@ -345,17 +416,38 @@ class CudnnBackend(AttnBackend):
         la = prep.launches[i]
         hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
         t = prep.tensors(i, hq, hkv, d)
-        dq_t, off_dq = sink.dq_target(la, t)
+        key = self._key(la, q, k, scale, True)
+        by_tokens = bool(key.shape.total_q)
+        dq_t, off_dq = sink.dq_target(la, t, by_tokens)
         (dk_t, dv_t), off_dk = sink.dkv_target(la, t)
-        self.graphs.run(
-            self._key(la, q, k, scale, True),
-            {
-                "q": q, "k": k, "v": v, "o": o16, "do": do16, "stats": lse, "dq": dq_t, "dk": dk_t, "dv": dv_t,
-                "seq_q": t.seq_q, "seq_k": t.seq_k, "off_q": t.off["off_q"], "off_k": t.off["off_k"],
-                "off_v": t.off["off_k"], "off_o": t.off["off_q"], "off_do": t.off["off_q"],
-                "off_stats": t.off["off_stats"], "off_dq": off_dq, "off_dk": off_dk, "off_dv": off_dk,
-            },
-        )  # fmt: skip
+        off_q, off_stats = t.off["off_q"], t.off["off_stats"]
+        if by_tokens:  # the query side bound from the span's first row (see packed_rows)
+            r0 = la.row_span[0]
+            q, o16, do16, lse = q[r0:], o16[r0:], do16[r0:], lse[r0:]
+            off_q, off_stats = t.off["off_q_span"], t.off["off_stats_span"]
+        bind = {
+            "q": q, "k": k, "v": v, "o": o16, "do": do16, "stats": lse, "dq": dq_t, "dk": dk_t, "dv": dv_t,
+            "seq_q": t.seq_q, "seq_k": t.seq_k, "off_q": off_q, "off_k": t.off["off_k"],
+            "off_v": t.off["off_k"], "off_o": off_q, "off_do": off_q,
+            "off_stats": off_stats, "off_dq": off_dq, "off_dk": off_dk, "off_dv": off_dk,
+        }  # fmt: skip
+        hg, kg = key.shape.hq, key.shape.hkv
+        if hg == hq:
+            self.graphs.run(key, bind)
+        else:  # groups of heads: strided views in, compact gradients out (their offsets in the compact layout)
+            tg = prep.tensors(i, hg, kg, d)
+            off_dq_g = tg.off["off_q"] if off_dq is t.off["off_q"] else tg.off["off_q_span"]
+            off_dk_g = tg.off["off_k"] if off_dk is t.off["off_k"] else tg.off["off_dk"]
+            for g in range(hq // hg):
+                qh, kh = slice(g * hg, (g + 1) * hg), slice(g * kg, (g + 1) * kg)
+                outs = [dq_t[:, qh].contiguous(), dk_t[:, kh].contiguous(), dv_t[:, kh].contiguous()]  # keep unwritten rows
+                self.graphs.run(key, {
+                    **bind, "q": q[:, qh], "k": k[:, kh], "v": v[:, kh], "o": o16[:, qh], "do": do16[:, qh],
+                    "stats": lse[:, qh], "dq": outs[0], "dk": outs[1], "dv": outs[2],
+                    "off_dq": off_dq_g, "off_dk": off_dk_g, "off_dv": off_dk_g,
+                })  # fmt: skip
+                for target, heads, out in zip((dq_t, dk_t, dv_t), (qh, kh, kh), outs):
+                    target[:, heads].copy_(out)
         sink.collect(la, t, dq_t, dk_t, dv_t)
 
     def _check(self, q, k, v, softcap) -> None:
@@ -381,10 +473,11 @@ class _GradSink:
         self.dq = _buffer(q.shape[0], prep.full_q, q.shape[1], q.shape[2], q.dtype, q.device) if direct_q else None
         self.dkv = [_buffer(k.shape[0], prep.full_k, k.shape[1], k.shape[2], q.dtype, q.device) for _ in "kv"] if direct_k else None
 
-    def dq_target(self, la: Launch, t: LaunchTensors) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.dq is not None:
-            return self.dq, t.off["off_q"]
+    def dq_target(self, la: Launch, t: LaunchTensors, from_span: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """dQ's binding: the final gradient (a view from the span's first row when ``from_span``) or a span buffer."""
         r0, r1 = la.row_span
+        if self.dq is not None:
+            return (self.dq[r0:], t.off["off_q_span"]) if from_span else (self.dq, t.off["off_q"])
         # every row of a span some entry covers is written; the others must read as zero
         return _buffer(r1 - r0, int(la.sq.sum()) == r1 - r0, self.q.shape[1], self.q.shape[2], self.q.dtype, self.q.device), t.off["off_q_span"]
 

@@ -50,25 +50,22 @@ def why_unavailable() -> str | None:
 
 @dataclass(frozen=True)
 class GraphKey:
-    """Everything a built graph depends on."""
+    """Everything a built graph depends on: its shape (entries, bucketed lengths, heads, head dim and,
+    for backward graphs sized by tokens, the totals), direction, band signature, dtype, scale, device."""
 
     backward: bool
     sig: Signature
-    batch: int
-    max_q: int
-    max_k: int
-    hq: int
-    hkv: int
-    head_dim: int
+    shape: Shape
     dtype: torch.dtype
     scale: float
     device: int
-    total_q: int = 0  # backward only: max_total_seq_len_q (rows the dQ/stats offsets address); 0 = padded
-    total_k: int = 0  # backward only: max_total_seq_len_kv (rows the dK/dV offsets address); 0 = padded
+    mem_heads: tuple = (0, 0)  # heads of q and of k/v in memory (row strides of the inputs); 0: the graph's own
 
-    def shape(self) -> Shape:
-        """The graph's shape as the workspace model sees it."""
-        return Shape(self.batch, self.max_q, self.max_k, self.hq, self.hkv, self.head_dim, self.total_q, self.total_k)
+    def input_heads(self) -> tuple[int, int]:
+        """Heads per row of the input tensors (q, o, dO, stats; k, v): a backward over a group of
+        heads reads strided views of the full tensors; outputs are always compact."""
+        hq, hkv = self.mem_heads
+        return hq or self.shape.hq, hkv or self.shape.hkv
 
 
 @dataclass
@@ -194,33 +191,35 @@ class _Declare:
         self.tensors[name] = t
         return t
 
-    def dims(self, heads: int, rows: int) -> tuple[list, list]:
-        d = self.key.head_dim
-        return [self.key.batch, heads, rows, d], [rows * heads * d, d, heads * d, 1]
+    def dims(self, heads: int, rows: int, mem: int = 0) -> tuple[list, list]:
+        """``[b, heads, rows, d]`` over rows of ``mem`` heads in memory (default: ``heads``)."""
+        d, mem = self.key.shape.head_dim, mem or heads
+        return [self.key.shape.batch, heads, rows, d], [rows * mem * d, d, mem * d, 1]
 
     def offsets(self, name: str) -> Any:
         i64 = self.cudnn.data_type.INT64
-        return self._add(name, self.g.tensor(name=name, dim=[self.key.batch + 1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=i64))
+        return self._add(name, self.g.tensor(name=name, dim=[self.key.shape.batch + 1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=i64))
 
     def lengths(self, name: str) -> Any:
         i32 = self.cudnn.data_type.INT32
-        return self._add(name, self.g.tensor(name=name, dim=[self.key.batch, 1, 1, 1], stride=[1, 1, 1, 1], data_type=i32))
+        return self._add(name, self.g.tensor(name=name, dim=[self.key.shape.batch, 1, 1, 1], stride=[1, 1, 1, 1], data_type=i32))
 
-    def thd(self, name: str, heads: int, rows: int, offsets: str) -> Any:
-        dim, stride = self.dims(heads, rows)
+    def thd(self, name: str, heads: int, rows: int, offsets: str, mem: int = 0) -> Any:
+        dim, stride = self.dims(heads, rows, mem)
         t = self.g.tensor(name=name, dim=dim, stride=stride, data_type=_types(self.cudnn, self.key.dtype))
         t.set_ragged_offset(self.tensors[offsets] if offsets in self.tensors else self.offsets(offsets))
         return self._add(name, t)
 
     def qkv(self) -> tuple[Any, Any, Any]:
         """The q, k, v inputs every graph starts from."""
-        key = self.key
-        return (self.thd("q", key.hq, key.max_q, "off_q"), self.thd("k", key.hkv, key.max_k, "off_k"),
-                self.thd("v", key.hkv, key.max_k, "off_v"))
+        s, (mq, mk) = self.key.shape, self.key.input_heads()
+        return (self.thd("q", s.hq, s.max_q, "off_q", mq), self.thd("k", s.hkv, s.max_k, "off_k", mk),
+                self.thd("v", s.hkv, s.max_k, "off_v", mk))
 
     def stats_layout(self) -> tuple[list, list]:
-        b, h, s = self.key.batch, self.key.hq, self.key.max_q
-        return [b, h, s, 1], [s * h, 1, h, 1]
+        b, h, s = self.key.shape.batch, self.key.shape.hq, self.key.shape.max_q
+        mem = self.key.input_heads()[0]
+        return [b, h, s, 1], [s * mem, 1, mem, 1]
 
     def output(self, name: str, t: Any, heads: int, rows: int, offsets: str) -> None:
         dim, stride = self.dims(heads, rows)
@@ -251,9 +250,9 @@ def _build_forward(key: GraphKey, handle: Any) -> Built:
     q, k, v = dec.qkv()
     o, stats = g.sdpa(
         name="sdpa", q=q, k=k, v=v, generate_stats=True, attn_scale=key.scale, use_padding_mask=True,
-        seq_len_q=dec.lengths("seq_q"), seq_len_kv=dec.lengths("seq_k"), **mask_args(cudnn, key.sig, key.max_k),
+        seq_len_q=dec.lengths("seq_q"), seq_len_kv=dec.lengths("seq_k"), **mask_args(cudnn, key.sig, key.shape.max_k),
     )  # fmt: skip
-    dec.output("o", o, key.hq, key.max_q, "off_o")
+    dec.output("o", o, key.shape.hq, key.shape.max_q, "off_o")
     dim, stride = dec.stats_layout()
     stats.set_output(True).set_data_type(cudnn.data_type.FLOAT).set_dim(dim).set_stride(stride)
     stats.set_ragged_offset(dec.offsets("off_stats"))
@@ -266,19 +265,21 @@ def _build_backward(key: GraphKey, handle: Any) -> Built:
     g = _new_graph(cudnn, key, handle)
     dec = _Declare(cudnn, g, key)
     q, k, v = dec.qkv()
-    o = dec.thd("o", key.hq, key.max_q, "off_o")
-    do = dec.thd("do", key.hq, key.max_q, "off_do")
+    mem = key.input_heads()[0]
+    o = dec.thd("o", key.shape.hq, key.shape.max_q, "off_o", mem)
+    do = dec.thd("do", key.shape.hq, key.shape.max_q, "off_do", mem)
     dim, stride = dec.stats_layout()
     stats = g.tensor(name="stats", dim=dim, stride=stride, data_type=cudnn.data_type.FLOAT)
     stats.set_ragged_offset(dec.offsets("off_stats"))
     dec.tensors["stats"] = stats
-    by_tokens = {"max_total_seq_len_q": key.total_q, "max_total_seq_len_kv": key.total_k} if key.total_q else {}
+    s = key.shape
+    by_tokens = {"max_total_seq_len_q": s.total_q, "max_total_seq_len_kv": s.total_k} if s.total_q else {}
     dq, dk, dv = g.sdpa_backward(
         name="sdpa_backward", q=q, k=k, v=v, o=o, dO=do, stats=stats, attn_scale=key.scale, use_padding_mask=True,
-        seq_len_q=dec.lengths("seq_q"), seq_len_kv=dec.lengths("seq_k"), **mask_args(cudnn, key.sig, key.max_k),
+        seq_len_q=dec.lengths("seq_q"), seq_len_kv=dec.lengths("seq_k"), **mask_args(cudnn, key.sig, key.shape.max_k),
         **by_tokens,
     )  # fmt: skip
-    dec.output("dq", dq, key.hq, key.max_q, "off_dq")
-    dec.output("dk", dk, key.hkv, key.max_k, "off_dk")
-    dec.output("dv", dv, key.hkv, key.max_k, "off_dv")
+    dec.output("dq", dq, key.shape.hq, key.shape.max_q, "off_dq")
+    dec.output("dk", dk, key.shape.hkv, key.shape.max_k, "off_dk")
+    dec.output("dv", dv, key.shape.hkv, key.shape.max_k, "off_dv")
     return _finish(g, dec.tensors)
