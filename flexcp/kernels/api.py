@@ -23,9 +23,6 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"{name} must be a 3-D THD tensor [tokens, heads, head_dim]; got {shape}")
-        if x.device.type == "meta":
-            raise ValueError(f"{name} is on the meta device (shapes without data); materialize the model first "
-                             "(e.g. model.to_empty(device=...) then load its weights) before running attention")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape; got k {tuple(k.shape)} and v {tuple(v.shape)}")
     if q.shape[1] == 0:
@@ -45,6 +42,9 @@ def check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}: cast them first")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+    if q.device.type == "meta":
+        raise ValueError("q is on the meta device, as are k and v (shapes without data); materialize the model first "
+                         "(e.g. model.to_empty(device=...) then load its weights) before running attention")
     if not q.dtype.is_floating_point:
         raise ValueError(f"q, k, v must be floating point; got {q.dtype}")
 

@@ -82,7 +82,10 @@ def build_key(
     num_stages, chunk_size = as_int("num_stages", num_stages), as_int("chunk_size", chunk_size)
     if num_stages < 1:
         raise ValueError(f"num_stages must be >= 1; got {num_stages}")
-    if cp_group is not None and not isinstance(cp_group, dist.ProcessGroup):
+    # without torch.distributed every group object is a group of one (the seed's contract); a name or a
+    # number is never a group
+    if cp_group is not None and not isinstance(cp_group, dist.ProcessGroup) and (
+            dist.is_initialized() or isinstance(cp_group, (str, bytes, numbers.Number, list, tuple, dict))):
         raise ValueError(f"build_key: cp_group must be a torch.distributed ProcessGroup (e.g. dist.group.WORLD, or "
                          f"device_mesh['cp'].get_group()) or None for no CP; got {cp_group!r} ({type(cp_group).__name__})")
     spec.validate()
