@@ -50,24 +50,16 @@ class EmulatedGraphs:
         self.get(key)
         self.runs += 1
         hq, hkv, d = key.shape.hq, key.shape.hkv, key.shape.head_dim
-        mq, mk = key.input_heads()  # heads per row in memory: inputs may be views of a group of heads
         g = hq // hkv
-        widths = {"q": mq * d, "o": mq * d, "do": mq * d, "stats": mq, "k": mk * d, "v": mk * d,
-                  "dq": hq * d, "dk": hkv * d, "dv": hkv * d}  # fmt: skip
-        for name, w in widths.items():  # the graph's declared layout: its heads, rows of ``w`` elements
-            if name in b:
-                x = b[name]
-                assert x.shape[1] == (hkv if name in ("k", "v", "dk", "dv") else hq), f"{name}: wrong head count"
-                assert x.stride(0) == w and (x.dim() == 2 or x.stride(1) == d), f"{name}: not the declared layout"
         for e in range(key.shape.batch):
             n, m = int(b["seq_q"][e]), int(b["seq_k"][e])
             assert n <= key.shape.max_q and m <= key.shape.max_k, "entry longer than its graph's bucket"
             if n == 0:
                 continue
-            row = lambda name, width=None: int(b[f"off_{name}"][e]) // (width or widths[name])  # noqa: E731
-            q = b["q"][row("q") :][:n].double()
-            k = b["k"][row("k") :][:m].double().repeat_interleave(g, 1)
-            v = b["v"][row("v") :][:m].double().repeat_interleave(g, 1)
+            row = lambda name, width: int(b[f"off_{name}"][e]) // width  # noqa: E731
+            q = b["q"][row("q", hq * d) :][:n].double()
+            k = b["k"][row("k", hkv * d) :][:m].double().repeat_interleave(g, 1)
+            v = b["v"][row("v", hkv * d) :][:m].double().repeat_interleave(g, 1)
             assert q.shape[0] == n and k.shape[0] == m, "an offset points past the end of its tensor"
             i, j = torch.arange(n)[:, None], torch.arange(m)[None, :]
             left, right = key.sig
@@ -81,26 +73,26 @@ class EmulatedGraphs:
             if not key.backward:
                 lse = torch.logsumexp(s, -1)
                 p = torch.exp(s - lse[..., None])
-                o0, s0 = row("o"), row("stats")
+                o0, s0 = row("o", hq * d), row("stats", hq)
                 b["o"][o0 : o0 + n] = torch.einsum("hqk,khd->qhd", p, v).to(b["o"].dtype)
                 b["stats"][s0 : s0 + n] = lse.t().to(b["stats"].dtype)
                 continue
-            s0 = row("stats")
+            s0 = row("stats", hq)
             if key.shape.total_q:
                 # cuDNN 9.19's token-sized backward gave a wrong dQ unless the query side's offsets are the
                 # running sums of the entries' lengths from 0 (measured on an H200); emulate that contract
                 first = int(b["seq_q"][:e].sum())
-                assert all(row(t) == first for t in ("q", "o", "do", "dq", "stats")), \
-                    "token-sized backward: query offsets not packed from 0"
-                assert s0 + n <= key.shape.total_q and row("dq") + n <= key.shape.total_q, "a row past max_total_seq_len_q"
-                assert max(row("dk"), row("dv")) + m <= key.shape.total_k, "a row past max_total_seq_len_kv"
+                assert all(row(t, w) == first for t, w in (("q", hq * d), ("o", hq * d), ("do", hq * d), ("dq", hq * d),
+                                                           ("stats", hq))), "token-sized backward: query offsets not packed from 0"
+                assert s0 + n <= key.shape.total_q and row("dq", hq * d) + n <= key.shape.total_q, "a row past max_total_seq_len_q"
+                assert max(row("dk", hkv * d), row("dv", hkv * d)) + m <= key.shape.total_k, "a row past max_total_seq_len_kv"
             lse = b["stats"][s0 : s0 + n].double().t()
-            o = b["o"][row("o") :][:n].double()
-            do = b["do"][row("do") :][:n].double()
+            o = b["o"][row("o", hq * d) :][:n].double()
+            do = b["do"][row("do", hq * d) :][:n].double()
             p = torch.exp(s - lse[..., None])
             dp = torch.einsum("qhd,khd->hqk", do, v)
             ds = p * (dp - (do * o).sum(-1).t()[..., None]) * key.scale
-            dq0, dk0, dv0 = row("dq"), row("dk"), row("dv")
+            dq0, dk0, dv0 = row("dq", hq * d), row("dk", hkv * d), row("dv", hkv * d)
             b["dq"][dq0 : dq0 + n] = torch.einsum("hqk,khd->qhd", ds, k).to(b["dq"].dtype)
             dk = torch.einsum("hqk,qhd->khd", ds, q).reshape(m, hkv, g, d).sum(2)
             dv = torch.einsum("hqk,qhd->khd", p, do).reshape(m, hkv, g, d).sum(2)

@@ -19,7 +19,7 @@ microseconds when V is finite, the exact confined result when it is not, no host
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,14 +27,13 @@ import torch
 
 from ...mask.cover import CoverageError, cells, check_cover
 from ...mask.geometry import BIG, SliceTable, clip_band
-from ..backend import AttnBackend, Offer, finiteness_gate, qkv_bytes, stat_dtype
+from ..backend import AttnBackend, Offer, finiteness_gate, stat_dtype
 from ..costs import FLOPS_PER_CELL, Cost
 from ..compose import GradSum, merge_into
 from .graphs import GraphCache, GraphKey, why_unavailable
 from .plan import UNBOUNDED, Launch, covered_rows, launch_bucket, launch_rows_overlap, plan_launches, row_depth, to_entries
 from . import workspace
-from .workspace import (KNOWN_BAD, Shape, accumulator_elements, backward_workspace, head_groups, padded_reason,
-                        token_bucket, too_large)
+from .workspace import KNOWN_BAD, Shape, accumulator_elements, backward_workspace, padded_reason, token_bucket, too_large
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16)
 MAX_HEAD_DIM = 128
@@ -224,8 +223,7 @@ class CudnnBackend(AttnBackend):
         Backward: ``stat_dtype`` sums of dQ (launches share query rows) and of dK/dV (entries
         share keys), plus, for the largest launch, its 16-bit span buffers and cuDNN's workspace
         (``workspace.backward_workspace``: sized by tokens or padded, per the version policy and
-        :func:`packed_rows`; fitted to the H200 measurements, see there; per call over a group of
-        heads where the launch runs in head groups, plus one group's compact gradients). A launch on the fallback (refused, or over
+        :func:`packed_rows`; fitted to the H200 measurements, see there). A launch on the fallback (refused, or over
         the index limit) holds the fallback's full-size partials and its own need instead.
         Not counted: cuDNN's forward workspace and the engine's few MiB, the copies of out / dout
         a caller passing them in another dtype causes, and the gated recompute (it runs only
@@ -236,7 +234,7 @@ class CudnnBackend(AttnBackend):
         hq, hkv, d, dev = heads_q, heads_kv, head_dim, prep.device.index or 0
         e, f = dtype.itemsize, stat_dtype(dtype).itemsize
         partials = f * d * (prep.tq * hq + 2 * prep.tk * hkv)  # a full-size stat-dtype dq, dk, dv (or out, lse)
-        shapes = [self.backward_shape(la, hq, hkv, d, dev, prep.tq, prep.tk) for la in prep.launches]
+        shapes = [self.backward_shape(la, hq, hkv, d, dev) for la in prep.launches]
         on = [la.sig not in self.refused and not too_large(s) for la, s in zip(prep.launches, shapes)]
 
         def on_fallback(i: int) -> int:
@@ -257,10 +255,7 @@ class CudnnBackend(AttnBackend):
                 continue
             r0, r1 = la.row_span
             krows = la.private_rows if la.private is not None else la.key_span[1] - la.key_span[0]
-            qrows, krows = (prep.tq if direct_q else r1 - r0), (prep.tk if direct_k else krows)
-            buffers = (0 if direct_q else qrows * hq * d * e) + (0 if direct_k else 2 * krows * hkv * d * e)
-            if shape.hq != hq:  # one group's compact gradients
-                buffers += (qrows * shape.hq + 2 * krows * shape.hkv) * d * e
+            buffers = (0 if direct_q else (r1 - r0) * hq * d * e) + (0 if direct_k else 2 * krows * hkv * d * e)
             per_launch.append(buffers + backward_workspace(shape, e))
         return int(max(fwd, sums + max(per_launch)))
 
@@ -276,27 +271,21 @@ class CudnnBackend(AttnBackend):
                                  "(more memory); launches too large for that run on the fallback.")
         return why
 
-    def backward_shape(self, la: Launch, hq: int, hkv: int, d: int, device: int, tq: int, tk: int) -> Shape:
-        """The backward graph's shape for this launch: by tokens (bucketed totals) where the policy allows,
-        over a group of heads (``workspace.head_groups``) when all heads at once would need more
-        workspace than ``GROUP_LIMIT`` times the call's q/k/v bytes (16-bit)."""
+    def backward_shape(self, la: Launch, hq: int, hkv: int, d: int, device: int) -> Shape:
+        """The backward graph's shape for this launch: by tokens (bucketed totals) where the policy allows."""
         batch, mq, mk = launch_bucket(la)
-        if self.padded_reason(device, d) is not None or not packed_rows(la):
-            shape = Shape(batch, mq, mk, hq, hkv, d)
-        else:
-            rows, keys = backward_extents(la)
-            shape = Shape(batch, mq, mk, hq, hkv, d, token_bucket(rows), token_bucket(keys))
-        limit = workspace.GROUP_LIMIT * qkv_bytes(tq, tk, heads_q=hq, heads_kv=hkv, head_dim=d, dtype=torch.bfloat16)
-        g = head_groups(shape, limit)
-        return replace(shape, hq=hq // g, hkv=hkv // g)
+        if self.padded_reason(device, d) is not None:
+            return Shape(batch, mq, mk, hq, hkv, d)
+        if not packed_rows(la):
+            return Shape(batch, mq, mk, hq, hkv, d)
+        rows, keys = backward_extents(la)
+        return Shape(batch, mq, mk, hq, hkv, d, token_bucket(rows), token_bucket(keys))
 
     def _key(self, la: Launch, q: torch.Tensor, k: torch.Tensor, scale: float, backward: bool) -> GraphKey:
         dev = q.device.index or 0
         hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
-        if not backward:
-            return GraphKey(False, la.sig, Shape(*launch_bucket(la), hq, hkv, d), q.dtype, float(scale), dev)
-        shape = self.backward_shape(la, hq, hkv, d, dev, q.shape[0], k.shape[0])
-        return GraphKey(True, la.sig, shape, q.dtype, float(scale), dev, (hq, hkv))
+        shape = self.backward_shape(la, hq, hkv, d, dev) if backward else Shape(*launch_bucket(la), hq, hkv, d)
+        return GraphKey(backward, la.sig, shape, q.dtype, float(scale), dev)
 
     def _warn_once(self, topic: str, message: str) -> None:
         if topic not in self._warned:
@@ -425,29 +414,15 @@ class CudnnBackend(AttnBackend):
             r0 = la.row_span[0]
             q, o16, do16, lse = q[r0:], o16[r0:], do16[r0:], lse[r0:]
             off_q, off_stats = t.off["off_q_span"], t.off["off_stats_span"]
-        bind = {
-            "q": q, "k": k, "v": v, "o": o16, "do": do16, "stats": lse, "dq": dq_t, "dk": dk_t, "dv": dv_t,
-            "seq_q": t.seq_q, "seq_k": t.seq_k, "off_q": off_q, "off_k": t.off["off_k"],
-            "off_v": t.off["off_k"], "off_o": off_q, "off_do": off_q,
-            "off_stats": off_stats, "off_dq": off_dq, "off_dk": off_dk, "off_dv": off_dk,
-        }  # fmt: skip
-        hg, kg = key.shape.hq, key.shape.hkv
-        if hg == hq:
-            self.graphs.run(key, bind)
-        else:  # groups of heads: strided views in, compact gradients out (their offsets in the compact layout)
-            tg = prep.tensors(i, hg, kg, d)
-            off_dq_g = tg.off["off_q"] if off_dq is t.off["off_q"] else tg.off["off_q_span"]
-            off_dk_g = tg.off["off_k"] if off_dk is t.off["off_k"] else tg.off["off_dk"]
-            for g in range(hq // hg):
-                qh, kh = slice(g * hg, (g + 1) * hg), slice(g * kg, (g + 1) * kg)
-                outs = [dq_t[:, qh].contiguous(), dk_t[:, kh].contiguous(), dv_t[:, kh].contiguous()]  # keep unwritten rows
-                self.graphs.run(key, {
-                    **bind, "q": q[:, qh], "k": k[:, kh], "v": v[:, kh], "o": o16[:, qh], "do": do16[:, qh],
-                    "stats": lse[:, qh], "dq": outs[0], "dk": outs[1], "dv": outs[2],
-                    "off_dq": off_dq_g, "off_dk": off_dk_g, "off_dv": off_dk_g,
-                })  # fmt: skip
-                for target, heads, out in zip((dq_t, dk_t, dv_t), (qh, kh, kh), outs):
-                    target[:, heads].copy_(out)
+        self.graphs.run(
+            key,
+            {
+                "q": q, "k": k, "v": v, "o": o16, "do": do16, "stats": lse, "dq": dq_t, "dk": dk_t, "dv": dv_t,
+                "seq_q": t.seq_q, "seq_k": t.seq_k, "off_q": off_q, "off_k": t.off["off_k"],
+                "off_v": t.off["off_k"], "off_o": off_q, "off_do": off_q,
+                "off_stats": off_stats, "off_dq": off_dq, "off_dk": off_dk, "off_dv": off_dk,
+            },
+        )  # fmt: skip
         sink.collect(la, t, dq_t, dk_t, dv_t)
 
     def _check(self, q, k, v, softcap) -> None:

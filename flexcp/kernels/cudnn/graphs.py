@@ -59,13 +59,6 @@ class GraphKey:
     dtype: torch.dtype
     scale: float
     device: int
-    mem_heads: tuple = (0, 0)  # heads of q and of k/v in memory (row strides of the inputs); 0: the graph's own
-
-    def input_heads(self) -> tuple[int, int]:
-        """Heads per row of the input tensors (q, o, dO, stats; k, v): a backward over a group of
-        heads reads strided views of the full tensors; outputs are always compact."""
-        hq, hkv = self.mem_heads
-        return hq or self.shape.hq, hkv or self.shape.hkv
 
 
 @dataclass
@@ -191,10 +184,9 @@ class _Declare:
         self.tensors[name] = t
         return t
 
-    def dims(self, heads: int, rows: int, mem: int = 0) -> tuple[list, list]:
-        """``[b, heads, rows, d]`` over rows of ``mem`` heads in memory (default: ``heads``)."""
-        d, mem = self.key.shape.head_dim, mem or heads
-        return [self.key.shape.batch, heads, rows, d], [rows * mem * d, d, mem * d, 1]
+    def dims(self, heads: int, rows: int) -> tuple[list, list]:
+        d = self.key.shape.head_dim
+        return [self.key.shape.batch, heads, rows, d], [rows * heads * d, d, heads * d, 1]
 
     def offsets(self, name: str) -> Any:
         i64 = self.cudnn.data_type.INT64
@@ -204,22 +196,20 @@ class _Declare:
         i32 = self.cudnn.data_type.INT32
         return self._add(name, self.g.tensor(name=name, dim=[self.key.shape.batch, 1, 1, 1], stride=[1, 1, 1, 1], data_type=i32))
 
-    def thd(self, name: str, heads: int, rows: int, offsets: str, mem: int = 0) -> Any:
-        dim, stride = self.dims(heads, rows, mem)
+    def thd(self, name: str, heads: int, rows: int, offsets: str) -> Any:
+        dim, stride = self.dims(heads, rows)
         t = self.g.tensor(name=name, dim=dim, stride=stride, data_type=_types(self.cudnn, self.key.dtype))
         t.set_ragged_offset(self.tensors[offsets] if offsets in self.tensors else self.offsets(offsets))
         return self._add(name, t)
 
     def qkv(self) -> tuple[Any, Any, Any]:
         """The q, k, v inputs every graph starts from."""
-        s, (mq, mk) = self.key.shape, self.key.input_heads()
-        return (self.thd("q", s.hq, s.max_q, "off_q", mq), self.thd("k", s.hkv, s.max_k, "off_k", mk),
-                self.thd("v", s.hkv, s.max_k, "off_v", mk))
+        s = self.key.shape
+        return self.thd("q", s.hq, s.max_q, "off_q"), self.thd("k", s.hkv, s.max_k, "off_k"), self.thd("v", s.hkv, s.max_k, "off_v")
 
     def stats_layout(self) -> tuple[list, list]:
         b, h, s = self.key.shape.batch, self.key.shape.hq, self.key.shape.max_q
-        mem = self.key.input_heads()[0]
-        return [b, h, s, 1], [s * mem, 1, mem, 1]
+        return [b, h, s, 1], [s * h, 1, h, 1]
 
     def output(self, name: str, t: Any, heads: int, rows: int, offsets: str) -> None:
         dim, stride = self.dims(heads, rows)
@@ -265,9 +255,8 @@ def _build_backward(key: GraphKey, handle: Any) -> Built:
     g = _new_graph(cudnn, key, handle)
     dec = _Declare(cudnn, g, key)
     q, k, v = dec.qkv()
-    mem = key.input_heads()[0]
-    o = dec.thd("o", key.shape.hq, key.shape.max_q, "off_o", mem)
-    do = dec.thd("do", key.shape.hq, key.shape.max_q, "off_do", mem)
+    o = dec.thd("o", key.shape.hq, key.shape.max_q, "off_o")
+    do = dec.thd("do", key.shape.hq, key.shape.max_q, "off_do")
     dim, stride = dec.stats_layout()
     stats = g.tensor(name="stats", dim=dim, stride=stride, data_type=cudnn.data_type.FLOAT)
     stats.set_ragged_offset(dec.offsets("off_stats"))

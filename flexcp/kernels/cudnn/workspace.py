@@ -16,14 +16,12 @@ Everything here is host-side arithmetic on version numbers and shapes (no cuDNN 
   workspace by tokens, else why not (then it runs padded, within :data:`INDEX_LIMIT`);
 * :func:`token_bucket` -- the totals the graphs are built for (part of the graph key);
 * :func:`backward_workspace` -- the workspace model, exact on the measured packs;
-* :func:`too_large` -- whether a backward graph's accumulator exceeds :data:`INDEX_LIMIT`;
-* :func:`head_groups` -- how many calls over KV-head groups a backward launch takes so that
-  each call's workspace stays within :data:`GROUP_LIMIT` times the call's q/k/v bytes.
+* :func:`too_large` -- whether a backward graph's accumulator exceeds :data:`INDEX_LIMIT`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 MIN_BACKEND = 90600
 """cuDNN below 9.6 ignores ``max_total_seq_len_*`` (the frontend drops it with a log line)."""
@@ -44,12 +42,6 @@ gave right gradients, 1.3e10 a wrong dQ; sized by tokens, 5.4e8 were right (the 
 tried). 2**31 is where a signed 32-bit element index overflows, below every failure seen;
 a launch over it runs on the fallback (Triton) instead.
 """
-
-GROUP_LIMIT = 2.0
-"""A backward graph's workspace may be at most this many times the call's q/k/v bytes; above it the
-launch runs as several graph calls over groups of KV heads (and their query heads). With GQA the
-frontend keeps dK/dV at full query-head count in float32: sized by tokens, 32:8 heads need 4.0x
-q/k/v's bytes in one call (dQ 1.3x, dK/dV 2.7x), 1.0x in four."""
 
 TOKEN_STEPS = 4
 """Token buckets per octave (from 512 rows on): totals are rounded up to ``{4, 5, 6, 7} * 2**k``."""
@@ -157,17 +149,3 @@ def backward_workspace(s: Shape, io_bytes: int = 2) -> int:
     if s.total_q:
         return 4 * h * (d + 1) * s.total_q + (8 * h * d * s.total_k if gqa else 0)
     return 4 * s.batch * h * (d + 1) * s.max_q + (2 * io_bytes * s.batch * h * d * s.max_k if gqa else 0)
-
-
-def head_groups(s: Shape, limit: float) -> int:
-    """Fewest groups of KV heads (a divisor of ``hkv``) whose graphs' workspace is within ``limit`` bytes
-    each; query heads per group stay a multiple of 4 (16-byte aligned stats views). The most
-    groups allowed when none is small enough."""
-    best = 1
-    for g in range(1, s.hkv + 1):
-        if s.hkv % g or (g > 1 and (s.hq // g) % 4):
-            continue
-        best = g
-        if backward_workspace(replace(s, hq=s.hq // g, hkv=s.hkv // g)) <= limit:
-            return g
-    return best
