@@ -68,13 +68,15 @@ def init_distributed(timeout_minutes: float = 10.0) -> torch.device:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        extra = {"device_id": device} if device.type == "cuda" else {}
         if "RANK" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(free_port()))
-        if device.type == "cuda":
-            dist.init_process_group("nccl", device_id=device, timeout=timeout)
+            # a world of one rendezvous in memory: no TCP port to pick (a picked-then-bound port races
+            # with other processes on a busy machine: EADDRINUSE)
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout, **extra)
         else:
-            dist.init_process_group("gloo", timeout=timeout)
+            dist.init_process_group(backend, timeout=timeout, **extra)
     return device
 
 
