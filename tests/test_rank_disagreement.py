@@ -127,6 +127,22 @@ def test_recipe_sets_the_process_group_timeout(monkeypatch):
         parallel.init_distributed(0)
 
 
+def test_a_world_of_one_leaves_the_environment_alone(monkeypatch):
+    """A plain ``python`` launch rendezvouses in memory and writes no RANK/WORLD_SIZE to os.environ:
+    a child process (a test's CLI run, a data worker) would otherwise inherit a half env:// setup."""
+    from flexcp.train import parallel
+
+    seen = {}
+    monkeypatch.setattr(parallel.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(parallel.dist, "init_process_group", lambda backend, **kw: seen.update(kw))
+    monkeypatch.setattr(parallel.torch.cuda, "is_available", lambda: False)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    parallel.init_distributed()
+    assert (seen["rank"], seen["world_size"]) == (0, 1) and isinstance(seen["store"], parallel.dist.HashStore)
+    assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK"} & set(os.environ)
+
+
 
 def test_undispatch_shape_mismatch_is_caught():
     for m in run_spawned(_scenario, 2, "undispatch"):

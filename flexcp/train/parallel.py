@@ -72,8 +72,8 @@ def init_distributed(timeout_minutes: float = 10.0) -> torch.device:
         extra = {"device_id": device} if device.type == "cuda" else {}
         if "RANK" not in os.environ:
             # a world of one rendezvous in memory: no TCP port to pick (a picked-then-bound port races
-            # with other processes on a busy machine: EADDRINUSE)
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+            # with other processes on a busy machine: EADDRINUSE), and no RANK/WORLD_SIZE written to
+            # os.environ (child processes would inherit a half env:// setup without MASTER_ADDR)
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout, **extra)
         else:
             dist.init_process_group(backend, timeout=timeout, **extra)
