@@ -19,7 +19,7 @@ from ..mask import AttnMaskSpec
 from ..runtime import DistAttnKey, build_key, dispatch
 from ..sharding import IGNORE_INDEX
 from ..runtime.key import group_info
-from .heads import (_get_head_config, _iter_language_model_attention, _set_cp_group_on_attention, check_flexcp_attention,
+from .modules import (_get_head_config, _iter_language_model_attention, _set_cp_group_on_attention, check_flexcp_attention,
                     is_bidirectional)
 from .keys import DEFAULT_CHUNK_SIZE, flex_chunk_size
 from .masks import as_numpy, clean_cu_seqlens, cu_seqlens_layout, documents, in_full, row_positions, step_mask

@@ -7,8 +7,8 @@ registered layout keys (a layout's window keys go with it) and one flex key and 
 self-key length (replaced on write); an entry whose key the runtime no longer holds
 (evicted, or ``clear_cache``) reads as absent.
 
-Only this module's :data:`REGISTRY` holds the state and only the magi_attn_utils modules
-write it (through its methods). The seed's module-level names in ``flexcp.magi_attn_utils``
+Only this module's :data:`REGISTRY` holds the state and only the backend modules (and the facade's
+setters) write it, through its methods. The seed's module-level names in ``flexcp.magi_attn_utils``
 delegate to it: ``_ACTIVE_ATTN_SPEC``, ``_ACTIVE_CP_GROUP`` and ``_MAGI_REGISTERED`` read and
 write its settings; ``_FLEX_KEY_CACHE`` and ``_MAGI_SELF_KEY_LEN`` are read-only snapshots in
 the seed's shape (``id(cp_group) -> ...``).
@@ -62,7 +62,7 @@ class SeedView(dict):
     """A read-only snapshot in the shape of one of the seed's module-level caches."""
 
     def _read_only(self, *args: Any, **kwargs: Any) -> NoReturn:
-        raise TypeError("this seed cache is a read-only view of flexcp.magi_attn_utils.registry.REGISTRY, "
+        raise TypeError("this seed cache is a read-only view of flexcp.hf.registry.REGISTRY, "
                         "which owns the keys; build keys with build_flex_key / _flex_key_for instead")
 
     __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _read_only
