@@ -1,4 +1,4 @@
-"""Dist-attn keys of the magi paths: the seed's builders and cached lookups, window keys, key lookup.
+"""Dist-attn keys of the HF backend: key builders, window keys, and the one precedence of a step's key.
 
 The keys, layouts and their eviction live in :data:`.registry.REGISTRY`; this module builds
 keys and decides which one an attention call runs with. A *layout key* is the key tokens
@@ -16,11 +16,11 @@ from typing import Protocol
 import numpy as np
 
 from ..sharding import DEFAULT_CHUNK_SIZE
-from ..mask import AttnMaskSpec, causal
-from ..runtime import DistAttnKey, build_key, get_most_recent_key
-from ..runtime.key import find, group_info, lookup
+from ..mask import AttnMaskSpec
+from ..runtime import DistAttnKey, build_key
+from ..runtime.key import group_info, lookup
 from .masks import windowed
-from .registry import REGISTRY, same_positions
+from .registry import REGISTRY
 
 Heads = tuple[int, int, int]
 """``(num_heads_q, num_heads_kv, head_dim)``."""
@@ -34,11 +34,12 @@ class LocalLayout(Protocol):
     def positions(self) -> np.ndarray | None: ...
 
 
-def _heads(key: DistAttnKey) -> Heads:
+def key_heads(key: DistAttnKey) -> Heads:
+    """A key's ``(num_heads_q, num_heads_kv, head_dim)``."""
     return key.num_heads_q, key.num_heads_kv, key.head_dim
 
 
-# ------------------------------------------------------------------ the seed's builders and caches
+# ----------------------------------------------------------------------------- key builders
 def build_flex_key(spec: AttnMaskSpec, num_heads_q: int, num_heads_kv: int, head_dim: int, cp_group) -> DistAttnKey:
     """Build a dist-attn key for an arbitrary AttnSlice mask (no extra padding at cp = 1).
 
@@ -67,38 +68,6 @@ def _flex_key_for(cp_group, spec: AttnMaskSpec, num_heads_q: int, num_heads_kv: 
     return key
 
 
-def _build_self_key(cp_group, seqlen: int, num_heads_q: int, num_heads_kv: int, head_dim: int, device=None) -> DistAttnKey:
-    """Build a cp = 1 causal key matching the actual q length (no dispatch).
-
-    ``device`` is accepted for the seed's signature; flexcp keys are device-independent.
-    """
-    cp_size = group_info(cp_group)[0]
-    if cp_size != 1:
-        raise ValueError(
-            f"_build_self_key builds an undispatched (cp = 1) key but cp_group has {cp_size} ranks; "
-            "dispatch the sequence with magi_prepare_batch and use its key"
-        )
-    return build_flex_key(causal(int(seqlen)), num_heads_q, num_heads_kv, head_dim, cp_group)
-
-
-def _self_key_for(cp_group, seqlen: int, num_heads_q: int, num_heads_kv: int, head_dim: int, device=None) -> DistAttnKey:
-    """Return a causal self-key for ``seqlen``, (re)building only when it changes.
-
-    All attention layers of one forward share the sequence length, so the first layer
-    builds the key and the rest reuse it via ``get_most_recent_key`` (checked to be this
-    very mask and head config, so another key built in between is never mistaken for it).
-    """
-    heads = (int(num_heads_q), int(num_heads_kv), int(head_dim))
-    if REGISTRY.self_key_len(cp_group) == int(seqlen):
-        key = get_most_recent_key(cp_group)
-        if (key is not None and key.mask == causal(int(seqlen)).fingerprint() and _heads(key) == heads
-                and find(key) is not None):
-            return key
-    key = _build_self_key(cp_group, seqlen, *heads, device)
-    REGISTRY.set_self_key_len(cp_group, seqlen)
-    return key
-
-
 # ------------------------------------------------------------------------------------ windows
 def window_key(key: DistAttnKey, window: int) -> DistAttnKey:
     """The key of ``key``'s mask restricted to a sliding ``window``, over ``key``'s token layout."""
@@ -122,50 +91,31 @@ def window_key(key: DistAttnKey, window: int) -> DistAttnKey:
 
 
 # ---------------------------------------------------------------------------------- key lookup
-def _fits(key: DistAttnKey, q_len: int, heads: Heads, what: str) -> DistAttnKey:
+def fits(key: DistAttnKey, q_len: int, heads: Heads, what: str) -> DistAttnKey:
+    """``key`` if it was built for this call's local tokens and heads, else a clear error."""
     if not isinstance(key, DistAttnKey):
         raise ValueError(f"{what} must be a DistAttnKey (from magi_prepare_batch or flexcp.build_key); got {type(key).__name__}")
     local_len = lookup(key).plan.local_len
-    if local_len != q_len or _heads(key) != tuple(heads):
+    if local_len != q_len or key_heads(key) != tuple(heads):
         raise ValueError(
-            f"{what} was built for {local_len} local tokens and heads (q, kv, dim) = {_heads(key)}, but this "
+            f"{what} was built for {local_len} local tokens and heads (q, kv, dim) = {key_heads(key)}, but this "
             f"attention layer sees {q_len} tokens and heads {tuple(heads)}; run the model on the batch "
             "magi_prepare_batch returned for this key"
         )
     return key
 
 
-def _prepared_recent(cp_group, q_len: int, local: LocalLayout | None) -> DistAttnKey | None:
-    """The most recent key of ``cp_group`` if a ``magi_prepare_*`` call built it for this call's tokens.
-
-    Window keys map back to their layout key. The call's tokens must be the prepared
-    batch's: same local length and, when the call shows its positions, the same positions.
-    """
-    key = get_most_recent_key(cp_group)
-    if key is None:
-        return None
-    base = REGISTRY.layout_key(key)
-    info = REGISTRY.layout(base)
-    if info is None or not info.prepared or lookup(base).plan.local_len != q_len:
-        return None
-    seen = local.positions() if local is not None and info.local_positions is not None else None
-    return base if seen is None or same_positions(seen, info.local_positions) else None
-
-
-def _check_active(key: DistAttnKey) -> DistAttnKey:
-    active = REGISTRY.active_spec
-    if active is not None and key.mask != active.fingerprint():
-        raise ValueError(
-            "the active spec (set_active_attn_spec) is not the mask of this step's key; call magi_prepare_batch "
-            "after set_active_attn_spec, pass magi_key explicitly, or clear it with set_active_attn_spec(None)"
-        )
-    return key
-
-
-def _local_key(cp_group, heads: Heads, spec: AttnMaskSpec, positions: np.ndarray | None) -> DistAttnKey:
+def local_key(cp_group, heads: Heads, spec: AttnMaskSpec, positions: np.ndarray | None) -> DistAttnKey:
+    """The cp = 1 key of ``spec`` (cached per group), registered as a layout with the tokens' real ``positions``."""
     key = _flex_key_for(cp_group, spec, *heads)
     REGISTRY.register_layout(key, positions, prepared=False)
     return key
+
+
+class StepFallback(Protocol):
+    """Where a call without its own key may find one (the seed facade's: the active spec, the most recent key)."""
+
+    def __call__(self, cp_group, q_len: int, heads: Heads, local: LocalLayout | None, binding: bool) -> DistAttnKey | None: ...
 
 
 def resolve_key(
@@ -177,11 +127,14 @@ def resolve_key(
     local: LocalLayout | None = None,
     binding: bool = False,
 ) -> DistAttnKey:
-    """The layout key an attention call runs with.
+    """The layout key an attention call runs with: the one precedence of the step's key.
 
-    ``explicit`` (the ``magi_key`` forwarded by the model) first, then the step's key:
-    dispatched (cp > 1, :func:`_dispatched_key`) or local (cp = 1, :func:`_local_step_key`).
-    ``binding`` says the call carries a mask that must be honoured (padding, a per-call spec).
+    1. ``explicit``, the ``magi_key`` the model forwards (refused when the call also carries
+       a ``binding`` mask: padding, a per-call spec, which the key would ignore);
+    2. ``REGISTRY.fallback`` when installed (only ``flexcp.magi_attn_utils`` installs one: the
+       seed's active spec and most recent key);
+    3. at cp = 1 the mask the call infers from its own inputs (``local``, :func:`.masks.step_mask`);
+       at cp > 1 there is no other key: the batch must be dispatched with its key first.
     """
     if explicit is not None:
         if binding:
@@ -189,54 +142,32 @@ def resolve_key(
                 "this attention call carries its own mask (a padding attention_mask or a per-call spec) that the "
                 "explicit magi_key would ignore; fold it into the key (magi_prepare_batch consumes attention_mask)"
             )
-        return _fits(explicit, q_len, heads, "magi_key")
+        return fits(explicit, q_len, heads, "magi_key")
+    fallback = REGISTRY.fallback
+    key = None if fallback is None else fallback(cp_group, q_len, heads, local, binding)
+    if key is not None:
+        return key
     if group_info(cp_group)[0] > 1:
-        return _dispatched_key(cp_group, q_len, heads, local, binding)
-    return _local_step_key(cp_group, q_len, heads, local, binding)
-
-
-def _dispatched_key(cp_group, q_len: int, heads: Heads, local: LocalLayout | None, binding: bool) -> DistAttnKey:
-    """At cp > 1: the key of the last ``magi_prepare_*`` call for this group (``get_most_recent_key``,
-    as the seed does) when the call runs on that batch (length, and positions when shown)."""
-    recent = None if binding else _prepared_recent(cp_group, q_len, local)
-    if recent is None:
         raise ValueError(
             f"no dist-attn key for this step at cp = {group_info(cp_group)[0]} ({q_len} local tokens): dispatch the "
             "batch with magi_prepare_batch / magi_prepare_packed_cp and run the model on what it returns "
             "(pass magi_key=key); masks (padding, packing, trees) go into the key, not the model call"
         )
-    return _check_active(_fits(recent, q_len, heads, "the step's key"))
-
-
-def _local_step_key(cp_group, q_len: int, heads: Heads, local: LocalLayout | None, binding: bool) -> DistAttnKey:
-    """At cp = 1, in order: a binding ``local`` mask; the active spec when it covers ``q_len``
-    tokens; the prepared batch's key (as at cp > 1, with these heads); the mask ``local`` infers."""
-    if binding:
-        return _local_key(cp_group, heads, local.spec(), local.positions())
-    active = REGISTRY.active_spec
-    if active is not None and active.total_seqlen == q_len:
-        return _local_key(cp_group, heads, active, local.positions() if local is not None else None)
-    recent = _prepared_recent(cp_group, q_len, local)
-    if recent is not None and _heads(recent) == tuple(heads):
-        return _check_active(recent)
-    if active is not None:
-        raise ValueError(
-            f"the active spec (set_active_attn_spec) covers {active.total_seqlen} tokens but this attention layer "
-            f"sees {q_len}; set a spec for this batch or clear it with set_active_attn_spec(None)"
-        )
     if local is None:
         raise ValueError("no dist-attn key for this attention call: pass magi_key or call magi_prepare_batch")
-    return _local_key(cp_group, heads, local.spec(), local.positions())
+    return local_key(cp_group, heads, local.spec(), local.positions())
 
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "LocalLayout",
-    "_build_self_key",
+    "StepFallback",
     "_flex_key_for",
-    "_self_key_for",
     "build_flex_key",
+    "fits",
     "flex_chunk_size",
+    "key_heads",
+    "local_key",
     "resolve_key",
     "window_key",
 ]

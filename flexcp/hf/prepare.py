@@ -45,15 +45,13 @@ def _input_ids(batch: dict) -> torch.Tensor:
 def _mask_and_positions(batch: dict, b: int, s: int, causal: bool = True) -> tuple[AttnMaskSpec, np.ndarray]:
     """The step's mask over the ``b * s`` flat tokens and their real positions (:func:`.masks.step_mask`).
 
-    The explicit spec is ``batch['attn_spec']``, else the active spec (both used as given, and
-    then the batch must carry ``position_ids`` and no padding); documents found from
+    The explicit spec is ``batch['attn_spec']`` (used as given, and then the batch must carry
+    ``position_ids`` and no padding); documents found from
     ``cu_seqlens`` or the rows are causal, or attended in full when ``causal`` is False (an encoder).
     """
     pos = batch.get("position_ids")
     padding = batch.get("attention_mask")
     spec = batch.get("attn_spec")
-    if spec is None:
-        spec = REGISTRY.active_spec
     found, positions = step_mask(b, s, spec=spec, cu_seqlens=batch.get("cu_seqlens"),
                                  cu_seqlens_padded=batch.get("cu_seqlens_padded"), position_ids=pos,
                                  attention_mask=padding)
@@ -140,7 +138,7 @@ def magi_prepare_batch(model, batch: dict, cp_group, chunk_size: int = DEFAULT_C
 
     Builds the step's mask over the flattened batch (rows become documents; position
     resets and ``cu_seqlens`` split documents; padding attends to nothing; a prefix tree
-    comes from ``batch['attn_spec']`` or :func:`set_active_attn_spec`), builds the layout
+    comes from ``batch['attn_spec']``), builds the layout
     key over ``cp_group`` (identity shard plus chunk padding at cp = 1, load-balanced at
     cp > 1), dispatches ``input_ids``, real ``position_ids`` and ``labels`` (plus any other
     ``[B, S]`` tensor field) to ``[1, local_S]``, and stamps ``cp_group`` on every attention

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn
 
 import numpy as np
 
@@ -80,6 +80,9 @@ class MagiRegistry:
         """Whether ``register_magi_attention`` has run."""
         self.generation = 0
         """Counts prepared layouts registered: a step key resolved before a ``magi_prepare_*`` call is stale after it."""
+        self.fallback: Callable[..., DistAttnKey | None] | None = None
+        """Where a call without ``magi_key`` may find its key (``keys.StepFallback``); only the seed facade,
+        ``flexcp.magi_attn_utils``, installs one (the active spec, the most recent key)."""
         self._groups: dict[str, _Group] = {}
 
     # ------------------------------------------------------------------------------ groups

@@ -24,17 +24,29 @@ from typing import Optional
 import torch.distributed as dist
 
 from ..hf import attention as hf_attention  # the seed's HF attention module, by its old name
+from ..hf import prepare
 from ..hf.attention import register_magi_attention
 from ..hf.attn_func import make_magi_attn_func
-from ..hf.keys import DEFAULT_CHUNK_SIZE, _build_self_key, _flex_key_for, _self_key_for, build_flex_key
+from ..hf.keys import DEFAULT_CHUNK_SIZE, _flex_key_for, build_flex_key
 from ..hf.masks import prefix_tree_position_ids
 from ..hf.modules import _get_head_config, _iter_language_model_attention, _set_cp_group_on_attention
-from ..hf.prepare import _packed_cp_doc_seqlens, magi_prepare_batch, magi_prepare_packed_cp, magi_prepare_vlm
+from ..hf.prepare import _packed_cp_doc_seqlens, magi_prepare_packed_cp, magi_prepare_vlm
 from ..hf.recipe import MagiState, get_cp_group, setup_magi
 from ..hf.registry import REGISTRY, SeedView
 from ..mask import AttnMaskSpec
+from .seed import _build_self_key, _self_key_for, step_fallback
 
 logger = logging.getLogger(__name__)
+
+REGISTRY.fallback = step_fallback  # the seed's fallbacks (active spec, most recent key) exist with the facade
+
+
+def magi_prepare_batch(model, batch: dict, cp_group, chunk_size: int = DEFAULT_CHUNK_SIZE):
+    """:func:`flexcp.hf.prepare.magi_prepare_batch`, whose mask is the active spec when the batch has no ``attn_spec``."""
+    active = REGISTRY.active_spec
+    if active is not None and isinstance(batch, dict) and batch.get("attn_spec") is None:
+        batch = {**batch, "attn_spec": active}
+    return prepare.magi_prepare_batch(model, batch, cp_group, chunk_size)
 
 
 def set_active_attn_spec(spec: Optional[AttnMaskSpec]) -> None:
