@@ -20,11 +20,8 @@ from ..mask import AttnMaskSpec
 from ..runtime import DistAttnKey, build_key
 from ..runtime.key import group_info, lookup
 from .masks import windowed
+from .modules import Heads
 from .registry import REGISTRY
-
-Heads = tuple[int, int, int]
-"""``(num_heads_q, num_heads_kv, head_dim)``."""
-
 
 class LocalLayout(Protocol):
     """The mask an attention call can infer from its own (undispatched, cp = 1) inputs."""

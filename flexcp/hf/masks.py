@@ -8,6 +8,7 @@ positions, so prefix-tree completions and packed documents window like separate 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -160,6 +161,37 @@ def step_mask(
     return documents(batch_size, seqlen, position_ids, attention_mask), positions
 
 
+@dataclass
+class CallMask:
+    """The mask an HF attention call infers from its own inputs (rows, position resets, padding), on demand.
+
+    A ``keys.LocalLayout``: :func:`.keys.resolve_key` asks for it only when no key is given.
+    """
+
+    batch_size: int
+    seqlen: int
+    position_ids: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    use_positions: bool
+
+    def _pos(self) -> torch.Tensor | None:
+        pos = self.position_ids if self.use_positions else None
+        if pos is not None and pos.dim() > 2:
+            raise ValueError(
+                f"position_ids of shape {tuple(pos.shape)} (multimodal RoPE) do not describe documents; "
+                "prepare VLM batches with magi_prepare_vlm"
+            )
+        return pos
+
+    def spec(self) -> AttnMaskSpec:
+        """The call's documents (:func:`step_mask`)."""
+        return step_mask(self.batch_size, self.seqlen, position_ids=self._pos(), attention_mask=self.attention_mask)[0]
+
+    def positions(self) -> np.ndarray | None:
+        """The call's real positions (``position_ids``), or None."""
+        return step_mask(self.batch_size, self.seqlen, position_ids=self._pos())[1]
+
+
 def prefix_tree_position_ids(node_lengths: Sequence[int], sample_paths: Sequence[Sequence[int]]) -> torch.Tensor:
     """Real positions of a prefix tree's flat layout: a node continues from its ancestors' lengths.
 
@@ -249,6 +281,7 @@ def windowed(spec: AttnMaskSpec, window: int, positions: np.ndarray | None = Non
 
 
 __all__ = [
+    "CallMask",
     "as_numpy",
     "in_full",
     "clean_cu_seqlens",

@@ -16,7 +16,8 @@ Also the seed's causal self-key helpers, which reuse the most recent key across 
 
 from __future__ import annotations
 
-from ..hf.keys import Heads, LocalLayout, build_flex_key, fits, key_heads, local_key
+from ..hf.keys import LocalLayout, build_flex_key, fits, key_heads, local_key
+from ..hf.modules import Heads
 from ..hf.registry import REGISTRY, same_positions
 from ..mask import causal
 from ..runtime import DistAttnKey, get_most_recent_key
