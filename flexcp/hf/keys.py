@@ -6,7 +6,9 @@ were dispatched with (built by ``magi_prepare_*`` or here from a mask seen at cp
 registry entry remembers the tokens' real positions and the window keys derived from it:
 a sliding-window layer attends with a key whose mask is
 the layout's mask restricted to the window (in real positions) and whose token layout is
-the layout key's (``build_key(dispatch_spec=...)``), so every layer sees the same shard.
+the layout key's (``build_key(dispatch_spec=...)``), so every layer sees the same shard;
+:func:`windowed` measures the window in real positions, so prefix-tree completions and
+packed documents window like separate samples.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ from typing import Protocol
 import numpy as np
 
 from ..sharding import DEFAULT_CHUNK_SIZE
-from ..mask import AttnMaskSpec
+from ..mask import AttnMaskSpec, clip_band
+from ..mask.geometry import slice_areas
 from ..runtime import DistAttnKey, build_key
 from ..runtime.key import group_info, lookup
-from .masks import windowed
 from .modules import Heads
 from .registry import REGISTRY
 
@@ -66,6 +68,46 @@ def _flex_key_for(cp_group, spec: AttnMaskSpec, num_heads_q: int, num_heads_kv: 
 
 
 # ------------------------------------------------------------------------------------ windows
+def windowed(spec: AttnMaskSpec, window: int, positions: np.ndarray | None = None) -> AttnMaskSpec:
+    """``spec`` restricted to keys with ``q_pos - k_pos < window`` (HF's sliding window, self included).
+
+    ``positions`` are the tokens' real positions (flat indices when None). Slices are cut
+    where positions jump, so within a piece positions are flat indices plus a constant and
+    the window is one more diagonal bound; pieces are typed slices from ``clip_band``.
+    """
+    window = int(window)
+    if window < 1:
+        raise ValueError(f"sliding window must be >= 1 (keys per row, self included); got {window}")
+    if spec.total_seqlen_k != spec.total_seqlen:
+        raise ValueError("windowed needs a self-attention spec (total_seqlen_k == total_seqlen)")
+    n = spec.total_seqlen
+    pos = np.arange(n, dtype=np.int64) if positions is None else np.asarray(positions, dtype=np.int64).reshape(-1)
+    if len(pos) != n:
+        raise ValueError(f"positions has {len(pos)} entries but the spec covers {n} tokens")
+    t = spec.table
+    t = t.take(np.nonzero(slice_areas(t) > 0)[0])
+    breaks = np.nonzero(np.diff(pos) != 1)[0] + 1
+    run_start = np.concatenate([[0], breaks]).astype(np.int64)
+    run_end = np.concatenate([breaks, [n]]).astype(np.int64)
+
+    def run_of(x: np.ndarray) -> np.ndarray:
+        return np.searchsorted(run_start, x, side="right") - 1
+
+    rq0, rq1, rk0, rk1 = run_of(t.qs), run_of(t.qe - 1), run_of(t.ks), run_of(t.ke - 1)
+    nk = rk1 - rk0 + 1
+    count = (rq1 - rq0 + 1) * nk
+    sl = np.repeat(np.arange(len(t)), count)
+    local = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
+    rq, rk = rq0[sl] + local // nk[sl], rk0[sl] + local % nk[sl]
+    q0, q1 = np.maximum(t.qs[sl], run_start[rq]), np.minimum(t.qe[sl], run_end[rq])
+    k0, k1 = np.maximum(t.ks[sl], run_start[rk]), np.minimum(t.ke[sl], run_end[rk])
+    # row i, key j of this piece: q_pos - k_pos = (i - j) + (pos[q0] - q0) - (pos[k0] - k0) < window
+    lo = np.maximum(t.lo[sl], (pos[q0] - q0) - (pos[k0] - k0) - window + 1)
+    pieces, _ = clip_band(q0, q1, k0, k1, lo, t.hi[sl])
+    return AttnMaskSpec.from_table(pieces.nonempty(), n)
+
+
+
 def window_key(key: DistAttnKey, window: int) -> DistAttnKey:
     """The key of ``key``'s mask restricted to a sliding ``window``, over ``key``'s token layout."""
     base = REGISTRY.layout_key(key)
@@ -167,4 +209,5 @@ __all__ = [
     "local_key",
     "resolve_key",
     "window_key",
+    "windowed",
 ]
