@@ -25,6 +25,7 @@ from ..runtime.key import group_info, lookup
 from .modules import Heads
 from .registry import REGISTRY
 
+
 class LocalLayout(Protocol):
     """The mask an attention call can infer from its own (undispatched, cp = 1) inputs."""
 
@@ -105,7 +106,6 @@ def windowed(spec: AttnMaskSpec, window: int, positions: np.ndarray | None = Non
     lo = np.maximum(t.lo[sl], (pos[q0] - q0) - (pos[k0] - k0) - window + 1)
     pieces, _ = clip_band(q0, q1, k0, k1, lo, t.hi[sl])
     return AttnMaskSpec.from_table(pieces.nonempty(), n)
-
 
 
 def window_key(key: DistAttnKey, window: int) -> DistAttnKey:

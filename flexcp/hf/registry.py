@@ -18,13 +18,16 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
 from ..mask import AttnMaskSpec
 from ..runtime import DistAttnKey
 from ..runtime.key import find, group_info
+
+if TYPE_CHECKING:
+    from .keys import StepFallback
 
 MAX_LAYOUTS = 64
 """Layout keys a group remembers (with their positions and window keys); older ones are forgotten."""
@@ -80,8 +83,8 @@ class MagiRegistry:
         """Whether ``register_magi_attention`` has run."""
         self.generation = 0
         """Counts prepared layouts registered: a step key resolved before a ``magi_prepare_*`` call is stale after it."""
-        self.fallback: Callable[..., DistAttnKey | None] | None = None
-        """Where a call without ``magi_key`` may find its key (``keys.StepFallback``); only the seed facade,
+        self.fallback: StepFallback | None = None
+        """Where a call without ``magi_key`` may find its key; only the seed facade,
         ``flexcp.magi_attn_utils``, installs one (the active spec, the most recent key)."""
         self._groups: dict[str, _Group] = {}
 

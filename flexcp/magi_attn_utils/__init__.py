@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import sys
 import types
+from collections.abc import Mapping
 from typing import Optional
 
 import torch.distributed as dist
@@ -42,9 +43,13 @@ REGISTRY.fallback = step_fallback  # the seed's fallbacks (active spec, most rec
 
 
 def magi_prepare_batch(model, batch: dict, cp_group, chunk_size: int = DEFAULT_CHUNK_SIZE):
-    """:func:`flexcp.hf.prepare.magi_prepare_batch`, whose mask is the active spec when the batch has no ``attn_spec``."""
+    """Dispatch a batch for magi attention on the HF path; returns ``(new_batch, key)``.
+
+    :func:`flexcp.hf.prepare.magi_prepare_batch` (see it for the fields), plus the seed's
+    active spec (:func:`set_active_attn_spec`): the mask of a batch without its own ``attn_spec``.
+    """
     active = REGISTRY.active_spec
-    if active is not None and isinstance(batch, dict) and batch.get("attn_spec") is None:
+    if active is not None and isinstance(batch, Mapping) and batch.get("attn_spec") is None:
         batch = {**batch, "attn_spec": active}
     return prepare.magi_prepare_batch(model, batch, cp_group, chunk_size)
 
