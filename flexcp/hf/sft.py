@@ -33,7 +33,7 @@ class FlexCPSFTTrainer(FlexCPMixin, SFTTrainer):
 
         TRL adds up the token counts of every rank's inputs, which at cp > 1 are shards padded
         to the dispatch chunk; the logged total is replaced by the CP groups' unpadded batches,
-        so ``num_tokens`` equals cp = 1's.
+        so ``num_tokens`` equals cp = 1's. TRL 1.12 has no tensor-parallel divisor (``_tp_size``).
         """
         counting = self.cp_mesh.cp > 1 and model.training and hasattr(self, "_total_train_tokens")
         if counting:
@@ -41,7 +41,7 @@ class FlexCPSFTTrainer(FlexCPMixin, SFTTrainer):
             groups_tokens = self.accelerator.gather(_batch_tokens(inputs).reshape(1)).sum() // self.cp_mesh.cp
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         if counting:
-            self._total_train_tokens = before + int(groups_tokens) // self._tp_size
+            self._total_train_tokens = before + int(groups_tokens) // getattr(self, "_tp_size", 1)
             self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
         return result
 
