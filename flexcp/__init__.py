@@ -4,8 +4,9 @@ Public API: the mask language (:class:`AttnMaskSpec`, :class:`AttnMaskType`),
 single-device attention over any slice mask (:func:`attention`), and the distributed
 runtime mirroring MagiAttention's names (:func:`build_key`, :func:`dispatch`,
 :func:`calc_attn`, :func:`undispatch`, :func:`get_position_ids`, ...). The Hugging Face
-backend lives in :mod:`flexcp.magi_attn_utils` (``attn_implementation="magi"`` is registered in
-transformers as soon as transformers loads, see :mod:`flexcp.hf.autoregister`); the Trainer / TRL integration
+backend lives in :mod:`flexcp.hf`, with NeMo Automodel's API as the facade :mod:`flexcp.magi_attn_utils`
+(``attn_implementation="magi"`` is registered in transformers as soon as transformers loads, see
+:mod:`flexcp.hf.autoregister`); the Trainer / TRL integration
 (:class:`FlexCPTrainer`, :class:`FlexCPSFTTrainer`, :class:`FlexCPMixin`) and the long-sequence
 levers (:func:`tile_mlp`, :func:`tile_loss`, :class:`ActivationOffload`) in :mod:`flexcp.hf`,
 imported on first use.

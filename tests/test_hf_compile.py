@@ -21,7 +21,7 @@ from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
 import flexcp.magi_attn_utils as mau  # noqa: E402
-from flexcp.magi_attn_utils.step import STEP_KEYS  # noqa: E402
+from flexcp.hf.step_key import STEP_KEYS  # noqa: E402
 from hf_models import VOCAB, make_model  # noqa: E402
 from multiproc import run_spawned  # noqa: E402
 

@@ -16,7 +16,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import flexcp.magi_attn_utils as mau  # noqa: E402
-from flexcp.magi_attn_utils.hf_attention import magi_attention_forward  # noqa: E402
+from flexcp.hf.attention import magi_attention_forward  # noqa: E402
 
 VOCAB = 96
 BASE = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

@@ -16,7 +16,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = "flexcp"
-LAYERS = ("clihelp", "mask", "kernels", "sharding", "comm", "dist_attn", "runtime", "magi_attn_utils", "hf", "train", "bench",
+LAYERS = ("clihelp", "mask", "kernels", "sharding", "comm", "dist_attn", "runtime", "hf", "train", "magi_attn_utils", "bench",
           "cli")
 """Bottom to top (docs/ARCHITECTURE.md). ``flexcp/__init__.py``, ``flexcp/cli.py`` and ``example.py`` are the top."""
 

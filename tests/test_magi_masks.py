@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from flexcp.magi_attn_utils.masks import cu_seqlens_layout, documents, prefix_tree_position_ids, windowed
+from flexcp.hf.keys import windowed
+from flexcp.hf.masks import cu_seqlens_layout, documents, prefix_tree_position_ids
 from flexcp.mask import AttnMaskSpec, causal, sliding_window, varlen
 
 

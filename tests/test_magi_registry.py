@@ -1,4 +1,4 @@
-"""flexcp.magi_attn_utils.registry: one owner of the HF backend's state, keyed by group identity, one eviction rule.
+"""flexcp.hf.registry: one owner of the HF backend's state, keyed by group identity, one eviction rule.
 
 The seed's module-level state names delegate to the registry (settings read and written,
 caches as read-only snapshots); keys the runtime forgot read as absent; a group keeps its
@@ -16,9 +16,9 @@ pytest.importorskip("transformers")
 
 import flexcp  # noqa: E402
 import flexcp.magi_attn_utils as mau  # noqa: E402
-from flexcp.magi_attn_utils import registry  # noqa: E402
-from flexcp.magi_attn_utils.keys import window_key  # noqa: E402
-from flexcp.magi_attn_utils.registry import REGISTRY  # noqa: E402
+from flexcp.hf import registry  # noqa: E402
+from flexcp.hf.keys import window_key  # noqa: E402
+from flexcp.hf.registry import REGISTRY  # noqa: E402
 from flexcp.mask import varlen  # noqa: E402
 from multiproc import run_spawned  # noqa: E402
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from ..magi_attn_utils.masks import windowed
+from ..hf.keys import windowed
 from ..train.data import PackedSequence, RolloutGroup, pack_documents, pack_rollouts, shifted_labels
 from .docdist import sample_pack
 

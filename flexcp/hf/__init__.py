@@ -11,14 +11,16 @@
   model with it runs anywhere without further setup (local attention honouring packed
   ``position_ids``, padding masks and sliding windows).
 
-Layer: above ``magi_attn_utils`` (batch dispatch, attention), below ``train``. See docs/hf.md.
+The HF backend lives here too: ``attention`` (the ``"magi"`` attention and mask functions), ``prepare``
+(batch preparation), ``masks``, ``keys``, ``step_key``, ``modules``, ``registry``, ``recipe``, ``attn_func``.
+Layer: above ``runtime``, below ``train`` and the seed facade ``magi_attn_utils``. See docs/hf.md.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ..magi_attn_utils import register_magi_attention
+from .attention import register_magi_attention
 from .batch import check_same_batch, shard_batch, shifted_labels
 from .data import share_batches_in_cp_groups
 from .mesh import CPMesh, build_cp_mesh

@@ -30,7 +30,7 @@ def _register() -> None:
     if not _loaded():
         return
     try:
-        from ..magi_attn_utils import register_magi_attention
+        from .attention import register_magi_attention
 
         register_magi_attention()
     except Exception as exc:  # never break the user's import of transformers

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..magi_attn_utils import magi_prepare_batch
+from .prepare import magi_prepare_batch
 from ..sharding import IGNORE_INDEX
 
 VARLEN_FIELDS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")

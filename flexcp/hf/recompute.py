@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..magi_attn_utils.heads import unwrap_model
+from .modules import unwrap_model
 from .tiled_mlp import decoder_layers_of
 
 __all__ = ["recompute_module", "recompute_norms"]

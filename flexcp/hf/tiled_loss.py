@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..magi_attn_utils.heads import unwrap_model
+from .modules import unwrap_model
 from ..sharding import IGNORE_INDEX
 from .recompute import recompute_norms
 from .tiled_mlp import autocast_state, recompute_autocast

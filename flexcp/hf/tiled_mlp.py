@@ -23,7 +23,7 @@ from typing import Any, Callable, Literal, Sequence
 import torch
 from torch import nn
 
-from ..magi_attn_utils.heads import unwrap_model
+from .modules import unwrap_model
 
 __all__ = ["TiledMLPFunction", "decoder_layers_of", "fits_untiled", "tile_mlp", "tiled_rows"]
 

@@ -25,9 +25,9 @@ import torch.distributed as dist
 from torch import nn
 from transformers import Trainer
 
-from ..magi_attn_utils import DEFAULT_CHUNK_SIZE, register_magi_attention
-from ..magi_attn_utils.heads import check_flexcp_attention, unwrap_model
-from ..sharding import IGNORE_INDEX
+from ..sharding import DEFAULT_CHUNK_SIZE, IGNORE_INDEX
+from .attention import register_magi_attention
+from .modules import check_flexcp_attention, unwrap_model
 from .batch import shard_batch, shifted_labels
 from .data import share_batches_in_cp_groups
 from .levers import apply_levers

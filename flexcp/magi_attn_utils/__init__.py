@@ -1,23 +1,17 @@
-"""flexcp's Hugging Face backend, with the API of NeMo Automodel's ``magi_attn_utils``.
+"""The API of NeMo Automodel's ``magi_attn_utils``, as a facade over flexcp's HF backend (:mod:`flexcp.hf`).
 
-MagiAttention-style context parallelism for HF causal LMs, running on flexcp's own
-kernels and runtime (``is_magi_available()`` is always True):
+Every name and behaviour of the seed document lives here by delegation; the work is done
+by the backend modules (``flexcp/hf/``: ``attention``, ``prepare``, ``masks``, ``keys``,
+``step_key``, ``modules``, ``registry``, ``recipe``, ``attn_func``), which never import this
+package. What the facade itself adds are the seed's settings: :func:`set_active_attn_spec` /
+:func:`set_active_cp_group` and their getters, and the seed's module-level state names
+(``_ACTIVE_ATTN_SPEC``, ``_ACTIVE_CP_GROUP``, ``_MAGI_REGISTERED`` read and write the
+backend's registry; ``_FLEX_KEY_CACHE``, ``_MAGI_SELF_KEY_LEN`` are read-only snapshots).
 
-1. :func:`register_magi_attention` registers ``"magi"`` in transformers' attention
-   functions and mask functions, so ``attn_implementation="magi"`` routes attention
-   through :func:`flexcp.calc_attn` and never builds a dense 4-D mask.
-2. :func:`magi_prepare_batch` builds the step's mask (packed documents, batch rows,
-   padding, prefix trees) and its dist-attn key, dispatches ``input_ids``, real
-   ``position_ids`` and pre-shifted ``labels`` over the CP group, stamps ``cp_group`` on the
-   attention modules, and puts the key in the batch (``magi_key``), which the model
-   forwards to every attention layer. Sliding-window layers derive their own key.
-3. Each rank runs the model on its shard and computes a per-shard loss; summed over
-   the CP group (sum or globally normalized reduction) it equals the cp = 1 loss.
-
-At cp = 1 dispatch is the identity (plus chunk padding), and a model called directly
-with packed ``position_ids`` or a padding ``attention_mask`` gets the matching mask.
-All state (active settings, keys, layouts) lives in one object, :data:`.registry.REGISTRY`;
-the seed's module-level state names delegate to it. See docs/hf.md for every name.
+In short (the seed's walk): :func:`register_magi_attention` registers ``"magi"`` in
+transformers; :func:`magi_prepare_batch` builds the step's mask and key, dispatches the
+batch over the CP group and puts the key in the batch (``magi_key``); each rank runs the
+model on its shard and the per-shard losses sum to the cp = 1 loss. See docs/hf.md.
 """
 
 from __future__ import annotations
@@ -25,21 +19,39 @@ from __future__ import annotations
 import logging
 import sys
 import types
+from collections.abc import Mapping
 from typing import Optional
 
 import torch.distributed as dist
 
+from ..hf import attention as hf_attention  # the seed's HF attention module, by its old name
+from ..hf import prepare
+from ..hf.attention import register_magi_attention
+from ..hf.attn_func import make_magi_attn_func
+from ..hf.keys import DEFAULT_CHUNK_SIZE, _flex_key_for, build_flex_key
+from ..hf.masks import prefix_tree_position_ids
+from ..hf.modules import _get_head_config, _iter_language_model_attention, _set_cp_group_on_attention
+from ..hf.prepare import _packed_cp_doc_seqlens, magi_prepare_packed_cp, magi_prepare_vlm
+from ..hf.recipe import MagiState, get_cp_group, setup_magi
+from ..hf.registry import REGISTRY, SeedView
 from ..mask import AttnMaskSpec
-from .attn_func import make_magi_attn_func
-from .batch import _packed_cp_doc_seqlens, magi_prepare_batch, magi_prepare_packed_cp, magi_prepare_vlm
-from .heads import _get_head_config, _iter_language_model_attention, _set_cp_group_on_attention
-from .hf_attention import register_magi_attention
-from .keys import DEFAULT_CHUNK_SIZE, _build_self_key, _flex_key_for, _self_key_for, build_flex_key
-from .masks import prefix_tree_position_ids
-from .registry import REGISTRY, SeedView
-from .state import MagiState, get_cp_group, setup_magi
+from .seed import _build_self_key, _self_key_for, step_fallback
 
 logger = logging.getLogger(__name__)
+
+REGISTRY.fallback = step_fallback  # the seed's fallbacks (active spec, most recent key) exist with the facade
+
+
+def magi_prepare_batch(model, batch: dict, cp_group, chunk_size: int = DEFAULT_CHUNK_SIZE):
+    """Dispatch a batch for magi attention on the HF path; returns ``(new_batch, key)``.
+
+    :func:`flexcp.hf.prepare.magi_prepare_batch` (see it for the fields), plus the seed's
+    active spec (:func:`set_active_attn_spec`): the mask of a batch without its own ``attn_spec``.
+    """
+    active = REGISTRY.active_spec
+    if active is not None and isinstance(batch, Mapping) and batch.get("attn_spec") is None:
+        batch = {**batch, "attn_spec": active}
+    return prepare.magi_prepare_batch(model, batch, cp_group, chunk_size)
 
 
 def set_active_attn_spec(spec: Optional[AttnMaskSpec]) -> None:
@@ -70,11 +82,13 @@ def is_magi_available() -> bool:
 
 
 class _SeedModule(types.ModuleType):
-    """This package as a module whose seed state names delegate to :data:`.registry.REGISTRY`.
+    """This package as a module whose seed state names delegate to the backend's :data:`flexcp.hf.registry.REGISTRY`.
 
     ``_ACTIVE_ATTN_SPEC``, ``_ACTIVE_CP_GROUP`` and ``_MAGI_REGISTERED`` read and write the
     registry's settings; ``_FLEX_KEY_CACHE`` (``id(cp_group) -> ((fingerprint, heads), key)``)
-    and ``_MAGI_SELF_KEY_LEN`` (``id(cp_group) -> seqlen``) are read-only snapshots.
+    and ``_MAGI_SELF_KEY_LEN`` (``id(cp_group) -> seqlen``) are read-only snapshots. A module
+    class is the one way a module attribute can be a property: the seed's names are module
+    globals that users read and assign, and a copy here would go stale beside the registry.
     """
 
     @property

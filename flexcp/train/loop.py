@@ -20,7 +20,8 @@ import torch.distributed as dist
 import yaml
 
 from ..hf.offload import ActivationOffload
-from ..magi_attn_utils import MagiState, magi_prepare_batch, setup_magi
+from ..hf.prepare import magi_prepare_batch
+from ..hf.recipe import MagiState, setup_magi
 from .checkpoint import TrainProgress, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import FinetuneConfig, to_dict, validate
 from .data import PackedSequence, build_source

@@ -113,7 +113,7 @@ def build_model(cfg: ModelConfig, vocab_size: int, device: torch.device, seed: i
 
     ``special_ids``: the tokenizer's ``bos_token_id`` / ``eos_token_id`` / ``pad_token_id`` for a preset.
 
-    ``attn_implementation="magi"`` must be registered first (``flexcp.magi_attn_utils.setup_magi``).
+    ``attn_implementation="magi"`` must be registered first (``flexcp.hf.recipe.setup_magi``).
     """
     from transformers import AutoModelForCausalLM
 

@@ -2,7 +2,7 @@
 
 The attention function receives HF's ``query [b, hq, s, d]``, ``key``/``value [b, hkv, s, d]``,
 flattens the batch rows into one THD sequence, finds the step's key (the ``flexcp::hf_step_key``
-op of step.py: :func:`flexcp.magi_attn_utils.keys.resolve_key`, then the layer's sliding-window
+op of step_key.py: :func:`.keys.resolve_key`, then the layer's sliding-window
 key when the layer has one, once per step) and runs :func:`flexcp.calc_attn` (the ``flexcp::calc_attn`` op) with the
 layer's scaling and logit softcap. Both are custom ops, so ``torch.compile`` of the model
 traces no host code here: no graph break, and a new batch does not recompile. The mask function makes transformers skip its dense 4-D masks: it returns
@@ -19,9 +19,9 @@ import torch
 from ..runtime import DistAttnKey, calc_attn
 from ..runtime.key import group_slot
 from .amp import attend_in_autocast_dtype
-from .heads import ATTN_NAME
+from .modules import ATTN_NAME
 from .registry import REGISTRY
-from .step import hf_step_key
+from .step_key import hf_step_key
 
 SUPPORTED_LAYER_TYPES = ("full_attention", "sliding_attention")
 

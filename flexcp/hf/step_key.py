@@ -19,43 +19,14 @@ from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Optional
 
-import numpy as np
 import torch
 
-from ..mask import AttnMaskSpec
 from ..runtime.key import find, group_of_slot, key_of_handle
 from .keys import resolve_key, window_key
-from .masks import step_mask
+from .masks import CallMask
 from .registry import REGISTRY
-
-
-@dataclass
-class _HFLocal:
-    """The mask a cp = 1 call infers from its own inputs: rows, position resets, padding."""
-
-    batch_size: int
-    seqlen: int
-    position_ids: torch.Tensor | None
-    attention_mask: torch.Tensor | None
-    use_positions: bool
-
-    def _pos(self) -> torch.Tensor | None:
-        pos = self.position_ids if self.use_positions else None
-        if pos is not None and pos.dim() > 2:
-            raise ValueError(
-                f"position_ids of shape {tuple(pos.shape)} (multimodal RoPE) do not describe documents; "
-                "prepare VLM batches with magi_prepare_vlm"
-            )
-        return pos
-
-    def spec(self) -> AttnMaskSpec:
-        return step_mask(self.batch_size, self.seqlen, position_ids=self._pos(), attention_mask=self.attention_mask)[0]
-
-    def positions(self) -> np.ndarray | None:
-        return step_mask(self.batch_size, self.seqlen, position_ids=self._pos())[1]
 
 
 class _Ident:
@@ -138,7 +109,7 @@ def hf_step_key(explicit: Optional[torch.Tensor], position_ids: Optional[torch.T
     if handle is None:
         STEP_KEYS.resolutions += 1
         padding = attention_mask if attention_mask is not None and not bool(attention_mask.all()) else None
-        local = _HFLocal(batch, seqlen, position_ids, padding, use_positions=not self_key)
+        local = CallMask(batch, seqlen, position_ids, padding, use_positions=not self_key)
         key = resolve_key(group_of_slot(group), batch * seqlen, (heads_q, heads_kv, head_dim),
                           explicit=None if explicit is None else key_of_handle(explicit), local=local,
                           binding=padding is not None or self_key)

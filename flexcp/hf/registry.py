@@ -7,8 +7,8 @@ registered layout keys (a layout's window keys go with it) and one flex key and 
 self-key length (replaced on write); an entry whose key the runtime no longer holds
 (evicted, or ``clear_cache``) reads as absent.
 
-Only this module's :data:`REGISTRY` holds the state and only the magi_attn_utils modules
-write it (through its methods). The seed's module-level names in ``flexcp.magi_attn_utils``
+Only this module's :data:`REGISTRY` holds the state and only the backend modules (and the facade's
+setters) write it, through its methods. The seed's module-level names in ``flexcp.magi_attn_utils``
 delegate to it: ``_ACTIVE_ATTN_SPEC``, ``_ACTIVE_CP_GROUP`` and ``_MAGI_REGISTERED`` read and
 write its settings; ``_FLEX_KEY_CACHE`` and ``_MAGI_SELF_KEY_LEN`` are read-only snapshots in
 the seed's shape (``id(cp_group) -> ...``).
@@ -18,13 +18,16 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
 from ..mask import AttnMaskSpec
 from ..runtime import DistAttnKey
 from ..runtime.key import find, group_info
+
+if TYPE_CHECKING:
+    from .keys import StepFallback
 
 MAX_LAYOUTS = 64
 """Layout keys a group remembers (with their positions and window keys); older ones are forgotten."""
@@ -62,7 +65,7 @@ class SeedView(dict):
     """A read-only snapshot in the shape of one of the seed's module-level caches."""
 
     def _read_only(self, *args: Any, **kwargs: Any) -> NoReturn:
-        raise TypeError("this seed cache is a read-only view of flexcp.magi_attn_utils.registry.REGISTRY, "
+        raise TypeError("this seed cache is a read-only view of flexcp.hf.registry.REGISTRY, "
                         "which owns the keys; build keys with build_flex_key / _flex_key_for instead")
 
     __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = __ior__ = _read_only
@@ -80,6 +83,9 @@ class MagiRegistry:
         """Whether ``register_magi_attention`` has run."""
         self.generation = 0
         """Counts prepared layouts registered: a step key resolved before a ``magi_prepare_*`` call is stale after it."""
+        self.fallback: StepFallback | None = None
+        """Where a call without ``magi_key`` may find its key; only the seed facade,
+        ``flexcp.magi_attn_utils``, installs one (the active spec, the most recent key)."""
         self._groups: dict[str, _Group] = {}
 
     # ------------------------------------------------------------------------------ groups

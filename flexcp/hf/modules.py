@@ -21,7 +21,11 @@ def unwrap_model(model):
 
 
 
-def _get_head_config(model) -> tuple[int, int, int]:
+Heads = tuple[int, int, int]
+"""``(num_heads_q, num_heads_kv, head_dim)``."""
+
+
+def _get_head_config(model) -> Heads:
     """Extract ``(num_heads_q, num_heads_kv, head_dim)`` from an HF model/config.
 
     For VLMs the text attention dims live under ``config.text_config``; that sub-config
@@ -103,5 +107,18 @@ def _set_cp_group_on_attention(model, cp_group) -> None:
             module.cp_group = cp_group
 
 
-__all__ = ["ATTN_NAME", "_get_head_config", "_iter_language_model_attention", "_set_cp_group_on_attention",
+def prepare_model(model, cp_group, caller: str) -> tuple[Heads, bool]:
+    """What batch preparation needs from a model, in one visit: ``(heads, bidirectional)``.
+
+    Refuses attention that is not ``"magi"`` (:func:`check_flexcp_attention`), stamps
+    ``cp_group`` on the attention modules and reads the head config and whether the
+    attention is bidirectional (:func:`is_bidirectional`).
+    """
+    check_flexcp_attention(model, caller)
+    bidirectional = is_bidirectional(model)
+    _set_cp_group_on_attention(model, cp_group)
+    return _get_head_config(model), bidirectional
+
+
+__all__ = ["ATTN_NAME", "Heads", "prepare_model", "_get_head_config", "_iter_language_model_attention", "_set_cp_group_on_attention",
            "check_flexcp_attention", "is_bidirectional", "unwrap_model"]

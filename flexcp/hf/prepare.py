@@ -19,10 +19,9 @@ from ..mask import AttnMaskSpec
 from ..runtime import DistAttnKey, build_key, dispatch
 from ..sharding import IGNORE_INDEX
 from ..runtime.key import group_info
-from .heads import (_get_head_config, _iter_language_model_attention, _set_cp_group_on_attention, check_flexcp_attention,
-                    is_bidirectional)
+from .modules import Heads, _get_head_config, _iter_language_model_attention, prepare_model
 from .keys import DEFAULT_CHUNK_SIZE, flex_chunk_size
-from .masks import as_numpy, clean_cu_seqlens, cu_seqlens_layout, documents, in_full, row_positions, step_mask
+from .masks import clean_cu_seqlens, cu_seqlens_layout, documents, in_full, row_positions, step_mask
 from .registry import REGISTRY
 
 LAYOUT_FIELDS = ("attention_mask", "cu_seqlens", "cu_seqlens_padded", "attn_spec", "max_seqlen", "qkv_format")
@@ -45,15 +44,13 @@ def _input_ids(batch: dict) -> torch.Tensor:
 def _mask_and_positions(batch: dict, b: int, s: int, causal: bool = True) -> tuple[AttnMaskSpec, np.ndarray]:
     """The step's mask over the ``b * s`` flat tokens and their real positions (:func:`.masks.step_mask`).
 
-    The explicit spec is ``batch['attn_spec']``, else the active spec (both used as given, and
-    then the batch must carry ``position_ids`` and no padding); documents found from
+    The explicit spec is ``batch['attn_spec']`` (used as given, and then the batch must carry
+    ``position_ids`` and no padding); documents found from
     ``cu_seqlens`` or the rows are causal, or attended in full when ``causal`` is False (an encoder).
     """
     pos = batch.get("position_ids")
     padding = batch.get("attention_mask")
     spec = batch.get("attn_spec")
-    if spec is None:
-        spec = REGISTRY.active_spec
     found, positions = step_mask(b, s, spec=spec, cu_seqlens=batch.get("cu_seqlens"),
                                  cu_seqlens_padded=batch.get("cu_seqlens_padded"), position_ids=pos,
                                  attention_mask=padding)
@@ -113,7 +110,7 @@ def check_shifted(input_ids: torch.Tensor, labels: torch.Tensor) -> None:
         )
 
 
-def _prepare(model, cp_group, spec: AttnMaskSpec, positions: np.ndarray, chunk_size: int,
+def _prepare(heads: Heads, cp_group, spec: AttnMaskSpec, positions: np.ndarray, chunk_size: int,
              fields: dict[str, torch.Tensor], labels: torch.Tensor | None) -> tuple[dict, DistAttnKey]:
     """The one preparation path: the layout key of ``spec``, the flat dispatched fields, the registered layout.
 
@@ -123,7 +120,6 @@ def _prepare(model, cp_group, spec: AttnMaskSpec, positions: np.ndarray, chunk_s
     """
     if labels is not None:
         check_shifted(fields["input_ids"], labels)
-    heads = _get_head_config(model)
     key = build_key(spec, cp_group, num_heads_q=heads[0], num_heads_kv=heads[1], head_dim=heads[2],
                     chunk_size=chunk_size)
     device = fields["input_ids"].device
@@ -131,7 +127,7 @@ def _prepare(model, cp_group, spec: AttnMaskSpec, positions: np.ndarray, chunk_s
     out["position_ids"] = dispatch(torch.from_numpy(positions).to(device), key)
     if labels is not None:
         out["labels"] = dispatch(_flat_labels(labels, spec), key, pad_value=IGNORE_INDEX)
-    REGISTRY.register_layout(key, positions, prepared=True, local_positions=as_numpy(out["position_ids"]))
+    REGISTRY.register_layout(key, positions, prepared=True, local_positions=out["position_ids"].cpu().numpy())
     return out, key
 
 
@@ -140,7 +136,7 @@ def magi_prepare_batch(model, batch: dict, cp_group, chunk_size: int = DEFAULT_C
 
     Builds the step's mask over the flattened batch (rows become documents; position
     resets and ``cu_seqlens`` split documents; padding attends to nothing; a prefix tree
-    comes from ``batch['attn_spec']`` or :func:`set_active_attn_spec`), builds the layout
+    comes from ``batch['attn_spec']``), builds the layout
     key over ``cp_group`` (identity shard plus chunk padding at cp = 1, load-balanced at
     cp > 1), dispatches ``input_ids``, real ``position_ids`` and ``labels`` (plus any other
     ``[B, S]`` tensor field) to ``[1, local_S]``, and stamps ``cp_group`` on every attention
@@ -157,19 +153,18 @@ def magi_prepare_batch(model, batch: dict, cp_group, chunk_size: int = DEFAULT_C
     mean (or compute a sum loss from the logits).
     """
     ids = _input_ids(batch)
-    check_flexcp_attention(model, "magi_prepare_batch")
     b, s = ids.shape
-    spec, positions = _mask_and_positions(batch, b, s, causal=not is_bidirectional(model))
+    heads, bidirectional = prepare_model(model, cp_group, "magi_prepare_batch")
+    spec, positions = _mask_and_positions(batch, b, s, causal=not bidirectional)
     rows, new_batch = _split(batch, b, s)
     rows = {name: x for name, x in rows.items() if name not in PREPARED_FIELDS}
     rows["input_ids"] = ids
     labels = batch.get("labels") if batch.get("labels") is not None else batch.get("shift_labels")
-    local, key = _prepare(model, cp_group, spec, positions, chunk_size, rows, labels)
+    local, key = _prepare(heads, cp_group, spec, positions, chunk_size, rows, labels)
     new_batch.update({name: x.unsqueeze(0) for name, x in local.items()})
     if labels is not None:
         new_batch["shift_labels"] = new_batch["labels"]  # shift_labels: HF must not shift again
     new_batch["magi_key"] = key
-    _set_cp_group_on_attention(model, cp_group)
     return new_batch, key
 
 
@@ -214,7 +209,7 @@ def magi_prepare_packed_cp(model, batch: dict, cp_group):
     spec, doc_pos = cu_seqlens_layout(cu, cu_padded, total)
     pos = batch.get("position_ids")
     positions = doc_pos if pos is None else row_positions(1, total, pos.reshape(-1))
-    new_batch, key = _prepare(model, cp_group, spec, positions, flex_chunk_size(spec, cp_group), {"input_ids": ids},
+    new_batch, key = _prepare(_get_head_config(model), cp_group, spec, positions, flex_chunk_size(spec, cp_group), {"input_ids": ids},
                               batch.get("labels"))
     new_batch["qkv_format"] = "thd"
     return new_batch, key

@@ -1,19 +1,19 @@
-"""Masks the Hugging Face path derives from a batch, and sliding windows over real positions.
+"""Masks the Hugging Face path derives from a batch: the one precedence of a batch's mask (:func:`step_mask`).
 
 Everything here is O(tokens) numpy on the slice table: documents from batch rows, position
-resets, padding or ``cu_seqlens``; the positions RoPE needs for a prefix tree; and a
-spec's restriction to HF's sliding window (``q_pos - k_pos < window``) measured in real
-positions, so prefix-tree completions and packed documents window like separate samples.
+resets, padding or ``cu_seqlens``; the mask an attention call infers from its own inputs
+(:class:`CallMask`); the positions RoPE needs for a prefix tree; encoders' full documents.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
-from ..mask import AttnMaskSpec, AttnMaskType, clip_band, from_cu_seqlens
+from ..mask import AttnMaskSpec, AttnMaskType, from_cu_seqlens
 from ..mask.geometry import slice_areas
 
 def as_numpy(x: Any, dtype=np.int64) -> np.ndarray:
@@ -160,6 +160,37 @@ def step_mask(
     return documents(batch_size, seqlen, position_ids, attention_mask), positions
 
 
+@dataclass
+class CallMask:
+    """The mask an HF attention call infers from its own inputs (rows, position resets, padding), on demand.
+
+    A ``keys.LocalLayout``: :func:`.keys.resolve_key` asks for it only when no key is given.
+    """
+
+    batch_size: int
+    seqlen: int
+    position_ids: torch.Tensor | None
+    attention_mask: torch.Tensor | None
+    use_positions: bool
+
+    def _pos(self) -> torch.Tensor | None:
+        pos = self.position_ids if self.use_positions else None
+        if pos is not None and pos.dim() > 2:
+            raise ValueError(
+                f"position_ids of shape {tuple(pos.shape)} (multimodal RoPE) do not describe documents; "
+                "prepare VLM batches with magi_prepare_vlm"
+            )
+        return pos
+
+    def spec(self) -> AttnMaskSpec:
+        """The call's documents (:func:`step_mask`)."""
+        return step_mask(self.batch_size, self.seqlen, position_ids=self._pos(), attention_mask=self.attention_mask)[0]
+
+    def positions(self) -> np.ndarray | None:
+        """The call's real positions (``position_ids``), or None."""
+        return step_mask(self.batch_size, self.seqlen, position_ids=self._pos())[1]
+
+
 def prefix_tree_position_ids(node_lengths: Sequence[int], sample_paths: Sequence[Sequence[int]]) -> torch.Tensor:
     """Real positions of a prefix tree's flat layout: a node continues from its ancestors' lengths.
 
@@ -209,46 +240,8 @@ def in_full(spec: AttnMaskSpec) -> AttnMaskSpec:
     return AttnMaskSpec(ranges, ranges, [AttnMaskType.FULL] * len(ranges), spec.total_seqlen)
 
 
-def windowed(spec: AttnMaskSpec, window: int, positions: np.ndarray | None = None) -> AttnMaskSpec:
-    """``spec`` restricted to keys with ``q_pos - k_pos < window`` (HF's sliding window, self included).
-
-    ``positions`` are the tokens' real positions (flat indices when None). Slices are cut
-    where positions jump, so within a piece positions are flat indices plus a constant and
-    the window is one more diagonal bound; pieces are typed slices from ``clip_band``.
-    """
-    window = int(window)
-    if window < 1:
-        raise ValueError(f"sliding window must be >= 1 (keys per row, self included); got {window}")
-    if spec.total_seqlen_k != spec.total_seqlen:
-        raise ValueError("windowed needs a self-attention spec (total_seqlen_k == total_seqlen)")
-    n = spec.total_seqlen
-    pos = np.arange(n, dtype=np.int64) if positions is None else np.asarray(positions, dtype=np.int64).reshape(-1)
-    if len(pos) != n:
-        raise ValueError(f"positions has {len(pos)} entries but the spec covers {n} tokens")
-    t = spec.table
-    t = t.take(np.nonzero(slice_areas(t) > 0)[0])
-    breaks = np.nonzero(np.diff(pos) != 1)[0] + 1
-    run_start = np.concatenate([[0], breaks]).astype(np.int64)
-    run_end = np.concatenate([breaks, [n]]).astype(np.int64)
-
-    def run_of(x: np.ndarray) -> np.ndarray:
-        return np.searchsorted(run_start, x, side="right") - 1
-
-    rq0, rq1, rk0, rk1 = run_of(t.qs), run_of(t.qe - 1), run_of(t.ks), run_of(t.ke - 1)
-    nk = rk1 - rk0 + 1
-    count = (rq1 - rq0 + 1) * nk
-    sl = np.repeat(np.arange(len(t)), count)
-    local = np.arange(int(count.sum())) - np.repeat(np.cumsum(count) - count, count)
-    rq, rk = rq0[sl] + local // nk[sl], rk0[sl] + local % nk[sl]
-    q0, q1 = np.maximum(t.qs[sl], run_start[rq]), np.minimum(t.qe[sl], run_end[rq])
-    k0, k1 = np.maximum(t.ks[sl], run_start[rk]), np.minimum(t.ke[sl], run_end[rk])
-    # row i, key j of this piece: q_pos - k_pos = (i - j) + (pos[q0] - q0) - (pos[k0] - k0) < window
-    lo = np.maximum(t.lo[sl], (pos[q0] - q0) - (pos[k0] - k0) - window + 1)
-    pieces, _ = clip_band(q0, q1, k0, k1, lo, t.hi[sl])
-    return AttnMaskSpec.from_table(pieces.nonempty(), n)
-
-
 __all__ = [
+    "CallMask",
     "as_numpy",
     "in_full",
     "clean_cu_seqlens",
@@ -258,5 +251,4 @@ __all__ = [
     "prefix_tree_position_ids",
     "row_positions",
     "step_mask",
-    "windowed",
 ]

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-from .batch import magi_prepare_batch, magi_prepare_packed_cp, magi_prepare_vlm, to_thd
-from .hf_attention import register_magi_attention
+from .prepare import magi_prepare_batch, magi_prepare_packed_cp, magi_prepare_vlm, to_thd
+from .attention import register_magi_attention
 from .keys import DEFAULT_CHUNK_SIZE
 from .registry import REGISTRY
 
