@@ -73,6 +73,41 @@ for _name, (_costs, _whole, _) in ROUTERS.items():
     register_backend(f"prop_{_name}", lambda c=_costs, w=_whole: AutoBackend(c, whole=w, split=NAMES, device_types=("cpu",)))
 
 
+class Limited:
+    """A stand-in for a kernel's element limit: refuses q or k of more than ``limit`` elements, records the largest run."""
+
+    limit: int | None = None
+    largest = 0
+
+    def unsupported(self, q, k, softcap):
+        if self.limit is not None and max(q.numel(), k.numel()) > self.limit:
+            return f"more than {self.limit} elements"
+        return super().unsupported(q, k, softcap)
+
+    def forward(self, q, k, v, *args, **kwargs):
+        self.largest = max(self.largest, q.numel(), k.numel())
+        return super().forward(q, k, v, *args, **kwargs)
+
+    def backward(self, do, q, k, *args, **kwargs):
+        self.largest = max(self.largest, q.numel(), k.numel())
+        return super().backward(do, q, k, *args, **kwargs)
+
+
+class SmallGroup(Limited, Group):
+    name = "prop_small_group"
+
+
+class SmallRest(Limited, Rest):
+    name = "prop_small_rest"
+
+
+register_backend("prop_small_group", SmallGroup)
+register_backend("prop_small_rest", SmallRest)
+SMALL = ("prop_small_group", "prop_small_rest")
+register_backend("prop_small_split", lambda: AutoBackend({n: PER_PART for n in SMALL}, whole=SMALL[:1], split=SMALL,
+                                                         device_types=("cpu",)))
+
+
 def _refuse(spec, salt: int) -> dict:
     """Refuse a coin-flipped subset of the mask's signatures."""
     return {sig: "refused by the test" for sig in set(to_entries(spec.table).sigs) if _pick(repr(sig), salt + 1)}
@@ -118,6 +153,27 @@ def test_every_route_is_exact(router, spec, heads, salt, refuse):
     expected = ROUTERS[router][2]
     if expected is not None and len(spec.table.nonempty()):
         assert [p.backend.name for p in auto.route(prep, q, k, 0.0).parts] == expected
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(spec=composed_specs(), shape=st.sampled_from([(4, 2, 2), (6, 3, 3), (8, 4, 2), (8, 4, 4), (4, 4, 2), (8, 2, 2),
+                                                     (2, 1, 1), (4, 2, 1)]), salt=st.integers(0, 2**16))
+def test_calls_too_large_for_the_backends_run_in_groups_of_kv_heads(spec, shape, salt):
+    """Backends that refuse more than ``limit`` elements (the GPU kernels' 2**31): the router runs the fewest groups
+    of KV heads that fit, each group routed (coin split) on its own; fwd+bwd equal dense float64."""
+    auto = get_backend("prop_small_split")
+    small = [get_backend(n) for n in SMALL]
+    hq, hkv, groups = shape
+    q, k, v, do = _inputs(spec, hq, hkv, seed=salt)
+    limit = max(q.numel(), k.numel()) // groups
+    for b in small:
+        b.limit, b.largest = limit, 0
+    small[1].salt = salt
+    small[0].refused = {}
+    got, prep = _run(auto, spec, q, k, v, do, 0.5)
+    _assert_exact(got, _dense(spec, q, k, v, do, 0.5), f"{groups} groups of KV heads")
+    assert auto.head_groups(prep, q, k, 0.0) == groups
+    assert 0 < max(b.largest for b in small) <= limit
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)

@@ -196,6 +196,29 @@ def test_offload_gives_the_same_gradients_and_reuses_exact_host_memory():
     assert off.host_bytes < 2 * off.saved_bytes + 512 * len(off.arena.blocks)
 
 
+def test_offload_copies_a_tensor_saved_twice_once_and_never_mistakes_a_new_tensor_for_a_freed_one():
+    def grads(off):
+        x = torch.randn(1000, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        ptrs, loss = [], 0
+        with off() if off is not None else torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            shared = x * 0.5
+            loss = shared.sin().sum() + shared.cos().sum()  # one tensor saved twice
+            for i in range(4):  # each h is freed before the next is made, often at the same address
+                h = x * (i + 1)
+                ptrs.append(h.data_ptr())
+                loss = loss + h.sin().sum()
+                del h
+        loss.backward()
+        return x.grad, ptrs
+
+    ref, _ = grads(None)
+    off = ActivationOffload("cpu", min_bytes=0)
+    got, ptrs = grads(off)
+    assert len(set(ptrs)) < len(ptrs)  # the allocator reused a freed h's memory: the case guarded
+    assert torch.equal(ref, got)
+    assert off.saved_bytes == 5 * 1000 * 8  # shared once, each h once
+
+
 def test_host_arena_is_exact_and_reused():
     arena = HostArena(pin=False)
     a, b = arena.take(1000), arena.take(24)

@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-step-s", type=float, default=200.0, help="no single step predicted longer than this")
     p.add_argument("--doc-len", type=int, default=64 * K, help="documents of the packs are cut to this many tokens")
     p.add_argument("--speed", type=int, nargs="+", default=[64 * K, 256 * K], help="tokens/s lengths (all levers)")
+    p.add_argument("--speed-steps", type=int, default=2, help="steps per --speed length (the last one is timed)")
     p.add_argument("--long", type=int, default=1_250_000, help="llama-1b target without offload")
     p.add_argument("--lever-len", type=int, default=256 * K, help="length of the lever-by-lever rows")
     p.add_argument("--loss-len", type=int, default=32 * K)
@@ -233,7 +234,7 @@ def run_parts(s: Session, args) -> None:
     big = "llama-1b"
     # 1. every on-GPU lever (tiled MLP where memory is short, tiled loss, norms recomputed): tokens/s
     for n in args.speed:
-        rec(s.step("1 speed", big, n, steps=2))
+        rec(s.step("1 speed", big, n, steps=args.speed_steps))
     # 2. lever by lever (the MLP tiled even where it would fit untiled: its cost), and the losses
     for mlp, off in ((0, False), (args.mlp_chunk, False), (args.mlp_chunk, True)):
         # two steps with offload: the first one also page-locks the host arena

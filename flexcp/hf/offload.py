@@ -158,7 +158,7 @@ class ActivationOffload:
         self.arena = HostArena(pin=self.cuda)
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         self._order: list[weakref.ref[_Saved]] = []  # this step's entries in save order
-        self._seen: dict[tuple, _Saved] = {}
+        self._seen: dict[tuple, tuple[weakref.ref, _Saved]] = {}  # this forward's saves: (base tensor, entry)
         self._inflight: list[_Saved] = []
         self.saved_bytes = 0  # bytes offloaded by the last forward
 
@@ -181,9 +181,11 @@ class ActivationOffload:
         if (nbytes < self.min_bytes or t.device != self.device or isinstance(t, nn.Parameter)
                 or t.layout != torch.strided):
             return t
+        # the same tensor saved again (not a new one that reuses a freed tensor's memory: the base must be alive)
+        base = t if t._base is None else t._base
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version)
-        if (known := self._seen.get(key)) is not None:
-            return known
+        if (known := self._seen.get(key)) is not None and known[0]() is base:
+            return known[1]
         host = self.arena.take(nbytes).view(t.dtype).view(t.shape)
         entry = _Saved(host, t)
         if self.cuda:
@@ -197,7 +199,7 @@ class ActivationOffload:
         else:
             host.copy_(t)
             entry.source = None
-        self._seen[key] = entry
+        self._seen[key] = (weakref.ref(base), entry)
         self._order.append(weakref.ref(entry))
         self.saved_bytes += nbytes
         return entry

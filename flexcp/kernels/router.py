@@ -22,6 +22,12 @@ The rest backend's whole option is always admissible: Triton needs only its row 
 A route of several parts is checked to hold exactly the mask's cells, once per mask
 (``mask.cover``). Without CUDA, or with no GPU backend able to run the inputs, the reference
 runs everything. The distributed stages use this same router.
+
+Inputs too large for a backend (the GPU kernels index with 32 bits: q and k below 2**31
+elements, which 32 heads x 64 pass past 1,048,576 tokens) run in groups of KV heads, each
+group routed as a call of its own: heads are independent, so the results are the same, and
+the copies of one group's q/k/v and results are the extra memory. The fewest groups are
+used with which every backend that can run one KV head's share can run a group.
 """
 
 from __future__ import annotations
@@ -101,6 +107,7 @@ class AutoPrep:
     tk: int
     device: torch.device
     routes: dict = field(default_factory=dict, repr=False)
+    head_groups: dict = field(default_factory=dict, repr=False)  # route key -> groups of KV heads per call
 
 
 @dataclass
@@ -141,10 +148,28 @@ class AutoBackend(AttnBackend):
 
     def route(self, prep: AutoPrep, q: torch.Tensor, k: torch.Tensor, softcap: float) -> Route:
         """The route for these inputs (decided once per dtype / heads / head dim / softcap)."""
-        key = (q.dtype, q.shape[1], k.shape[1], q.shape[2], softcap > 0, q.device.type)
+        key = self._route_key(q, k, softcap)
         if key not in prep.routes:
             prep.routes[key] = self._decide(prep, q, k, softcap)
         return prep.routes[key]
+
+    def head_groups(self, prep: AutoPrep, q: torch.Tensor, k: torch.Tensor, softcap: float) -> int:
+        """Into how many groups of KV heads a call of these inputs is split (1: none), decided once per shape.
+
+        The fewest groups (a divisor of the KV heads) whose share every backend runs that runs
+        one KV head's share: a backend that refuses the whole call only for its size runs a group.
+        """
+        key = self._route_key(q, k, softcap)
+        if key not in prep.head_groups:
+            hq, hkv = q.shape[1], k.shape[1]
+            share = lambda n: set(self._runnable(q[:, : hq // n], k[:, : hkv // n], softcap))  # noqa: E731
+            best = share(hkv)
+            prep.head_groups[key] = next(n for n in range(1, hkv + 1) if hkv % n == 0 and share(n) == best)
+        return prep.head_groups[key]
+
+    @staticmethod
+    def _route_key(q: torch.Tensor, k: torch.Tensor, softcap: float) -> tuple:
+        return (q.dtype, q.shape[1], k.shape[1], q.shape[2], softcap > 0, q.device.type)
 
     def budget_bytes(self, tq: int, tk: int, *, heads_q: int, heads_kv: int, head_dim: int, dtype: torch.dtype) -> float:
         """The most extra memory a route of a call of this shape may need."""
@@ -237,6 +262,10 @@ class AutoBackend(AttnBackend):
 
     # ----------------------------------------------------------------- contract
     def forward(self, q, k, v, prep: AutoPrep, softmax_scale, softcap, out_dtype=None):
+        groups = self.head_groups(prep, q, k, softcap)
+        if groups > 1:
+            return _by_head_groups(groups, q, k, (q,), (k, v), 2, lambda qs, kvs: self.forward(
+                *qs, *kvs, prep, softmax_scale, softcap, out_dtype))
         route = self.route(prep, q, k, softcap)
         if len(route.parts) == 1:
             p = route.parts[0]
@@ -251,6 +280,10 @@ class AutoBackend(AttnBackend):
         return out.to(out_dtype or q.dtype), lse
 
     def backward(self, do, q, k, v, out, lse, prep: AutoPrep, softmax_scale, softcap, grad_dtype=None):
+        groups = self.head_groups(prep, q, k, softcap)
+        if groups > 1:
+            return _by_head_groups(groups, q, k, (do, q, out, lse), (k, v), 1, lambda qs, kvs: self.backward(
+                qs[0], qs[1], *kvs, qs[2], qs[3], prep, softmax_scale, softcap, grad_dtype))
         route = self.route(prep, q, k, softcap)
         if len(route.parts) == 1:
             p = route.parts[0]
@@ -260,3 +293,27 @@ class AutoBackend(AttnBackend):
             for acc, g in zip(sums, p.backend.backward(do, q, k, v, out, lse, p.prep, softmax_scale, softcap)):
                 acc.add(g)
         return tuple(s.result().to(grad_dtype or s.dtype) for s in sums)
+
+
+def _by_head_groups(groups: int, q: torch.Tensor, k: torch.Tensor, per_q_head: tuple, per_kv_head: tuple,
+                    q_results: int, call) -> tuple[torch.Tensor, ...]:
+    """``call`` on each of ``groups`` groups of KV heads (with their query heads); results joined along heads.
+
+    ``per_q_head`` / ``per_kv_head`` are split along dim 1 by query / KV heads and made contiguous
+    (a group's own compact tensors keep its element offsets small). The first ``q_results``
+    results are per query head, the rest per KV head; each group's result is written into its
+    heads of one tensor for the whole call.
+    """
+    hq, hkv = q.shape[1], k.shape[1]
+    joined: list[torch.Tensor] = []
+    for g in range(groups):
+        qh = slice(g * hq // groups, (g + 1) * hq // groups)
+        kh = slice(g * hkv // groups, (g + 1) * hkv // groups)
+        results = call([x[:, qh].contiguous() for x in per_q_head], [x[:, kh].contiguous() for x in per_kv_head])
+        heads = [(qh, hq) if i < q_results else (kh, hkv) for i in range(len(results))]
+        if not joined:
+            joined = [r.new_empty((r.shape[0], n, *r.shape[2:])) for r, (_, n) in zip(results, heads)]
+        for whole, r, (sl, _) in zip(joined, results, heads):
+            whole[:, sl] = r
+        del results
+    return tuple(joined)

@@ -188,7 +188,8 @@ class CudnnBackend(AttnBackend):
             return f"the cudnn backend needs head_dim a multiple of 8 and <= {MAX_HEAD_DIM}, got {d}"
         if softcap > 0:
             return "the cudnn backend has no softcap; use backend='triton' (or 'auto', which routes it there)"
-        return None
+        # the fallback recomputes a call whose V is not finite and runs refused launches: it must take these too
+        return self.fallback.unsupported(q, k, softcap)
 
     def prepare(self, table: SliceTable, tq: int, tk: int, device: torch.device) -> CudnnPrep:
         launches = plan_launches(to_entries(table), tk)
