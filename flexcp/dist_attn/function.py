@@ -27,15 +27,15 @@ import torch.distributed as dist
 
 from ..comm import CastPlan, agree, group_cast, group_reduce
 from ..kernels.backend import AttnBackend, stat_dtype
-from ..kernels.cache import schedule_for
 from ..kernels.compose import merge_partials
 from .plan import RankAttnPlan
 
 
 class DistAttnState:
-    """A rank's plan bound to its process group, with its comm plans.
+    """A rank's plan bound to its process group, with its comm plans and its backends' schedules.
 
-    ``tag`` identifies the plan's key across ranks (equal on every rank that built the same key);
+    The runtime's key cache holds one state per key, so the schedules (``schedules``) are
+    evicted with the key. ``tag`` identifies the plan's key across ranks (equal on every rank that built the same key);
     it goes into each call's agreement fingerprint.
     """
 
@@ -46,12 +46,17 @@ class DistAttnState:
         self.cast_plans = [
             CastPlan(plan.rank, s.send_rows, s.recv_counts) for s in plan.stages
         ]
+        self.schedules: dict[tuple[AttnBackend, str], tuple[Any, list[Any]]] = {}
+        """(backend instance, device) -> what :meth:`preps` returned: built once per key and backend."""
 
     def preps(self, backend: AttnBackend, device: torch.device) -> tuple[Any, list[Any]]:
-        """Host and per-stage schedules for ``backend``, from the kernels' one schedule cache."""
-        p = self.plan
-        host = schedule_for(backend, p.host_table, p.local_len, p.local_len, device)
-        return host, [schedule_for(backend, s.table, p.local_len, s.recv_len, device) for s in p.stages]
+        """Host and per-stage schedules for ``backend`` on ``device``, prepared on first use and kept with the state."""
+        slot = (backend, str(device))
+        if slot not in self.schedules:
+            p, dev = self.plan, torch.device(device)
+            host = backend.prepare(p.host_table, p.local_len, p.local_len, dev)
+            self.schedules[slot] = host, [backend.prepare(s.table, p.local_len, s.recv_len, dev) for s in p.stages]
+        return self.schedules[slot]
 
     def agree(self, q: torch.Tensor, k: torch.Tensor, scale: float, softcap: float, grad: bool) -> None:
         """Every rank of the group passes the same key and call settings, or every rank raises naming what differs."""

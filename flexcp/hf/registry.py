@@ -1,11 +1,12 @@
-"""The HF backend's state: one registry owns the active settings, the keys and layouts, and their eviction.
+"""The HF backend's state: the active settings, per CP group its slots, and the layouts it attaches to keys.
 
-State is per CP group, keyed by the group's identity as the runtime names it (the
-``group_id`` of ``group_info``: group name and ranks, which every ``DistAttnKey`` carries),
-never by ``id()``. One eviction rule: a group keeps its ``MAX_LAYOUTS`` most recently
-registered layout keys (a layout's window keys go with it) and one flex key and one
-self-key length (replaced on write); an entry whose key the runtime no longer holds
-(evicted, or ``clear_cache``) reads as absent.
+Per-group slots (one flex key, one self-key length, replaced on write) are keyed by the
+group's identity as the runtime names it (the ``group_id`` of ``group_info``: group name and
+ranks, which every ``DistAttnKey`` carries), never by ``id()``; a flex key the runtime no
+longer holds (evicted, or ``clear_cache``) reads as absent. Per-key state lives on the key
+itself, in the runtime's key cache (``runtime.key.attach``): a layout key's :class:`Layout`
+(with its window keys) and a window key's layout key. So the runtime's one eviction rule
+(``MAX_KEYS``, ``clear_cache``) is theirs: an evicted key's layout and windows go with it.
 
 Only this module's :data:`REGISTRY` holds the state and only the backend modules (and the facade's
 setters) write it, through its methods. The seed's module-level names in ``flexcp.magi_attn_utils``
@@ -16,7 +17,6 @@ the seed's shape (``id(cp_group) -> ...``).
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -24,18 +24,23 @@ import numpy as np
 
 from ..mask import AttnMaskSpec
 from ..runtime import DistAttnKey
-from ..runtime.key import find, group_info
+from ..runtime.key import MAX_KEYS, attach, attached, find, group_info
 
 if TYPE_CHECKING:
     from .keys import StepFallback
 
-MAX_LAYOUTS = 64
-"""Layout keys a group remembers (with their positions and window keys); older ones are forgotten."""
+MAX_LAYOUTS = MAX_KEYS
+"""Layouts live as long as their keys: the runtime's key cache bound (``runtime.key.MAX_KEYS``)."""
+
+_LAYOUT = "hf.layout"
+"""Attachment name of a layout key's :class:`Layout`."""
+_PARENT = "hf.parent"
+"""Attachment name of a window key's layout key."""
 
 
 @dataclass
 class Layout:
-    """What the registry knows about a layout key (a key tokens were dispatched with)."""
+    """What the registry knows about a layout key (a key tokens were dispatched with); attached to the key."""
 
     positions: np.ndarray | None  # real position of each global token; None -> flat index
     prepared: bool  # built by magi_prepare_*: the step's key for the get_most_recent_key fallback
@@ -50,8 +55,6 @@ class _Group:
     group: Any = None  # the group object last seen with this identity (the seed's views are keyed by its id())
     flex: tuple[tuple, DistAttnKey] | None = None  # (spec fingerprint + heads, key) of _flex_key_for
     self_len: int | None = None  # sequence length of the last causal self-key
-    layouts: "OrderedDict[DistAttnKey, Layout]" = field(default_factory=OrderedDict)
-    parents: dict[DistAttnKey, DistAttnKey] = field(default_factory=dict)  # window key -> its layout key
 
 
 def same_positions(a: np.ndarray | None, b: np.ndarray | None) -> bool:
@@ -72,7 +75,7 @@ class SeedView(dict):
 
 
 class MagiRegistry:
-    """The active settings of the magi backend and, per CP group, its keys and layouts."""
+    """The active settings of the magi backend, per CP group its slots, and the layouts on its keys."""
 
     def __init__(self) -> None:
         self.active_spec: AttnMaskSpec | None = None
@@ -127,16 +130,15 @@ class MagiRegistry:
     # ---------------------------------------------------------------- layouts and windows
     def register_layout(self, key: DistAttnKey, positions: np.ndarray | None, prepared: bool,
                         local_positions: np.ndarray | None = None) -> Layout:
-        """Remember (or refresh) a layout key's real token positions; returns its entry.
+        """Remember (or refresh) a built layout key's real token positions, on the key; returns its entry.
 
         ``prepared`` marks a ``magi_prepare_*`` key, whose ``local_positions`` (the dispatched
         position ids) later tell whether a model call without ``magi_key`` runs on its batch.
         A refresh without positions keeps the known ones, and a prepared entry stays
         prepared; window keys survive only if the positions did not change.
         """
-        group = self._record(key.group_id)
         self.generation += int(prepared)
-        old = group.layouts.pop(key, None)
+        old = self.layout(key)
         if old is not None and positions is None:
             positions = old.positions
         if old is not None and old.prepared and not prepared:
@@ -146,25 +148,25 @@ class MagiRegistry:
             info.windows = old.windows
         elif old is not None:
             self._forget_windows(old)
-        group.layouts[key] = info
-        while len(group.layouts) > MAX_LAYOUTS:
-            self._forget_windows(group.layouts.popitem(last=False)[1])
+        attach(key, _LAYOUT, info)
         return info
 
-    def _forget_windows(self, info: Layout) -> None:
+    @staticmethod
+    def _forget_windows(info: Layout) -> None:
+        """Unlink a replaced layout's window keys from it (they stay built, as keys of their own)."""
         for wkey in info.windows.values():
-            self._record(wkey.group_id).parents.pop(wkey, None)
+            if find(wkey) is not None:
+                attach(wkey, _PARENT, None)
 
-    def layout_key(self, key: DistAttnKey) -> DistAttnKey:
+    @staticmethod
+    def layout_key(key: DistAttnKey) -> DistAttnKey:
         """The layout key a (window) key belongs to."""
-        record = self._groups.get(key.group_id)
-        return key if record is None else record.parents.get(key, key)
+        return attached(key, _PARENT) or key
 
-    def layout(self, key: DistAttnKey) -> Layout | None:
-        """The entry of a layout key, if remembered and still built."""
-        record = self._groups.get(key.group_id)
-        info = None if record is None else record.layouts.get(key)
-        return info if info is not None and find(key) is not None else None
+    @staticmethod
+    def layout(key: DistAttnKey) -> Layout | None:
+        """The entry of a layout key, if registered and the key is still built."""
+        return attached(key, _LAYOUT)
 
     @staticmethod
     def window(info: Layout, window: int) -> DistAttnKey | None:
@@ -172,11 +174,12 @@ class MagiRegistry:
         wkey = info.windows.get(int(window))
         return wkey if wkey is not None and find(wkey) is not None else None
 
-    def add_window(self, base: DistAttnKey, info: Layout, window: int, wkey: DistAttnKey) -> None:
+    @staticmethod
+    def add_window(base: DistAttnKey, info: Layout, window: int, wkey: DistAttnKey) -> None:
         """Record ``wkey`` as the key of ``base``'s layout ``info`` for ``window``; it is forgotten with ``info``."""
         info.windows[int(window)] = wkey
         if wkey != base:
-            self._record(wkey.group_id).parents[wkey] = base
+            attach(wkey, _PARENT, base)
 
 
 REGISTRY = MagiRegistry()

@@ -1,9 +1,10 @@
-"""The one cache of backend schedules (``prepare`` results), for single-device and distributed calls.
+"""The cache of backend schedules (``prepare`` results) of keyless single-device calls.
 
-One rule: a schedule is keyed by the backend *instance* (two instances of one class may
-tile differently), the slice table's contents, the row counts and the device; the least
-recently used entry is evicted past ``size``. ``flexcp.attention`` and every
-distributed stage (host and remote tables) go through it.
+``flexcp.attention`` has no key to hang its schedule off, so it goes through
+:data:`SCHEDULES`: keyed by the backend *instance* (two instances of one class may tile
+differently), the slice table's contents, the row counts and the device; the least
+recently used entry is evicted past ``size``. Distributed stages keep their schedules on
+their key's ``DistAttnState`` instead, evicted with the key (``flexcp.runtime.key``).
 """
 
 from __future__ import annotations

@@ -1,10 +1,17 @@
-"""DistAttnKey and the per-group key cache: one plan per (mask, group, settings), built once."""
+"""DistAttnKey and the key cache: one plan per (mask, group, settings), built once.
+
+The cache is the one owner of everything scoped to a key: the plan, its stage schedules
+(``DistAttnState``) and what other layers attach to it (:func:`attach`; e.g. the HF
+backend's layouts and window keys). One eviction rule: the least recently built/used keys
+past :data:`MAX_KEYS` (never a group's latest) and :func:`clear`; what hangs off a key goes with it.
+"""
 
 from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -50,12 +57,14 @@ class DistAttnKey:
 
 @dataclass(frozen=True, eq=False)
 class KeyEntry:
-    """What a key resolves to on this rank."""
+    """What a key resolves to on this rank, and what other layers hang off the key (evicted with it)."""
 
     spec: AttnMaskSpec
     plan: DispatchPlan
     state: DistAttnState
     group: dist.ProcessGroup | None
+    attachments: dict[str, Any] = field(default_factory=dict)
+    """Name -> value set by :func:`attach`; the entry's one mutable part."""
 
 
 MAX_KEYS = 64
@@ -122,6 +131,24 @@ def lookup(key: DistAttnKey) -> KeyEntry:
     return entry
 
 
+def attach(key: DistAttnKey, name: str, value: Any) -> None:
+    """Hang ``value`` off a built key under ``name`` (replacing any); it is evicted with the key.
+
+    ``None`` removes the attachment. A clear error if the key is not built (or was evicted).
+    """
+    attachments = lookup(key).attachments
+    if value is None:
+        attachments.pop(name, None)
+    else:
+        attachments[name] = value
+
+
+def attached(key: DistAttnKey, name: str) -> Any | None:
+    """What :func:`attach` hung off ``key`` under ``name``; None if nothing, or the key is not built (evicted)."""
+    entry = find(key)
+    return None if entry is None else entry.attachments.get(name)
+
+
 def key_of_handle(handle: torch.Tensor | int) -> DistAttnKey:
     """The built key whose ``handle`` (tensor, or its ``digest()``) this is; a clear error if evicted or never built here."""
     key = _BY_HANDLE.get(int(handle.reshape(-1)[0]) if isinstance(handle, torch.Tensor) else int(handle))
@@ -132,6 +159,7 @@ def key_of_handle(handle: torch.Tensor | int) -> DistAttnKey:
 
 
 def most_recent(group: dist.ProcessGroup | None) -> DistAttnKey | None:
+    """The key most recently built or used for ``group``, while it is built."""
     return _MOST_RECENT.get(group_info(group)[2])
 
 
@@ -155,6 +183,7 @@ def group_of_slot(slot: int) -> dist.ProcessGroup | None:
 
 
 def clear() -> None:
+    """Forget every key, and with them everything attached to them."""
     _ENTRIES.clear()
     _MOST_RECENT.clear()
     _BY_HANDLE.clear()
