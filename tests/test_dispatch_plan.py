@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flexcp.bench.docdist import sample_pack
-from flexcp.sharding import SOLVERS, DispatchPlan, build_plan
+from flexcp.sharding import DEFAULT_CHUNK_SIZE, SOLVERS, DispatchPlan, build_plan, resolve_chunk_size
 from flexcp.sharding.solver import contiguous, lpt, refine_swaps, zigzag
 from flexcp.mask import AttnMaskSpec, block_causal, causal, prefix_tree, sliding_window, varlen
 from strategies import valid_specs
@@ -199,3 +199,19 @@ def test_rank_out_of_range():
     plan = build_plan(causal(64), 2, 8)
     with pytest.raises(ValueError, match="rank=2"):
         plan.global_indices(2)
+
+
+@given(total=st.integers(1, 5000), cp=st.integers(1, 8), asked=st.one_of(st.none(), st.integers(1, 3000)))
+def test_one_chunk_size_rule(total: int, cp: int, asked) -> None:
+    share = -(-total // cp)
+    got = resolve_chunk_size(total, cp, asked)
+    if asked is not None:
+        assert got == min(asked, share)  # a requested size, never more than one rank's share
+    elif cp == 1:
+        assert got == total  # no padding at cp = 1
+    else:
+        assert got == min(DEFAULT_CHUNK_SIZE, share)
+    if total >= cp:
+        plan = build_plan(AttnMaskSpec.causal(total), cp, asked if asked is not None else got)
+        assert plan.chunk_size == got and plan.padded_seqlen % (got * cp) == 0
+        assert plan.padded_seqlen - total < got * cp

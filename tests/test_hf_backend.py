@@ -50,3 +50,30 @@ def test_backend_has_no_seed_fallback_and_the_facade_adds_it() -> None:
     own_err, seed_err = map(float, run.stdout.split()[-2:])
     assert own_err > 1e-3, "without the facade a call without magi_key must not find the prepared tree's key"
     assert seed_err == 0.0, "with the facade the prepared batch's key is the fallback"
+
+
+def test_the_facades_magi_state_prepares_a_batch_as_its_magi_prepare_batch_does() -> None:
+    """The active spec (a facade setting) reaches the HF batch both ways; the backend's state never reads it."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import flexcp.magi_attn_utils as mau
+    from flexcp.hf.recipe import MagiState as BackendState
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=64)
+    mau.register_magi_attention()
+    model = LlamaForCausalLM._from_config(cfg, attn_implementation="magi")
+    ids = torch.randint(0, 64, (1, 16))
+    batch = {"input_ids": ids, "labels": torch.roll(ids, -1, 1), "position_ids": torch.arange(16)[None]}
+    docs = mau.AttnMaskSpec.varlen([6, 10])
+    mau.set_active_attn_spec(docs)
+    try:
+        _, direct = mau.magi_prepare_batch(model, dict(batch), None)
+        state = mau.setup_magi({"model": {"attn_implementation": "magi"}}, None)
+        _, via_state = state.prepare_llm_batch(model, dict(batch), None, False, 0, 1)
+        _, backend = BackendState(enabled=True).prepare_llm_batch(model, dict(batch), None, False, 0, 1)
+    finally:
+        mau.set_active_attn_spec(None)
+    assert direct.mask == via_state["magi_key"].mask == docs.fingerprint()
+    assert backend["magi_key"].mask == mau.AttnMaskSpec.causal(16).fingerprint()

@@ -25,7 +25,7 @@ from ..train.config import FinetuneConfig
 from ..train.data import PackedSequence
 from ..train.loop import EVAL_INDEX_BASE, Trainer
 from ..train.metrics import StepMetrics
-from ..train.parallel import build_parallel
+from ..hf.mesh import build_cp_mesh
 
 ATTN_NAME = "sdpa_causal"
 
@@ -84,7 +84,7 @@ class NativeCPTrainer(Trainer):
             raise ValueError(f"cp={cp} must divide the world size {world}")
         register_causal_sdpa()
         self.lm.set_attn_implementation(ATTN_NAME)
-        self.dims = build_parallel(world // cp, cp, self.device)
+        self.dims = build_cp_mesh(cp, self.device.type)
         self.packed_as_causal = packed_as_causal
         self._contexts = ExitStack()
 
@@ -112,5 +112,5 @@ class NativeCPTrainer(Trainer):
         batch = self._local_batch(seq)  # context_parallel resizes these in place: own copies, not views of seq
         bufs = [batch[k].clone() for k in ("input_ids", "position_ids", "labels")]
         self._contexts.enter_context(context_parallel(
-            self.dims.mesh["cp"], buffers=bufs, buffer_seq_dims=[1, 1, 1], no_restore_buffers=set(bufs)))
+            self.dims.device_mesh["cp"], buffers=bufs, buffer_seq_dims=[1, 1, 1], no_restore_buffers=set(bufs)))
         return self.model(*bufs)

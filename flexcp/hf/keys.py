@@ -17,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..sharding import DEFAULT_CHUNK_SIZE
+from ..sharding import DEFAULT_CHUNK_SIZE, resolve_chunk_size
 from ..mask import AttnMaskSpec, clip_band
 from ..mask.geometry import slice_areas
 from ..runtime import DistAttnKey, build_key
@@ -50,12 +50,7 @@ def build_flex_key(spec: AttnMaskSpec, num_heads_q: int, num_heads_kv: int, head
     if not isinstance(spec, AttnMaskSpec):
         raise ValueError(f"spec must be a flexcp AttnMaskSpec; got {type(spec).__name__}")
     return build_key(spec, cp_group, num_heads_q=int(num_heads_q), num_heads_kv=int(num_heads_kv),
-                     head_dim=int(head_dim), chunk_size=flex_chunk_size(spec, cp_group))
-
-
-def flex_chunk_size(spec: AttnMaskSpec, cp_group) -> int:
-    """The chunk size of :func:`build_flex_key`: the whole sequence at cp = 1, else ``DEFAULT_CHUNK_SIZE``."""
-    return max(spec.total_seqlen, 1) if group_info(cp_group)[0] == 1 else DEFAULT_CHUNK_SIZE
+                     head_dim=int(head_dim), chunk_size=resolve_chunk_size(spec.total_seqlen, group_info(cp_group)[0]))
 
 
 def _flex_key_for(cp_group, spec: AttnMaskSpec, num_heads_q: int, num_heads_kv: int, head_dim: int) -> DistAttnKey:
@@ -204,7 +199,6 @@ __all__ = [
     "_flex_key_for",
     "build_flex_key",
     "fits",
-    "flex_chunk_size",
     "key_heads",
     "local_key",
     "resolve_key",

@@ -17,10 +17,10 @@ import torch
 
 from ..mask import AttnMaskSpec
 from ..runtime import DistAttnKey, build_key, dispatch
-from ..sharding import IGNORE_INDEX
+from ..sharding import IGNORE_INDEX, resolve_chunk_size
 from ..runtime.key import group_info
 from .modules import Heads, _get_head_config, _iter_language_model_attention, prepare_model
-from .keys import DEFAULT_CHUNK_SIZE, flex_chunk_size
+from .keys import DEFAULT_CHUNK_SIZE
 from .masks import clean_cu_seqlens, cu_seqlens_layout, documents, in_full, row_positions, step_mask
 from .registry import REGISTRY
 
@@ -209,7 +209,8 @@ def magi_prepare_packed_cp(model, batch: dict, cp_group):
     spec, doc_pos = cu_seqlens_layout(cu, cu_padded, total)
     pos = batch.get("position_ids")
     positions = doc_pos if pos is None else row_positions(1, total, pos.reshape(-1))
-    new_batch, key = _prepare(_get_head_config(model), cp_group, spec, positions, flex_chunk_size(spec, cp_group), {"input_ids": ids},
+    chunk_size = resolve_chunk_size(total, group_info(cp_group)[0])  # build_flex_key's: no padding at cp = 1
+    new_batch, key = _prepare(_get_head_config(model), cp_group, spec, positions, chunk_size, {"input_ids": ids},
                               batch.get("labels"))
     new_batch["qkv_format"] = "thd"
     return new_batch, key

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from .prepare import magi_prepare_batch, magi_prepare_packed_cp, magi_prepare_vlm, to_thd
 from .attention import register_magi_attention
+from ..runtime import DistAttnKey
 from .keys import DEFAULT_CHUNK_SIZE
 from .registry import REGISTRY
 
@@ -85,12 +86,20 @@ class MagiState:
         padding and chunking) are accepted for the recipe's signature and not needed.
         """
         if self.hf_dispatch:
-            batch, _ = magi_prepare_batch(model, batch, self.cp_group, chunk_size=self.chunk_size)
+            batch, _ = self.prepare_hf_batch(model, batch)
         elif is_thd:
             batch = to_thd(batch)
             if self.cp_size > 1:
                 batch, _ = magi_prepare_packed_cp(model, batch, self.cp_group)
         return nullcontext, batch
+
+    def prepare_hf_batch(self, model, batch: dict) -> tuple[dict, DistAttnKey]:
+        """The HF path's batch preparation: :func:`magi_prepare_batch` over this state's group and chunk size.
+
+        The seed facade's ``MagiState`` overrides it with the facade's preparation (which adds
+        the active spec), so a state and a direct call prepare a batch alike.
+        """
+        return magi_prepare_batch(model, batch, self.cp_group, chunk_size=self.chunk_size)
 
     def prepare_vlm_batch(self, model, batch):
         """Per-step batch prep for the VLM recipe (assumes ``enabled``); returns ``(train_ctx, batch)``.

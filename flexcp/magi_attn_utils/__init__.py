@@ -32,7 +32,8 @@ from ..hf.keys import DEFAULT_CHUNK_SIZE, _flex_key_for, build_flex_key
 from ..hf.masks import prefix_tree_position_ids
 from ..hf.modules import _get_head_config, _iter_language_model_attention, _set_cp_group_on_attention
 from ..hf.prepare import _packed_cp_doc_seqlens, magi_prepare_packed_cp, magi_prepare_vlm
-from ..hf.recipe import MagiState, get_cp_group, setup_magi
+from ..hf import recipe
+from ..hf.recipe import get_cp_group
 from ..hf.registry import REGISTRY, SeedView
 from ..mask import AttnMaskSpec
 from .seed import _build_self_key, _self_key_for, step_fallback
@@ -52,6 +53,19 @@ def magi_prepare_batch(model, batch: dict, cp_group, chunk_size: int = DEFAULT_C
     if active is not None and isinstance(batch, Mapping) and batch.get("attn_spec") is None:
         batch = {**batch, "attn_spec": active}
     return prepare.magi_prepare_batch(model, batch, cp_group, chunk_size)
+
+
+class MagiState(recipe.MagiState):
+    """The seed's ``MagiState``: :class:`flexcp.hf.recipe.MagiState` whose HF batch preparation is
+    this facade's :func:`magi_prepare_batch` (the active spec included), as a direct call's is."""
+
+    def prepare_hf_batch(self, model, batch: dict):
+        return magi_prepare_batch(model, batch, self.cp_group, chunk_size=self.chunk_size)
+
+
+def setup_magi(cfg, device_mesh, label: str = "") -> MagiState:
+    """Resolve magi attention from config (:func:`flexcp.hf.recipe.setup_magi`) as the seed's :class:`MagiState`."""
+    return MagiState(**vars(recipe.setup_magi(cfg, device_mesh, label)))
 
 
 def set_active_attn_spec(spec: Optional[AttnMaskSpec]) -> None:

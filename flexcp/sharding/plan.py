@@ -133,9 +133,17 @@ def _positive_int(name: str, value: int) -> int:
     return int(value)
 
 
-def resolve_chunk_size(total_seqlen: int, cp_size: int, chunk_size: int) -> int:
-    """The chunk size actually used: never larger than one rank's share ``ceil(total / cp)``."""
+def resolve_chunk_size(total_seqlen: int, cp_size: int, chunk_size: int | None = None) -> int:
+    """The chunk size a plan of ``total_seqlen`` tokens over ``cp_size`` ranks uses: the one rule.
+
+    ``chunk_size`` is capped at one rank's share ``ceil(total / cp)`` (a larger chunk would only
+    add padding). ``None`` asks for no padding at cp = 1 (the whole sequence is one chunk) and
+    ``DEFAULT_CHUNK_SIZE`` at cp > 1: what a key built from a model's own mask uses
+    (``flexcp.hf.build_flex_key``), while batch preparation passes its configured size.
+    """
     share = -(-total_seqlen // cp_size)
+    if chunk_size is None:
+        return max(share, 1) if cp_size == 1 else min(DEFAULT_CHUNK_SIZE, share)
     if chunk_size > share:
         logger.info(
             "dispatch: chunk_size=%d is larger than a rank's share of the sequence (%d tokens / cp_size %d = %d); "

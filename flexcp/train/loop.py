@@ -20,6 +20,7 @@ import torch.distributed as dist
 import yaml
 
 from ..hf.offload import ActivationOffload
+from ..hf.mesh import CPMesh, build_cp_mesh
 from ..hf.prepare import magi_prepare_batch
 from ..hf.recipe import MagiState, setup_magi
 from .checkpoint import TrainProgress, export_hf, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -31,7 +32,7 @@ from .loggers import build_sinks, missing_sink_notice
 from .loss import CausalLMLoss
 from .metrics import MetricsLogger, StepMetrics, fmt_number, model_flops, plural
 from .model import build_model, count_params
-from .parallel import ParallelDims, apply_fsdp, build_parallel, init_distributed
+from .parallel import apply_fsdp, init_distributed
 from .run_dir import prepare_out_dir
 from .stall import StallWatch
 from .tokenizer import load_tokenizer
@@ -74,7 +75,7 @@ class Trainer:
         self.stall = StallWatch(cfg.parallel.timeout_minutes)
         self.rank = dist.get_rank()
         p, t = cfg.parallel, cfg.train
-        self.dims: ParallelDims = build_parallel(p.dp, p.cp, self.device)
+        self.dims: CPMesh = build_cp_mesh(p.cp, self.device.type, dp=p.dp)
         self.magi = self._setup_attention()
         self.tokenizer = load_tokenizer(cfg.model.tokenizer)
         tok = self.tokenizer
@@ -116,7 +117,7 @@ class Trainer:
         """``setup_magi`` for ``attn_implementation="magi"`` (registers the HF backend, resolves the CP group)."""
         if self.cfg.model.attn_implementation != "magi":
             return None
-        state = setup_magi(self.cfg, self.dims.mesh)
+        state = setup_magi(self.cfg, self.dims.device_mesh)
         if not state.enabled:
             raise RuntimeError("setup_magi did not enable magi for model.attn_implementation='magi'")
         return state

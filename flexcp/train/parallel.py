@@ -1,48 +1,18 @@
-"""Process group, the (dp, cp) DeviceMesh, and FSDP2 over all dp x cp ranks."""
+"""The process group, and FSDP2 over all dp x cp ranks of the (dp, cp) mesh (``flexcp.hf.mesh``)."""
 
 from __future__ import annotations
 
 import datetime
 import os
 import socket
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from ..hf.mesh import CPMesh
 from .model import decoder_layers
-
-
-@dataclass(frozen=True)
-class ParallelDims:
-    """Where this rank sits: ``mesh`` is 2-D ``("dp", "cp")``; ``fsdp_mesh`` flattens it."""
-
-    mesh: DeviceMesh
-    fsdp_mesh: DeviceMesh
-    device: torch.device
-
-    @property
-    def dp(self) -> int:
-        return self.mesh["dp"].size()
-
-    @property
-    def cp(self) -> int:
-        return self.mesh["cp"].size()
-
-    @property
-    def dp_rank(self) -> int:
-        return self.mesh["dp"].get_local_rank()
-
-    @property
-    def cp_group(self) -> dist.ProcessGroup:
-        return self.mesh["cp"].get_group()
-
-    @property
-    def dp_group(self) -> dist.ProcessGroup:
-        return self.mesh["dp"].get_group()
 
 
 def free_port() -> int:
@@ -80,15 +50,7 @@ def init_distributed(timeout_minutes: float = 10.0) -> torch.device:
     return device
 
 
-def build_parallel(dp: int, cp: int, device: torch.device) -> ParallelDims:
-    """The ``(dp, cp)`` mesh over the default group; CP groups are consecutive ranks (fast links first)."""
-    if dp * cp != dist.get_world_size():
-        raise ValueError(f"dp ({dp}) x cp ({cp}) must equal the world size ({dist.get_world_size()})")
-    mesh = init_device_mesh(device.type, (dp, cp), mesh_dim_names=("dp", "cp"))
-    return ParallelDims(mesh, mesh["dp", "cp"]._flatten("dp_cp"), device)
-
-
-def apply_fsdp(model: nn.Module, lm: nn.Module, dims: ParallelDims, bf16: bool) -> nn.Module:
+def apply_fsdp(model: nn.Module, lm: nn.Module, dims: CPMesh, bf16: bool) -> nn.Module:
     """FSDP2 ``fully_shard`` per decoder layer, then the root, sharded over all dp x cp ranks.
 
     Gradients are SUMMED over the ranks (divide factor 1): the per-rank losses are
