@@ -35,8 +35,8 @@ class DistAttnState:
     """A rank's plan bound to its process group, with its comm plans and its backends' schedules.
 
     The runtime's key cache holds one state per key, so the schedules (``schedules``) are
-    evicted with the key. ``tag`` identifies the plan's key across ranks (equal on every rank that built the same key);
-    it goes into each call's agreement fingerprint.
+    evicted with the key. ``tag`` identifies the plan's key across ranks (equal on every rank
+    that built the same key); it goes into each call's agreement fingerprint.
     """
 
     def __init__(self, plan: RankAttnPlan, group: dist.ProcessGroup | None, tag: int = 0) -> None:
