@@ -26,8 +26,8 @@ runs everything. The distributed stages use this same router.
 Inputs too large for a backend (the GPU kernels index with 32 bits: q and k below 2**31
 elements, which 32 heads x 64 pass past 1,048,576 tokens) run in groups of KV heads, each
 group routed as a call of its own: heads are independent, so the results are the same, and
-the copies of one group's q/k/v and results are the extra memory. The fewest groups are
-used with which every backend that can run one KV head's share can run a group.
+the copies of one group's q/k/v and results are the extra memory, which one KV head per
+group keeps smallest (1/heads of the call's).
 """
 
 from __future__ import annotations
@@ -156,15 +156,15 @@ class AutoBackend(AttnBackend):
     def head_groups(self, prep: AutoPrep, q: torch.Tensor, k: torch.Tensor, softcap: float) -> int:
         """Into how many groups of KV heads a call of these inputs is split (1: none), decided once per shape.
 
-        The fewest groups (a divisor of the KV heads) whose share every backend runs that runs
-        one KV head's share: a backend that refuses the whole call only for its size runs a group.
+        One group per KV head when a backend that runs one KV head's share refuses the whole
+        call (for its size); one KV head per call keeps the copies a group needs smallest.
         """
         key = self._route_key(q, k, softcap)
         if key not in prep.head_groups:
             hq, hkv = q.shape[1], k.shape[1]
-            share = lambda n: set(self._runnable(q[:, : hq // n], k[:, : hkv // n], softcap))  # noqa: E731
-            best = share(hkv)
-            prep.head_groups[key] = next(n for n in range(1, hkv + 1) if hkv % n == 0 and share(n) == best)
+            whole = set(self._runnable(q, k, softcap))
+            one = set(self._runnable(q[:, : hq // hkv], k[:, :1], softcap))
+            prep.head_groups[key] = 1 if one <= whole else hkv
         return prep.head_groups[key]
 
     @staticmethod
