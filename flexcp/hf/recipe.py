@@ -9,9 +9,9 @@ from typing import Any
 
 import torch.distributed as dist
 
+from ..runtime import DistAttnKey
 from .prepare import magi_prepare_batch, magi_prepare_packed_cp, magi_prepare_vlm, to_thd
 from .attention import register_magi_attention
-from ..runtime import DistAttnKey
 from .keys import DEFAULT_CHUNK_SIZE
 from .registry import REGISTRY
 
